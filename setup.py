@@ -1,0 +1,28 @@
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+# MACE_DEBUG=1 builds with C asserts and Cython bounds checks for chasing a fault in the hot loop.
+debug = os.environ.get("MACE_DEBUG") == "1"
+cflags = ["-O0", "-g"] if debug else ["-O2"]
+macros = [] if debug else [("NDEBUG", None)]
+
+extensions = [
+    Extension(
+        name,
+        [f"src/mace/{name.split('.')[-1]}.pyx"],
+        include_dirs=["src/mace"],
+        extra_compile_args=cflags,
+        define_macros=macros,
+    )
+    for name in ("mace._ring",)
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compile_time_env={"MACE_DEBUG": debug},
+    )
+)

@@ -1,0 +1,11 @@
+"""mace: per-packet latency that container network isolation adds, from kernel tracepoints.
+
+The public API lives in submodules: `mace.perf` (capture engine), `mace.testbed`
+(throwaway namespace topologies), `mace.tracefs` (tracepoint layouts).  The compiled hot
+loop, `mace._ring`, is private.
+"""
+
+from mace._version import __version__
+from mace.errors import MaceError
+
+__all__ = ["__version__", "MaceError"]

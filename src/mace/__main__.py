@@ -1,0 +1,3 @@
+from mace.cli import run
+
+run()
