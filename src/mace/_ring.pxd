@@ -1,0 +1,92 @@
+from libc.stdint cimport int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mace._abi cimport mace_event, perf_event_mmap_page
+
+
+# Where the fields mace needs sit in one tracepoint's raw record (from its tracefs format file).
+cdef struct kind_t:
+    uint16_t tp_id      # common_type the kernel writes into every record of this tracepoint
+    int32_t skb_off     # skbaddr (u64), or -1
+    int32_t len_off     # len (u32), or -1
+    int32_t name_off    # device name (__data_loc char[]), or -1
+    int32_t proto_off   # protocol (u16), or -1
+    uint32_t min_raw    # raw records shorter than this cannot hold the fields above
+
+
+cdef struct ring_stats_t:
+    uint64_t records    # every record read from the ring
+    uint64_t samples    # samples decoded into events
+    uint64_t lost       # samples the kernel dropped because the ring was full (PERF_RECORD_LOST)
+    uint64_t throttled  # PERF_RECORD_THROTTLE and UNTHROTTLE records
+    uint64_t unknown    # records of other types, samples of tracepoints not in the capture
+    uint64_t errors     # malformed records and fields
+    uint64_t late       # samples older than events already released (beyond the reorder delay)
+    uint64_t forced     # releases forced early because the stage was full
+
+
+cdef struct ring_t:
+    int cpu
+    int fd                      # the fd whose buffer this is (-1 for a synthetic image)
+    perf_event_mmap_page *meta  # control page: data_head, data_tail
+    unsigned char *data         # data area, `size` bytes, a power of two
+    uint64_t size
+    size_t map_len              # bytes mmapped, 0 when the memory is not ours to unmap
+    mace_event *stage           # decoded, time-sorted, not yet released
+    size_t nstage
+    ring_stats_t st
+
+
+cdef struct devkey_t:
+    uint64_t a                  # the name, NUL-padded to 16 bytes, as two words
+    uint64_t b
+    int32_t slot                # -1 marks an empty bucket
+
+
+cdef class EventSink:
+    # Receives time-ordered events straight from the drain loop, without the GIL.
+    cdef int consume(self, const mace_event *ev, size_t n) noexcept nogil
+
+
+cdef class Rings:
+    cdef ring_t *rings          # one per CPU
+    cdef int nrings
+    cdef list cpus              # CPU number of each ring, in ring order
+    cdef kind_t kinds[256]
+    cdef int nkinds
+    cdef uint8_t *kind_of_tp    # common_type -> kind + 1 (0: not ours), 65536 entries
+    cdef devkey_t *devs         # open-addressed device name table
+    cdef uint32_t devmask
+    cdef list devnames          # slot -> name
+    cdef size_t stage_cap       # events each ring's stage holds
+    cdef mace_event *out        # the batch handed to the consumer
+    cdef size_t nout
+    cdef size_t *cut            # per-ring scratch for the merge
+    cdef int *heap
+    cdef size_t *pos
+    cdef unsigned char *scratch # reassembles records that wrap around the data area
+    cdef uint64_t released_ts   # newest timestamp released so far
+    cdef uint64_t reorder_ns    # how long an event waits for earlier ones from other CPUs
+    cdef uint64_t drained       # events released in all batches
+    cdef bint more              # the last drain stopped early; call again
+    cdef int *fds               # every perf fd, leaders included
+    cdef int nfds
+    cdef int fds_cap
+    cdef int *leader            # per ring: fd that owns the buffer, -1 before open
+    cdef int ring_pages
+    cdef uint32_t watermark
+    cdef int epfd
+    cdef int evfd               # eventfd that lets another thread interrupt wait()
+    cdef list keep              # Python buffers backing synthetic rings
+    cdef bint enabled
+    cdef bint closed
+
+    cdef int _track(self, int fd) except -1
+    cdef int _watch(self, int fd, int ring) except -1
+    cdef int _map(self, int ring, unsigned char *mem, size_t map_len, int fd) except -1
+    cdef int _group_ioctl(self, unsigned long req, str what) except -1
+    cdef void _release_all(self) noexcept
+    cdef int _read_ring(self, ring_t *r) noexcept nogil
+    cdef int _decode(self, const unsigned char *rec, uint32_t size, mace_event *ev) noexcept nogil
+    cdef int16_t _lookup_dev(self, const unsigned char *s, uint32_t n) noexcept nogil
+    cdef size_t _release(self, uint64_t horizon) noexcept nogil
+    cdef size_t _drain(self, bint final, uint64_t horizon) noexcept nogil

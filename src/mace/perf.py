@@ -1,0 +1,246 @@
+"""Tracepoints as perf events: what to open, with which in-kernel filters, on which CPUs.
+
+`Capture` is the Python face of the capture engine.  It reads the tracepoints' layouts from
+tracefs, opens every tracepoint on every online CPU with `perf_event_open` (one ring per
+CPU, the other tracepoints of that CPU redirected into it), and hands decoded, time-ordered
+events either to a Cython `EventSink` (the correlator) or, for small tools, to Python.
+
+Example::
+
+    from mace.perf import Capture, Probe
+
+    probes = [Probe("net:net_dev_start_xmit", devices=("eth0",)),
+              Probe("net:netif_receive_skb", devices=("eth0",))]
+    with Capture(probes) as cap:
+        cap.start()
+        cap.wait(100)
+        for ev in cap.read():
+            print(ev.ts, cap.probes[ev.kind].tracepoint, cap.devices[ev.dev], hex(ev.skb))
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+from mace import _ring
+from mace.errors import MaceError, PermissionProblem, ResourceError, TracepointMissing, UsageError
+from mace.tracefs import EventFormat, read_formats
+
+DEV_NONE = _ring.DEV_NONE
+DEV_OTHER = _ring.DEV_OTHER
+FILTER_MAX = 4000       # the kernel copies at most a page of filter text
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A tracepoint to open, optionally filtered in the kernel by device name."""
+
+    tracepoint: str                      # "net:net_dev_start_xmit"
+    devices: tuple[str, ...] = ()        # keep only events on these devices; () keeps all
+    condition: str | None = None         # extra ftrace filter, ANDed with the device filter
+
+    def filter_text(self) -> str | None:
+        parts = []
+        if self.devices:
+            parts.append(" || ".join(f'name == "{d}"' for d in self.devices))
+        if self.condition:
+            parts.append(self.condition)
+        if not parts:
+            return None
+        return " && ".join(f"({p})" for p in parts) if len(parts) > 1 else parts[0]
+
+
+class Event(NamedTuple):
+    """A decoded event, as Python sees it (the hot loop never builds these)."""
+
+    ts: int
+    skb: int
+    len: int
+    tid: int
+    cpu: int
+    kind: int
+    flags: int
+    dev: int
+    proto: int
+
+
+def online_cpus() -> list[int]:
+    """CPU numbers from /sys/devices/system/cpu/online ("0-3,6")."""
+    try:
+        text = open("/sys/devices/system/cpu/online").read().strip()
+    except OSError:
+        return list(range(os.cpu_count() or 1))
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def kind_layout(fmt: EventFormat) -> dict:
+    """Offsets `Rings.add_kind` needs, checked against what the decoder reads."""
+    def off(name: str, size: int, required: bool = True) -> int:
+        f = fmt.fields.get(name)
+        if f is None:
+            if required:
+                fmt.field(name)          # raises TracepointMissing naming the field
+            return -1
+        if f.size != size and not (f.data_loc and size == 4):
+            raise TracepointMissing(
+                f"field {name} of {fmt.qualified} is {f.size} bytes, mace reads {size}",
+                hint="this kernel's tracepoint layout is not supported; please report it")
+        return f.offset
+
+    skb = off("skbaddr", 8)
+    length = off("len", 4, required=False)
+    name = off("name", 4, required=False)
+    if name >= 0 and not fmt.fields["name"].data_loc:
+        raise TracepointMissing(f"field name of {fmt.qualified} is not a __data_loc string",
+                                hint="this kernel's tracepoint layout is not supported")
+    proto = off("protocol", 2, required=False)
+    return dict(tp_id=fmt.id, skb_off=skb, len_off=length, name_off=name, proto_off=proto,
+                min_raw=fmt.size)
+
+
+def _translate(err: OSError, what: str) -> MaceError:
+    """One place that turns errno into advice."""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return PermissionProblem(f"not permitted to open tracepoints as perf events ({what})",
+                                 hint="run as root, or grant CAP_PERFMON and CAP_SYS_ADMIN")
+    if err.errno == errno.EMFILE:
+        return ResourceError("out of file descriptors opening perf events",
+                             hint="raise the limit (ulimit -n) or trace fewer CPUs")
+    if err.errno in (errno.ENOMEM, errno.EPERM) and "mmap" in str(err):
+        return ResourceError("the kernel refused to map the perf rings",
+                             hint="use fewer --ring-pages or raise /proc/sys/kernel/perf_event_mlock_kb")
+    if err.errno == errno.ENOENT or err.errno == errno.ENODEV:
+        return TracepointMissing(f"the kernel cannot open {what}",
+                                 hint="this kernel lacks the tracepoint or perf support (CONFIG_PERF_EVENTS)")
+    if err.errno == errno.EINVAL and "FILTER" in str(err):
+        return MaceError(f"the kernel rejected an event filter ({what})",
+                         hint="a device name may contain characters the filter syntax refuses")
+    return MaceError(f"{what}: {os.strerror(err.errno or 0)}")
+
+
+class Capture:
+    """Per-CPU perf rings for a list of probes; a context manager that releases everything.
+
+    probes: what to open.  devices: names to resolve into slots (those named by the probes
+    are added).  cpus: CPU numbers (default: all online).  ring_pages: data pages per ring,
+    a power of two.  watermark: bytes before the kernel wakes us (0: a quarter ring).
+    reorder_us: how long an event waits for earlier events of other CPUs.
+    """
+
+    def __init__(self, probes: Sequence[Probe], devices: Sequence[str] = (), *,
+                 cpus: Sequence[int] | None = None, ring_pages: int = 256, watermark: int = 0,
+                 reorder_us: int = 2000):
+        if not probes:
+            raise UsageError("nothing to trace: no probes")
+        if ring_pages <= 0 or ring_pages & (ring_pages - 1):
+            raise UsageError(f"ring size of {ring_pages} pages is invalid",
+                             hint="use a power of two, e.g. --ring-pages 256")
+        self.probes = list(probes)
+        names = list(dict.fromkeys([*devices, *(d for p in probes for d in p.devices)]))
+        self.devices = names
+        self.cpus = list(cpus) if cpus is not None else online_cpus()
+        self.ring_pages = ring_pages
+        self.watermark = watermark
+        self.reorder_us = reorder_us
+        self.formats: dict[str, EventFormat] = {}
+        self.rings: _ring.Rings | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> "Capture":
+        self.formats = read_formats([p.tracepoint for p in self.probes])
+        rings = _ring.Rings(self.cpus, ring_pages=self.ring_pages, watermark=self.watermark,
+                            reorder_ns=self.reorder_us * 1000)
+        self.rings = rings
+        try:
+            for p in self.probes:
+                rings.add_kind(**kind_layout(self.formats[p.tracepoint]))
+            rings.set_devices(self.devices)
+            for kind, p in enumerate(self.probes):
+                text = p.filter_text()
+                if text and len(text) > FILTER_MAX:
+                    raise UsageError(f"the device filter of {p.tracepoint} is {len(text)} bytes, "
+                                     f"the kernel takes {FILTER_MAX}",
+                                     hint="trace fewer containers per mace process")
+                for ring in range(len(self.cpus)):
+                    try:
+                        rings.open_event(kind, ring, text, p.tracepoint)
+                    except OSError as e:
+                        raise _translate(e, p.tracepoint) from e
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start(self) -> None:
+        self._need().enable()
+
+    def stop(self) -> None:
+        if self.rings is not None:
+            self.rings.disable()
+
+    def close(self) -> None:
+        """Disable, unmap and close everything.  Idempotent."""
+        if self.rings is not None:
+            self.rings.close()
+
+    def __enter__(self) -> "Capture":
+        if self.rings is None:
+            self.open()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def _need(self) -> _ring.Rings:
+        if self.rings is None:
+            raise RuntimeError("capture is not open")
+        return self.rings
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def wait(self, timeout_ms: int) -> int:
+        """Block (GIL released) until a ring passes its watermark or the timeout."""
+        return self._need().wait(timeout_ms)
+
+    def wakeup(self) -> None:
+        self._need().wakeup()
+
+    def read(self, final: bool = False) -> list[Event]:
+        """Drain every ring; return the events that are safe to order (all when `final`)."""
+        rings = self._need()
+        out: list[Event] = []
+        while True:
+            rings.drain(final)
+            out.extend(Event(*t) for t in rings.batch())
+            if not rings.more:
+                return out
+
+    def feed(self, sink: _ring.EventSink, final: bool = False) -> int:
+        """Drain every ring into a Cython sink without the GIL; returns events fed."""
+        return self._need().feed(sink, final)
+
+    def stats(self) -> dict:
+        """events (decoded), lost, errors, ... summed over CPUs; readable at any time."""
+        if self.rings is None:
+            return {}
+        s = self.rings.stats()
+        s["events"] = s["samples"]
+        return s
+
+    def kind_of(self, tracepoint: str) -> int:
+        for i, p in enumerate(self.probes):
+            if p.tracepoint == tracepoint:
+                return i
+        raise KeyError(tracepoint)
+
+    def fds(self) -> list[int]:
+        return self.rings.fds_open if self.rings is not None else []
