@@ -1,0 +1,243 @@
+"""Throwaway container topologies in network namespaces, built with pyroute2.
+
+    peer ns ("the internet")          host ns                       container ns (xN)
+    eth0 198.19.0.2/24  <== veth ==>  <tag>up 198.19.0.1/24
+                                      <tag>br 198.18.0.1/24  <-- <tag>v<i> <== veth ==> eth0 198.18.0.<10+i>/24
+
+The "host" is a namespace of its own, so tests never touch the machine's real network.
+Every link name carries a per-run tag, so the names mace filters on in the kernel (which
+sees every namespace) cannot collide with another run.  Addresses come only from
+198.18.0.0/15, the range reserved for benchmarking (RFC 2544).
+
+Teardown is guaranteed by the context manager, on SIGTERM (turned into SystemExit while a
+testbed is up) and, for runs that were killed outright, by `remove_stale()`.
+
+Example::
+
+    with Testbed(containers=2, masquerade=True) as tb:
+        out = tb.run(tb.containers[0].ns, ["ping", "-c", "3", "-i", "0.2", tb.peer_ip])
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from pyroute2 import IPRoute, netns
+
+NS_PREFIX = "mace-tb"
+NS_RUN_DIR = "/run/netns"
+HOST_NET = ipaddress.ip_network("198.18.0.0/24")     # bridge, containers
+PEER_NET = ipaddress.ip_network("198.19.0.0/24")     # host uplink <-> peer
+_NS_RE = re.compile(rf"^{NS_PREFIX}-(\d+)-([0-9a-f]+)-")
+
+
+def _in_benchmark_range(addr: str) -> bool:
+    return ipaddress.ip_address(addr) in ipaddress.ip_network("198.18.0.0/15")
+
+
+@dataclass
+class Container:
+    """One container: its namespace, inner device, address and host-side veth."""
+
+    index: int
+    ns: str
+    inner: str
+    ip: str
+    veth: str             # host-side name, unique per run
+
+
+@dataclass
+class Testbed:
+    """A host namespace with a bridge, an uplink to a peer namespace, and N containers.
+
+    containers: how many container namespaces.  masquerade: NAT the containers' traffic
+    to the uplink address with nftables (then the peer has no route back to them).
+    bridge: attach the containers to a bridge (False: routed veths, one /32 each).
+    ipv6: leave IPv6 on (off by default so router solicitations and MLD do not add traffic
+    the tests did not send).
+    """
+
+    containers_n: int = 1
+    masquerade: bool = False
+    ipv6: bool = False
+    tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])
+    containers: list[Container] = field(default_factory=list)
+
+    def __post_init__(self):
+        base = f"{NS_PREFIX}-{os.getpid()}-{self.tag}"
+        self.host_ns = f"{base}-host"
+        self.peer_ns = f"{base}-peer"
+        self.bridge = f"m{self.tag}br"
+        self.uplink = f"m{self.tag}up"
+        self.peer_dev = "eth0"
+        self.host_ip = str(PEER_NET.network_address + 1)
+        self.peer_ip = str(PEER_NET.network_address + 2)
+        self.gateway = str(HOST_NET.network_address + 1)
+        self._made: list[str] = []
+        self._old_term = None
+        for i in range(self.containers_n):
+            self.containers.append(Container(
+                index=i, ns=f"{base}-c{i}", inner="eth0",
+                ip=str(HOST_NET.network_address + 10 + i), veth=f"m{self.tag}v{i}"))
+        for addr in (self.host_ip, self.peer_ip, self.gateway, *(c.ip for c in self.containers)):
+            assert _in_benchmark_range(addr), addr
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "Testbed":
+        self._old_term = signal.getsignal(signal.SIGTERM)
+        if self._old_term in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _term_to_exit)
+        try:
+            self.build()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.teardown()
+        return False
+
+    def build(self) -> None:
+        for ns in (self.host_ns, self.peer_ns, *(c.ns for c in self.containers)):
+            netns.create(ns)
+            self._made.append(ns)
+        with IPRoute(netns=self.host_ns, flags=0) as host:
+            _up(host, "lo")
+            host.link("add", ifname=self.bridge, kind="bridge")
+            br = _index(host, self.bridge)
+            host.addr("add", index=br, address=self.gateway, prefixlen=HOST_NET.prefixlen)
+            host.link("set", index=br, state="up")
+            host.link("add", ifname=self.uplink, kind="veth",
+                      peer={"ifname": self.peer_dev, "net_ns_fd": self.peer_ns})
+            up = _index(host, self.uplink)
+            host.addr("add", index=up, address=self.host_ip, prefixlen=PEER_NET.prefixlen)
+            host.link("set", index=up, state="up")
+            for c in self.containers:
+                host.link("add", ifname=c.veth, kind="veth",
+                          peer={"ifname": c.inner, "net_ns_fd": c.ns})
+                v = _index(host, c.veth)
+                host.link("set", index=v, master=br)
+                host.link("set", index=v, state="up")
+            host.route("add", dst="default", gateway=self.peer_ip)
+        with IPRoute(netns=self.peer_ns, flags=0) as peer:
+            _up(peer, "lo")
+            p = _index(peer, self.peer_dev)
+            peer.addr("add", index=p, address=self.peer_ip, prefixlen=PEER_NET.prefixlen)
+            peer.link("set", index=p, state="up")
+            if not self.masquerade:
+                peer.route("add", dst=str(HOST_NET), gateway=self.host_ip)
+        for c in self.containers:
+            with IPRoute(netns=c.ns, flags=0) as cr:
+                _up(cr, "lo")
+                i = _index(cr, c.inner)
+                cr.addr("add", index=i, address=c.ip, prefixlen=HOST_NET.prefixlen)
+                cr.link("set", index=i, state="up")
+                cr.route("add", dst="default", gateway=self.gateway)
+        self.sysctl(self.host_ns, "net/ipv4/ip_forward", "1")
+        if not self.ipv6:
+            for ns in self._made:
+                self.sysctl(ns, "net/ipv6/conf/all/disable_ipv6", "1")
+                self.sysctl(ns, "net/ipv6/conf/default/disable_ipv6", "1")
+        if self.masquerade:
+            self.nft(self.host_ns,
+                     "table ip mace_nat {\n"
+                     "  chain post { type nat hook postrouting priority srcnat; policy accept;\n"
+                     f'    oifname "{self.uplink}" masquerade\n'
+                     "  }\n}\n")
+
+    def teardown(self) -> None:
+        """Remove every namespace this testbed made (their links go with them)."""
+        for ns in reversed(self._made):
+            _remove_ns(ns)
+        self._made.clear()
+        if self._old_term is not None:
+            if signal.getsignal(signal.SIGTERM) is _term_to_exit:
+                signal.signal(signal.SIGTERM, self._old_term)
+            self._old_term = None
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def namespaces(self) -> list[str]:
+        return list(self._made)
+
+    def ns_path(self, ns: str) -> str:
+        return os.path.join(NS_RUN_DIR, ns)
+
+    def sysctl(self, ns: str, key: str, value: str) -> None:
+        """Write /proc/sys/<key> inside `ns` (sysctls under net/ are per namespace)."""
+        self.run(ns, ["sh", "-c", f"echo {value} > /proc/sys/{key}"], check=True)
+
+    def nft(self, ns: str, ruleset: str) -> None:
+        if shutil.which("nft") is None:
+            raise RuntimeError("nft not found: install the Debian package nftables")
+        self.run(ns, ["nft", "-f", "-"], input=ruleset, check=True)
+
+    def popen(self, ns: str, argv: Sequence[str], **kw) -> subprocess.Popen:
+        """Start argv inside network namespace `ns`."""
+        _check_argv(argv)
+        path = self.ns_path(ns)
+        return subprocess.Popen(list(argv), preexec_fn=lambda: netns.setns(path, flags=0), **kw)
+
+    def run(self, ns: str, argv: Sequence[str], *, timeout: float = 60, check: bool = False,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run argv inside `ns` to completion (bounded by `timeout`), capturing its output."""
+        _check_argv(argv)
+        path = self.ns_path(ns)
+        return subprocess.run(list(argv), preexec_fn=lambda: netns.setns(path, flags=0),
+                              capture_output=True, text=True, timeout=timeout, check=check,
+                              input=input)
+
+
+def _check_argv(argv: Sequence[str]) -> None:
+    # Test traffic must stay in the benchmarking range: refuse any other literal address.
+    for a in argv:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            continue
+        if not _in_benchmark_range(str(ip)):
+            raise ValueError(f"testbed commands may only address 198.18.0.0/15, not {a}")
+
+
+def _index(ipr: IPRoute, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise RuntimeError(f"link {name} was not created")
+    return found[0]
+
+
+def _up(ipr: IPRoute, name: str) -> None:
+    ipr.link("set", index=_index(ipr, name), state="up")
+
+
+def _remove_ns(ns: str) -> None:
+    try:
+        netns.remove(ns)
+    except FileNotFoundError:
+        pass
+
+
+def _term_to_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def remove_stale() -> list[str]:
+    """Remove testbed namespaces whose creating process is gone (a run killed by SIGKILL)."""
+    removed = []
+    for ns in netns.listnetns():
+        m = _NS_RE.match(ns)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            _remove_ns(ns)
+            removed.append(ns)
+    return removed
