@@ -83,6 +83,7 @@ class Testbed:
         self.gateway = str(HOST_NET.network_address + 1)
         self._made: list[str] = []
         self._old_term = None
+        self._owner = os.getpid()
         for i in range(self.containers_n):
             self.containers.append(Container(
                 index=i, ns=f"{base}-c{i}", inner="eth0",
@@ -95,7 +96,7 @@ class Testbed:
     def __enter__(self) -> "Testbed":
         self._old_term = signal.getsignal(signal.SIGTERM)
         if self._old_term in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _term_to_exit)
+            signal.signal(signal.SIGTERM, _TermToExit(self._owner))
         try:
             self.build()
         except BaseException:
@@ -157,11 +158,15 @@ class Testbed:
 
     def teardown(self) -> None:
         """Remove every namespace this testbed made (their links go with them)."""
+        if os.getpid() != self._owner:
+            # A forked child (pyroute2 forks helpers) unwinding its copy of our stack must
+            # not tear down the parent's testbed.
+            return
         for ns in reversed(self._made):
             _remove_ns(ns)
         self._made.clear()
         if self._old_term is not None:
-            if signal.getsignal(signal.SIGTERM) is _term_to_exit:
+            if isinstance(signal.getsignal(signal.SIGTERM), _TermToExit):
                 signal.signal(signal.SIGTERM, self._old_term)
             self._old_term = None
 
@@ -228,8 +233,18 @@ def _remove_ns(ns: str) -> None:
         pass
 
 
-def _term_to_exit(signum, frame):
-    raise SystemExit(128 + signum)
+class _TermToExit:
+    """SIGTERM handler that unwinds (and so tears down) in the process that built the
+    testbed only.  Forked children inherit handlers: pyroute2 stops its helper children
+    with SIGTERM, and they must simply die."""
+
+    def __init__(self, owner: int):
+        self.owner = owner
+
+    def __call__(self, signum, frame):
+        if os.getpid() != self.owner:
+            os._exit(128 + signum)
+        raise SystemExit(128 + signum)
 
 
 def remove_stale() -> list[str]:
