@@ -3,7 +3,8 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# MACE_DEBUG=1 builds with C asserts and Cython bounds checks for chasing a fault in the hot loop.
+# MACE_DEBUG=1 builds without optimisation, with debug info and C asserts, for chasing a fault
+# in the hot loop (gdb, valgrind).
 debug = os.environ.get("MACE_DEBUG") == "1"
 cflags = ["-O0", "-g"] if debug else ["-O2"]
 macros = [] if debug else [("NDEBUG", None)]
@@ -23,6 +24,5 @@ setup(
     ext_modules=cythonize(
         extensions,
         language_level=3,
-        compile_time_env={"MACE_DEBUG": debug},
     )
 )
