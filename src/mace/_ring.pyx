@@ -33,7 +33,10 @@ cdef enum:
 
 
 cdef class EventSink:
-    """Base class of consumers fed by `Rings.feed` without the GIL (see _correlate)."""
+    """Base class of consumers fed by `Rings.feed` without the GIL (see _correlate).
+
+    `consume` takes the whole batch and returns 0, or 1 when it wants to be drained by
+    Python before it can take another batch of up to `Rings.max_batch` events."""
 
     cdef int consume(self, const mace_event *ev, size_t n) noexcept nogil:
         return 0
@@ -189,6 +192,13 @@ cdef class Rings:
             raise ValueError(f"tracepoint id {tp_id} does not fit common_type (u16)")
         if self.kind_of_tp[tp_id]:
             raise ValueError(f"tracepoint id {tp_id} added twice")
+        # the decoder reads fields without checking each one against the record: min_raw
+        # must cover them all
+        for off, size in ((skb_off, 8), (len_off, 4), (name_off, 4), (proto_off, 2)):
+            if off >= 0 and off + size > min_raw:
+                raise ValueError(f"tracepoint {tp_id}: field at {off} lies outside min_raw {min_raw}")
+            if off < -1:
+                raise ValueError(f"tracepoint {tp_id}: bad field offset {off}")
         cdef kind_t *k = &self.kinds[self.nkinds]
         k.tp_id = tp_id
         k.skb_off = skb_off
@@ -474,6 +484,11 @@ cdef class Rings:
             return 0
         head = mace_load_acquire(&r.meta.data_head)
         tail = r.meta.data_tail
+        if head - tail > r.size or tail & 7:
+            # a control page no kernel writes: resynchronise rather than read past the area
+            r.st.errors += 1
+            mace_store_release(&r.meta.data_tail, head)
+            return 0
         while tail != head:
             avail = head - tail
             off = tail & (r.size - 1)
@@ -663,19 +678,26 @@ cdef class Rings:
         return n
 
     def feed(self, EventSink sink, bint final=False, uint64_t horizon=0):
-        """Drain into `sink` until no ring stalls; returns the number of events fed."""
+        """Drain into `sink` until no ring stalls or the sink asks to be drained; returns the
+        number of events fed (check `more` to know whether events are still waiting)."""
         if self.closed:
             raise ValueError("rings are closed")
         cdef size_t n, total = 0
+        cdef int full = 0
         with nogil:
             while True:
                 n = self._drain(final, horizon)
                 if n:
-                    sink.consume(self.out, n)
+                    full = sink.consume(self.out, n)
                     total += n
-                if not self.more:
+                if not self.more or full:
                     break
         return total
+
+    @property
+    def max_batch(self):
+        """Most events one drain can release (a sink must be able to take that many)."""
+        return self.nrings * self.stage_cap
 
     @property
     def more(self):
