@@ -36,13 +36,15 @@ class ReferenceDecoder:
 
     def __post_init__(self):
         self.by_tp = {k["tp_id"]: i for i, k in enumerate(self.kinds)}
-        self.slots = {name: i for i, name in enumerate(self.devices)}
+        # names compare as bytes, as in the kernel and in Rings
+        self.slots = {(n.encode() if isinstance(n, str) else bytes(n)): i
+                      for i, n in enumerate(self.devices)}
 
     def device(self, raw: bytes) -> int:
         name = raw[:16].split(b"\0", 1)[0]
         if not name or len(name) >= 16:
             return DEV_OTHER
-        return self.slots.get(name.decode(errors="replace"), DEV_OTHER)
+        return self.slots.get(name, DEV_OTHER)
 
     def decode(self, data: bytes) -> tuple[list[Event], RingCounters]:
         events: list[Event] = []
@@ -125,3 +127,285 @@ def merge(per_ring: list[list[Event]], horizon: int | None = None) -> tuple[list
     kept = [[ev for ev in sorted(evs, key=lambda e: e.ts) if horizon is not None and ev.ts > horizon]
             for evs in per_ring]
     return released, kept
+
+
+# -- correlation --------------------------------------------------------------------------
+
+T_NONE, T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE = range(6)
+C_INNER, C_VETH, C_BRIDGE, C_UPLINK = 1, 2, 4, 8
+EGRESS, INGRESS = 0, 1
+ETH_HLEN = 14
+COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired", "evicted", "rejected")
+
+
+@dataclass
+class Step:
+    type: int
+    cls: int
+    prev: frozenset          # steps this one may directly follow
+    sync: bool
+    traced: bool
+    attr: bool = False
+    end: bool = False
+    hop: int = -1
+
+
+def paths(hops: bool, bridge: bool, end_at_queue: bool) -> tuple[list[Step], list[Step]]:
+    """The two paths, as in Correlator._plan."""
+    egress = [
+        Step(T_XMIT, C_INNER, frozenset(), False, True),
+        Step(T_RX, C_VETH, frozenset({0}), True, hops, attr=True, hop=0),
+        Step(T_RECV, C_VETH, frozenset({0, 1}), False, True, attr=True, hop=1),
+        Step(T_RECV, C_BRIDGE, frozenset({2}), True, hops and bridge, hop=2),
+        Step(T_QUEUE, C_UPLINK, frozenset({2, 3}), True, True, end=end_at_queue,
+             hop=-1 if end_at_queue else 3),
+        Step(T_XMIT, C_UPLINK, frozenset({4}), False, not end_at_queue, end=True),
+    ]
+    ingress = [
+        Step(T_RECV, C_UPLINK, frozenset(), False, True),
+        Step(T_XMIT, C_BRIDGE, frozenset({0}), True, hops and bridge, hop=0),
+        Step(T_XMIT, C_VETH, frozenset({0, 1}), True, True, attr=True, hop=1),
+        Step(T_RX, C_INNER, frozenset({2}), True, hops, hop=2),
+        Step(T_RECV, C_INNER, frozenset({2, 3}), False, True, end=True),
+    ]
+    return egress, ingress
+
+
+@dataclass
+class Entry:
+    dir: int
+    t0: int
+    l3: int
+    start_dev: int
+    proto: int
+    cpu: int
+    tid: int
+    step: int = 0
+    tlast: int = 0
+    container: int = -1
+    parked: bool = False     # waiting in a neighbour queue (ARP)
+    hops: list = field(default_factory=lambda: [0, 0, 0, 0])
+
+
+@dataclass
+class RefReport:
+    t0: int
+    latency: int
+    len: int
+    seq: int
+    container: int
+    dir: int
+    cpu: int
+    hops: tuple
+
+
+class ReferenceCorrelator:
+    """Mace's correlation rules with a dict for a table (unbounded, never evicts).
+
+    Same inputs as mace._correlate.Correlator; `explain`, when given, is called with a
+    line of text for every decision (a debugging aid: `mace` keeps none of this).
+    """
+
+    def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
+                 max_age_ns=1_000_000_000, hops=False, bridge=True, end_at_queue=False,
+                 explain=None):
+        self.kind_types = list(kind_types)
+        self.dev_classes = list(dev_classes)
+        self.dev_containers = list(dev_containers)
+        self.inner_of = list(inner_slots)
+        self.max_age = max_age_ns
+        self.paths = paths(hops, bridge, end_at_queue)
+        self.boundary = (1 if hops else 2, 2)
+        self.table: dict[int, Entry] = {}
+        self.pending: dict[int, tuple[int, int]] = {}     # cpu -> (skb, ts of its last move)
+        self.count = [[dict.fromkeys(COUNTERS, 0) for _ in range(2)] for _ in self.inner_of]
+        self.glob: dict[str, int] = {}
+        self.seq = [[0, 0] for _ in self.inner_of]
+        self.reports: list[RefReport] = []
+        self.now = 0
+        self.explain = explain
+
+    def _say(self, text):
+        if self.explain:
+            self.explain(text)
+
+    def _g(self, name):
+        self.glob[name] = self.glob.get(name, 0) + 1
+
+    def _c(self, container, direction, name):
+        self.count[container][direction][name] += 1
+
+    def _retire(self, e: Entry, counter: str):
+        if e.container >= 0:
+            self._c(e.container, e.dir, counter)
+        else:
+            self._g({"expired": "stale", "evicted": "evicted"}.get(counter, "superseded"))
+
+    def _sync_wait(self, e: Entry) -> bool:
+        return any(st.traced and st.sync and e.step in st.prev
+                   for st in self.paths[e.dir][e.step + 1:])
+
+    def _match(self, e: Entry, ev, t: int, cls: int, adjacent: bool) -> int:
+        l3 = ev.len - ETH_HLEN if t in (T_XMIT, T_QUEUE) else ev.len
+        if l3 != e.l3 or ev.ts < e.t0 + e.tlast:
+            return -1
+        for j, st in enumerate(self.paths[e.dir]):
+            if j <= e.step or not st.traced or e.step not in st.prev:
+                continue
+            if st.type != t or not st.cls & cls:
+                continue
+            if st.sync and not adjacent and not e.parked:
+                continue
+            if e.container >= 0:
+                if st.cls == C_VETH and self.dev_containers[ev.dev] != e.container:
+                    continue
+                if st.cls == C_INNER and ev.dev != self.inner_of[e.container]:
+                    continue
+            elif st.attr and e.dir == EGRESS:
+                x = self.dev_containers[ev.dev]
+                if x < 0 or self.inner_of[x] != e.start_dev:
+                    continue
+            return j
+        return -1
+
+    def feed(self, events) -> None:
+        for ev in events:
+            self.event(ev)
+
+    def event(self, ev) -> None:
+        t = self.kind_types[ev.kind] if ev.kind < len(self.kind_types) else T_NONE
+        cls = self.dev_classes[ev.dev] if 0 <= ev.dev < len(self.dev_classes) else 0
+        self._g("events")
+        self.now = max(self.now, ev.ts)
+        if ev.skb == 0:
+            self._g("ignored")
+            return
+        if t == T_FREE:
+            self._g("frees")
+            e = self.table.pop(ev.skb, None)
+            if e is not None:
+                self._say(f"{ev.skb:#x} dropped (kfree_skb)")
+                self._retire(e, "dropped")
+            return
+        pend = self.pending.get(ev.cpu)
+        adjacent = pend is not None and pend[0] == ev.skb
+        if pend is not None and pend[0] != ev.skb:
+            self._resolve(ev, t, cls)
+        if t == T_NONE or cls == 0:
+            self._g("ignored")
+            self.pending.pop(ev.cpu, None)
+            return
+        e = self.table.get(ev.skb)
+        if e is not None and ev.ts > e.t0 + self.max_age:
+            self._say(f"{ev.skb:#x} expired")
+            self._retire(e, "expired")
+            del self.table[ev.skb]
+            e = None
+        self.pending.pop(ev.cpu, None)
+        if e is not None:
+            adj = adjacent and e.cpu == ev.cpu and e.tid == ev.tid
+            j = self._match(e, ev, t, cls, adj)
+            if j >= 0:
+                self._advance(e, ev, j)
+                return
+            if self._conflict(e, ev, t, cls):
+                return
+        self._fresh(ev, t, cls)
+
+    def _advance(self, e: Entry, ev, j: int) -> None:
+        st = self.paths[e.dir][j]
+        delta = ev.ts - e.t0
+        if st.attr and e.container < 0:
+            if e.dir == INGRESS:
+                e.proto = ev.proto
+            if e.proto not in (0x0800, 0x86DD):
+                self._g("nonip")
+                del self.table[ev.skb]
+                return
+            e.container = self.dev_containers[ev.dev]
+            self._c(e.container, e.dir, "crossed")
+        if st.hop >= 0:
+            e.hops[st.hop] = delta
+        e.step, e.tlast, e.cpu, e.tid, e.parked = j, delta, ev.cpu, ev.tid, False
+        self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} step {j}")
+        if st.end:
+            c, d = e.container, e.dir
+            self.seq[c][d] += 1
+            self._c(c, d, "reports")
+            self.reports.append(RefReport(e.t0, delta, e.l3, self.seq[c][d], c, d, ev.cpu,
+                                          tuple(e.hops)))
+            del self.table[ev.skb]
+            return
+        if self._sync_wait(e):
+            self.pending[ev.cpu] = (ev.skb, ev.ts)
+
+    def _resolve(self, ev, t: int, cls: int) -> None:
+        cpu = ev.cpu
+        skb, ts = self.pending.pop(cpu)
+        e = self.table.get(skb)
+        if e is None or e.cpu != cpu or e.t0 + e.tlast != ts or not self._sync_wait(e):
+            return
+        if ev.tid == e.tid:
+            if e.dir == EGRESS:
+                arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == 28
+            else:
+                arp = t == T_XMIT and cls & (C_BRIDGE | C_VETH) and ev.proto == 0x0806
+            if arp:
+                self._say(f"{skb:#x} parked behind an ARP request")
+                e.parked = True
+                self._g("parked")
+                return
+        if e.container >= 0:
+            self._c(e.container, e.dir, "local" if e.dir == EGRESS else "rejected")
+        else:
+            self._g("foreign" if e.dir == EGRESS else "unclaimed")
+        self._say(f"{skb:#x} call chain ended at step {e.step}")
+        del self.table[skb]
+
+    def _conflict(self, e: Entry, ev, t: int, cls: int) -> bool:
+        del self.table[ev.skb]
+        if t == T_XMIT and cls & C_VETH and e.dir == EGRESS:
+            if e.container >= 0:
+                self._c(e.container, EGRESS, "local")
+            y = self.dev_containers[ev.dev]
+            if ev.proto in (0x0800, 0x86DD):
+                self._c(y, INGRESS, "crossed")
+                self._c(y, INGRESS, "local")
+            self._say(f"{ev.skb:#x} container to container")
+            return True
+        self._say(f"{ev.skb:#x} conflict at step {e.step}")
+        self._retire(e, "rejected")
+        return False
+
+    def _fresh(self, ev, t: int, cls: int) -> None:
+        if t == T_XMIT and cls & C_INNER:
+            e = Entry(EGRESS, ev.ts, ev.len - ETH_HLEN, ev.dev, ev.proto, ev.cpu, ev.tid)
+        elif t == T_RECV and cls & C_UPLINK:
+            e = Entry(INGRESS, ev.ts, ev.len, ev.dev, 0, ev.cpu, ev.tid)
+        else:
+            if cls & C_VETH:
+                x = self.dev_containers[ev.dev]
+                if t == self.paths[EGRESS][self.boundary[EGRESS]].type:
+                    self._c(x, EGRESS, "crossed")
+                    self._c(x, EGRESS, "orphans")
+                elif t == T_XMIT and ev.proto in (0x0800, 0x86DD):
+                    self._c(x, INGRESS, "crossed")
+                    self._c(x, INGRESS, "orphans")
+            return
+        self._g("inserts")
+        self.table[ev.skb] = e
+        self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} start")
+        if self._sync_wait(e):
+            self.pending[ev.cpu] = (ev.skb, ev.ts)
+
+    def finish(self) -> list[list[int]]:
+        """Expire what is past its age; the rest is in flight, as Correlator.finish()."""
+        for skb, e in list(self.table.items()):
+            if self.now > e.t0 + self.max_age:
+                self._retire(e, "expired")
+                del self.table[skb]
+        out = [[0, 0] for _ in self.inner_of]
+        for e in self.table.values():
+            if e.container >= 0:
+                out[e.container][e.dir] += 1
+        return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 
 from mace.tracefs import EventFormat, parse_format
@@ -22,11 +23,19 @@ PERF_RECORD_SAMPLE = 9
 HEAD_AT, TAIL_AT, DATA_OFFSET_AT, DATA_SIZE_AT = 1024, 1032, 1040, 1048
 
 
+@lru_cache(maxsize=None)
 def builtin_format(qualified: str) -> EventFormat:
     """The layout of `system:name` as captured on Linux 6.18 (see data/formats)."""
     system, _, name = qualified.partition(":")
     text = resources.files("mace").joinpath(f"data/formats/{system}_{name}.format").read_text()
     return parse_format(text, system)
+
+
+@lru_cache(maxsize=None)
+def builtin_layout(qualified: str) -> dict:
+    """`Rings.add_kind` arguments for a captured tracepoint."""
+    from mace.perf import kind_layout
+    return kind_layout(builtin_format(qualified))
 
 
 def raw_record(fmt: EventFormat, values: dict, *, flags: int = 0, pid: int = 0) -> bytes:
