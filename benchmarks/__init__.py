@@ -1,0 +1,1 @@
+"""mace's benchmark and evaluation suite: `python -m benchmarks [NAME ...] [--quick]`."""
