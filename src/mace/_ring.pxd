@@ -69,6 +69,8 @@ cdef class Rings:
     cdef uint64_t drained       # events released in all batches
     cdef bint more              # the last drain stopped early; call again
     cdef int *fds               # every perf fd, leaders included
+    cdef uint8_t *fd_kind       # kind of each fd
+    cdef uint64_t ksamples[256] # samples decoded per kind
     cdef int nfds
     cdef int fds_cap
     cdef int *leader            # per ring: fd that owns the buffer, -1 before open
@@ -79,8 +81,12 @@ cdef class Rings:
     cdef list keep              # Python buffers backing synthetic rings
     cdef bint enabled
     cdef bint closed
+    cdef bint closing           # close() was called while a thread was inside; last one out frees
+    cdef int busy               # threads inside a section that released the GIL
 
-    cdef int _track(self, int fd) except -1
+    cdef int _track(self, int fd, int kind) except -1
+    cdef int _enter(self) except -1
+    cdef void _leave(self) noexcept
     cdef int _watch(self, int fd, int ring) except -1
     cdef int _map(self, int ring, unsigned char *mem, size_t map_len, int fd) except -1
     cdef int _group_ioctl(self, unsigned long req, str what) except -1

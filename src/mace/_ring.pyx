@@ -8,7 +8,6 @@ allocates a Python object per event; Python sees either a `EventSink` fed in C o
 and small tools, a copy of the batch.
 """
 
-cimport cython
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EINTR, errno
@@ -30,6 +29,7 @@ cdef enum:
     MAX_RECORD = 65536          # perf_event_header.size is a u16
     SAMPLE_RAW_AT = 36          # header 8, pid/tid 8, time 8, cpu/res 8, raw size 4
     PAGE = 4096
+    MAX_RING_PAGES = 65536      # 256 MiB per CPU; the watermark stays within 32 bits
 
 
 cdef class EventSink:
@@ -100,6 +100,7 @@ cdef class Rings:
         self.pos = NULL
         self.scratch = NULL
         self.fds = NULL
+        self.fd_kind = NULL
         self.leader = NULL
         self.epfd = -1
         self.evfd = -1
@@ -114,8 +115,9 @@ cdef class Rings:
         stage_cap: events held per CPU between drains (0: sized from the ring)."""
         cdef int i
         cdef uint64_t data_size
-        if ring_pages <= 0 or ring_pages & (ring_pages - 1):
-            raise ValueError(f"ring_pages must be a power of two, not {ring_pages}")
+        if ring_pages <= 0 or ring_pages & (ring_pages - 1) or ring_pages > MAX_RING_PAGES:
+            raise ValueError(f"ring_pages must be a power of two up to {MAX_RING_PAGES}, "
+                             f"not {ring_pages}")
         self.cpus = [int(c) for c in cpus]
         if not self.cpus:
             raise ValueError("at least one CPU is needed")
@@ -150,7 +152,8 @@ cdef class Rings:
                 raise MemoryError()
         self.fds_cap = 16
         self.fds = <int *>malloc(self.fds_cap * sizeof(int))
-        if self.fds == NULL:
+        self.fd_kind = <uint8_t *>malloc(self.fds_cap)
+        if self.fds == NULL or self.fd_kind == NULL:
             raise MemoryError()
         self.nfds = 0
         self.keep = []
@@ -179,6 +182,7 @@ cdef class Rings:
         free(self.scratch)
         free(self.out)
         free(self.fds)
+        free(self.fd_kind)
         free(self.devs)
 
     # -- configuration ---------------------------------------------------------------------
@@ -292,7 +296,7 @@ cdef class Rings:
             err = errno
             raise OSError(err, f"perf_event_open failed for {label or self.kinds[kind].tp_id} "
                                f"on cpu {self.rings[ring].cpu}: {os.strerror(err)}")
-        self._track(fd)
+        self._track(fd, kind)
         if filter:
             fbytes = filter.encode()
             if ioctl(fd, PERF_EVENT_IOC_SET_FILTER, <const char *>fbytes) < 0:
@@ -300,13 +304,17 @@ cdef class Rings:
                 raise OSError(err, f"PERF_EVENT_IOC_SET_FILTER rejected the filter of {label}: "
                                    f"{os.strerror(err)}", filter)
         if lead < 0:
-            map_len = (1 + self.ring_pages) * PAGE
+            map_len = (1 + <size_t>self.ring_pages) * PAGE
             mem = mmap(NULL, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
             if mem == MAP_FAILED:
                 err = errno
                 raise OSError(err, f"mmap of {self.ring_pages} ring pages on cpu "
                                    f"{self.rings[ring].cpu} failed: {os.strerror(err)}")
-            self._map(ring, <unsigned char *>mem, map_len, fd)
+            try:
+                self._map(ring, <unsigned char *>mem, map_len, fd)
+            except BaseException:
+                munmap(mem, map_len)
+                raise
             self.leader[ring] = fd
             self._watch(fd, ring)
         elif ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, lead) < 0:
@@ -314,20 +322,42 @@ cdef class Rings:
             raise OSError(err, f"PERF_EVENT_IOC_SET_OUTPUT failed for {label}: {os.strerror(err)}")
         return fd
 
-    cdef int _track(self, int fd) except -1:
+    cdef int _track(self, int fd, int kind) except -1:
         cdef int *grown
+        cdef uint8_t *kinds
         if self.nfds == self.fds_cap:
             grown = <int *>malloc(2 * self.fds_cap * sizeof(int))
-            if grown == NULL:
+            kinds = <uint8_t *>malloc(2 * self.fds_cap)
+            if grown == NULL or kinds == NULL:
+                free(grown)
+                free(kinds)
                 close(fd)
                 raise MemoryError()
             memcpy(grown, self.fds, self.nfds * sizeof(int))
+            memcpy(kinds, self.fd_kind, self.nfds)
             free(self.fds)
+            free(self.fd_kind)
             self.fds = grown
+            self.fd_kind = kinds
             self.fds_cap *= 2
         self.fds[self.nfds] = fd
+        self.fd_kind[self.nfds] = <uint8_t>kind
         self.nfds += 1
         return 0
+
+    def kind_counts(self):
+        """Per kind: (events the kernel counted, samples decoded).
+
+        A perf event counts every tracepoint hit that passes its filter, before it tries to
+        write a sample.  Once the events are disabled and the rings drained, hits minus
+        samples minus `lost` is what the kernel dropped without saying so."""
+        cdef int i
+        cdef uint64_t v
+        hits = [0] * self.nkinds
+        for i in range(self.nfds):
+            if read(self.fds[i], &v, 8) == 8:
+                hits[self.fd_kind[i]] += v
+        return [(hits[k], self.ksamples[k]) for k in range(self.nkinds)]
 
     cdef int _watch(self, int fd, int ring) except -1:
         cdef epoll_event ev
@@ -346,7 +376,7 @@ cdef class Rings:
         if off == 0:             # kernels before 4.1 leave these zero
             off = PAGE
             size = map_len - PAGE
-        if size == 0 or size & (size - 1) or off + size > map_len:
+        if size < 8 or size & (size - 1) or off + size > map_len:
             raise ValueError(f"ring {ring}: data area {off}+{size} does not fit {map_len} bytes")
         r.meta = meta
         r.data = mem + off
@@ -393,8 +423,27 @@ cdef class Rings:
         return 0
 
     def close(self):
-        """Disable the events, unmap the rings and close every fd.  Idempotent."""
+        """Disable the events, unmap the rings and close every fd.  Idempotent.
+
+        Safe while another thread is inside wait(), drain() or feed(): that thread is woken
+        and the last one out releases everything."""
+        if self.busy:
+            self.closing = True
+            self.wakeup()
+            return
         self._release_all()
+
+    cdef int _enter(self) except -1:
+        # Called with the GIL before every section that releases it.
+        if self.closed or self.closing:
+            raise ValueError("rings are closed")
+        self.busy += 1
+        return 0
+
+    cdef void _leave(self) noexcept:
+        self.busy -= 1
+        if self.closing and self.busy == 0:
+            self._release_all()
 
     cdef void _release_all(self) noexcept:
         cdef int i
@@ -446,16 +495,18 @@ cdef class Rings:
         """Block until a ring passes its watermark, `wakeup()` is called, or the timeout.
         The GIL is released; a signal ends the wait so Python can handle it."""
         cdef epoll_event evs[64]
-        cdef int n, err = 0
+        cdef int n, err = 0, epfd = self.epfd, evfd = self.evfd
         cdef uint64_t junk
-        if self.closed:
-            raise ValueError("rings are closed")
-        with nogil:
-            n = epoll_wait(self.epfd, evs, 64, timeout_ms)
-            if n < 0:
-                err = errno
-            else:
-                read(self.evfd, &junk, 8)
+        self._enter()
+        try:
+            with nogil:
+                n = epoll_wait(epfd, evs, 64, timeout_ms)
+                if n < 0:
+                    err = errno
+                else:
+                    read(evfd, &junk, 8)
+        finally:
+            self._leave()
         if n < 0:
             if err == EINTR:
                 PyErr_CheckSignals()
@@ -471,8 +522,6 @@ cdef class Rings:
 
     # -- the hot loop ----------------------------------------------------------------------
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
     cdef int _read_ring(self, ring_t *r) noexcept nogil:
         # Returns 1 when the stage filled up before the ring was empty.
         cdef uint64_t head, tail, avail, off, first
@@ -514,6 +563,7 @@ cdef class Rings:
                 rc = self._decode(rec, size, &ev)
                 if rc == 1:
                     r.st.samples += 1
+                    self.ksamples[ev.kind] += 1
                     if ev.ts < self.released_ts:
                         r.st.late += 1
                     _stage_push(r, &ev)
@@ -538,8 +588,6 @@ cdef class Rings:
         mace_store_release(&r.meta.data_tail, tail)
         return full
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
     cdef int _decode(self, const unsigned char *rec, uint32_t size, mace_event *ev) noexcept nogil:
         # 1: decoded; 0: a tracepoint we did not register; -1: the record is malformed (stop);
         # -2: a field points outside the record (skip it).
@@ -595,14 +643,11 @@ cdef class Rings:
             h = (h + 1) & self.devmask
         return MACE_DEV_OTHER
 
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
     cdef size_t _release(self, uint64_t horizon) noexcept nogil:
         # Move every staged event with ts <= horizon into `out`, merged across rings.
-        cdef int i, j, c, hn = 0, active = -1
+        cdef int i, j, hn = 0
         cdef size_t n = self.nout, total = 0
         cdef ring_t *r
-        cdef mace_event *top
         for i in range(self.nrings):
             r = &self.rings[i]
             self.cut[i] = _upper_bound(r.stage, r.nstage, horizon)
@@ -670,28 +715,32 @@ cdef class Rings:
         """Read every ring and release the events that are safe to order into the batch
         (all of them when `final`).  `horizon` overrides the release time (tests).  Returns
         the batch size; `more` is then true if a ring still holds events."""
-        if self.closed:
-            raise ValueError("rings are closed")
         cdef size_t n
-        with nogil:
-            n = self._drain(final, horizon)
+        self._enter()
+        try:
+            with nogil:
+                n = self._drain(final, horizon)
+        finally:
+            self._leave()
         return n
 
     def feed(self, EventSink sink, bint final=False, uint64_t horizon=0):
         """Drain into `sink` until no ring stalls or the sink asks to be drained; returns the
         number of events fed (check `more` to know whether events are still waiting)."""
-        if self.closed:
-            raise ValueError("rings are closed")
         cdef size_t n, total = 0
         cdef int full = 0
-        with nogil:
-            while True:
-                n = self._drain(final, horizon)
-                if n:
-                    full = sink.consume(self.out, n)
-                    total += n
-                if not self.more or full:
-                    break
+        self._enter()
+        try:
+            with nogil:
+                while True:
+                    n = self._drain(final, horizon)
+                    if n:
+                        full = sink.consume(self.out, n)
+                        total += n
+                    if not self.more or full:
+                        break
+        finally:
+            self._leave()
         return total
 
     @property
@@ -719,12 +768,12 @@ cdef class Rings:
 
     def stats(self):
         """Counters summed over the rings, plus `pending` (staged, not yet released)."""
-        keys = ("records", "samples", "lost", "throttled", "unknown", "errors", "late", "forced")
+        keys = ("records", "samples", "lost", "throttled", "unknown", "errors", "late", "forced",
+                "pending")
         total = dict.fromkeys(keys, 0)
         for c in self.ring_stats():
             for k in keys:
                 total[k] += c[k]
-        total["pending"] = sum(c["pending"] for c in self.ring_stats())
         total["drained"] = self.drained
         return total
 
