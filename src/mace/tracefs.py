@@ -1,9 +1,9 @@
-"""Find (or privately mount) tracefs and read tracepoint ids and field layouts.
+"""Find tracefs (or mount it privately) and read tracepoint ids and field layouts.
 
 Field offsets differ between tracepoints and kernels, so they are always read from the
-`format` files, never assumed.  When tracefs is not mounted, mace mounts it on a private
-temporary directory only for as long as it reads the formats, and unmounts it again:
-the system is left as it was found.
+`format` files, never assumed.  When tracefs is not mounted, a child process mounts it
+inside a mount namespace of its own, reads the formats and exits: the mount never
+exists outside that child, so the system is left as it was found, even after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mace.errors import MaceError, TracefsError, TracepointMissing
+from mace.errors import TracefsError, TracepointMissing
 
 STANDARD_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-MNT_DETACH = 2
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -109,18 +111,17 @@ def parse_format(text: str, system: str = "") -> EventFormat:
 
 
 def _mounted_tracefs() -> Path | None:
-    for p in STANDARD_PATHS:
-        if os.path.isdir(os.path.join(p, "events")):
-            return Path(p)
-    # Somewhere else (a container may mount it at /tracing): look in the mount table.
+    """A tracefs mount listed in the mount table.  Only the table is consulted: merely
+    looking inside /sys/kernel/debug/tracing makes the kernel automount tracefs there."""
     try:
         with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 2 and parts[2] == "tracefs" and os.path.isdir(os.path.join(parts[1], "events")):
-                    return Path(parts[1])
+            mounts = [line.split() for line in f]
     except OSError:
-        pass
+        return None
+    found = [m[1] for m in mounts if len(m) > 2 and m[2] == "tracefs"]
+    for p in (*STANDARD_PATHS, *found):
+        if p in found:
+            return Path(p)
     return None
 
 
@@ -128,30 +129,71 @@ def _libc():
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
+def _read_privately(names: list[str]) -> dict[str, str | None]:
+    """Format texts of `names`, read by a child that mounts tracefs in a mount namespace of
+    its own: nothing is mounted where anyone else can see it, even if mace is killed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # child: no Python cleanup, just _exit
+        try:
+            os.close(r)
+            reply = {"formats": _child_mount_and_read(names)}
+        except OSError as e:
+            reply = {"errno": e.errno, "what": str(e)}
+        except BaseException as e:                 # noqa: BLE001 - reported to the parent
+            reply = {"errno": 0, "what": repr(e)}
+        data = json.dumps(reply).encode()
+        while data:
+            data = data[os.write(w, data):]
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while chunk := f.read(65536):
+            chunks.append(chunk)
+    os.waitpid(pid, 0)
+    reply = json.loads(b"".join(chunks) or b'{"errno": 0, "what": "the child died"}')
+    if "formats" in reply:
+        return reply["formats"]
+    err = reply["errno"]
+    if err == errno.ENODEV:
+        raise TracefsError("this kernel has no tracefs (CONFIG_TRACING is off)",
+                           hint="mace needs a kernel built with tracepoints")
+    if err in (errno.EPERM, errno.EACCES):
+        raise TracefsError("tracefs is not mounted and mace may not mount it",
+                           hint="run as root, or mount it: mount -t tracefs nodev /sys/kernel/tracing")
+    raise TracefsError(f"cannot mount tracefs: {reply['what']}",
+                       hint="mount it: mount -t tracefs nodev /sys/kernel/tracing")
+
+
+def _child_mount_and_read(names: list[str]) -> dict[str, str | None]:
+    libc = _libc()
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    # make every mount private first, or the tracefs mount would propagate back
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    target = STANDARD_PATHS[0] if os.path.isdir(STANDARD_PATHS[0]) else "/tmp"
+    if libc.mount(b"nodev", target.encode(), b"tracefs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount -t tracefs nodev {target}")
+    out: dict[str, str | None] = {}
+    for name in names:
+        system, _, event = name.partition(":")
+        try:
+            out[name] = (Path(target) / "events" / system / event / "format").read_text()
+        except FileNotFoundError:
+            out[name] = None
+    return out
+
+
 @contextmanager
 def tracefs() -> Iterator[Path]:
-    """Yield the tracefs root, mounting it privately for the duration when it is absent."""
+    """Yield the root of a mounted tracefs (for tools that need the files themselves)."""
     found = _mounted_tracefs()
-    if found is not None:
-        yield found
-        return
-    libc = _libc()
-    mnt = tempfile.mkdtemp(prefix="mace-tracefs-")
-    try:
-        if libc.mount(b"nodev", mnt.encode(), b"tracefs", 0, None) != 0:
-            err = ctypes.get_errno()
-            if err == errno.ENODEV:
-                raise TracefsError("this kernel has no tracefs (CONFIG_TRACING is off)",
-                                   hint="mace needs a kernel built with tracepoints")
-            raise TracefsError(f"cannot mount tracefs: {os.strerror(err)}",
-                               hint="run as root (mace mounts tracefs itself), or mount it: "
-                                    "mount -t tracefs nodev /sys/kernel/tracing")
-        try:
-            yield Path(mnt)
-        finally:
-            libc.umount2(mnt.encode(), MNT_DETACH)
-    finally:
-        os.rmdir(mnt)
+    if found is None:
+        raise TracefsError("tracefs is not mounted",
+                           hint="mount it: mount -t tracefs nodev /sys/kernel/tracing")
+    yield found
 
 
 def read_format(root: Path, qualified: str) -> EventFormat:
@@ -161,8 +203,7 @@ def read_format(root: Path, qualified: str) -> EventFormat:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise TracepointMissing(f"this kernel has no tracepoint {qualified}",
-                                hint="mace needs the net and skb tracepoints (CONFIG_TRACEPOINTS, Linux >= 4.x)") from None
+        raise _missing(qualified) from None
     except PermissionError:
         raise TracefsError(f"cannot read {path}: permission denied",
                            hint="run as root or with CAP_PERFMON and read access to tracefs") from None
@@ -170,14 +211,22 @@ def read_format(root: Path, qualified: str) -> EventFormat:
 
 
 def read_formats(names: list[str]) -> dict[str, EventFormat]:
-    """Formats of several tracepoints in one tracefs visit."""
-    with tracefs() as root:
-        return {n: read_format(root, n) for n in names}
+    """Formats of several tracepoints.  Uses the mounted tracefs, or reads them through a
+    private mount that disappears with the child that made it."""
+    found = _mounted_tracefs()
+    if found is not None:
+        return {n: read_format(found, n) for n in names}
+    out = {}
+    for name, text in _read_privately(list(names)).items():
+        if text is None:
+            raise _missing(name)
+        out[name] = parse_format(text, name.partition(":")[0])
+    return out
 
 
-def is_mounted_somewhere() -> bool:
-    return _mounted_tracefs() is not None
+def _missing(qualified: str) -> TracepointMissing:
+    return TracepointMissing(f"this kernel has no tracepoint {qualified}",
+                             hint="mace needs the net and skb tracepoints (CONFIG_TRACEPOINTS, Linux >= 4.x)")
 
 
-__all__ = ["Field", "EventFormat", "parse_format", "tracefs", "read_format", "read_formats",
-           "MaceError"]
+__all__ = ["Field", "EventFormat", "parse_format", "tracefs", "read_format", "read_formats"]
