@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -70,13 +71,15 @@ class _Stop:
 
 
 def cmd_events(args) -> int:
-    from mace.perf import Capture, Probe
+    from mace.perf import Capture, Probe, check_tracepoint_name
     from mace.testbed import Testbed
     from mace.tracefs import read_formats
 
     _check_positive("--duration", args.duration)
     _check_positive("--count", args.count)
     tracepoints = args.tracepoint or list(NET_EVENTS)
+    for tp in tracepoints:
+        check_tracepoint_name(tp)
     devices = list(args.device)
     with ExitStack() as stack:
         stop = _Stop()
@@ -89,16 +92,17 @@ def cmd_events(args) -> int:
         formats = read_formats(tracepoints)
         probes = [Probe(tp, devices=tuple(devices) if "name" in formats[tp].fields else ())
                   for tp in tracepoints]
-        cap = stack.enter_context(Capture(probes, devices, ring_pages=args.ring_pages))
+        cap = Capture(probes, devices, ring_pages=args.ring_pages)
+        stack.enter_context(cap.open(formats))
         stop.wake = cap.wakeup
         offset = time.time_ns() - time.monotonic_ns()
         names = [p.tracepoint for p in probes]
         out = sys.stdout
         cap.start()
         pinger = None
-        if tb is not None:
+        if tb is not None:      # the testbed reaps it
             pinger = tb.popen(tb.containers[0].ns, ["ping", "-c", "3", "-i", "0.2", tb.peer_ip],
-                              stdout=open(os.devnull, "w"))
+                              stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + args.duration if args.duration else None
         shown = 0
         while True:
@@ -120,7 +124,9 @@ def cmd_events(args) -> int:
                 break
         cap.stop()
         s = cap.stats()
-        print(f"mace: {s['events']} events, {s['lost']} lost, {s['errors']} malformed",
+        dropped = sum(cap.kernel_dropped().values())
+        print(f"mace: {s['events']} events, {s['lost']} lost, {s['errors']} malformed"
+              + (f", {dropped} dropped by the kernel without notice" if dropped else ""),
               file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -32,6 +33,10 @@ from mace.tracefs import EventFormat, read_formats
 DEV_NONE = _ring.DEV_NONE
 DEV_OTHER = _ring.DEV_OTHER
 FILTER_MAX = 4000       # the kernel copies at most a page of filter text
+MAX_RING_PAGES = 65536
+TRACEPOINT_RE = re.compile(r"^[A-Za-z0-9_]+:[A-Za-z0-9_]+$")
+# what the kernel's dev_valid_name accepts, minus quotes (they would end the filter string)
+DEVICE_RE = re.compile(r"^[^\s/:\"'\\]{1,15}$")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,12 @@ class Event(NamedTuple):
     proto: int
 
 
+def check_tracepoint_name(tp: str) -> None:
+    if not TRACEPOINT_RE.match(tp):
+        raise UsageError(f"{tp!r} is not a tracepoint name",
+                         hint="write SYSTEM:EVENT, e.g. net:netif_receive_skb")
+
+
 def online_cpus() -> list[int]:
     """CPU numbers from /sys/devices/system/cpu/online ("0-3,6")."""
     try:
@@ -94,12 +105,12 @@ def kind_layout(fmt: EventFormat) -> dict:
                 hint="this kernel's tracepoint layout is not supported; please report it")
         return f.offset
 
+    if "name" in fmt.fields and not fmt.fields["name"].data_loc:
+        raise TracepointMissing(f"field name of {fmt.qualified} is not a __data_loc string",
+                                hint="this kernel's tracepoint layout is not supported; please report it")
     skb = off("skbaddr", 8)
     length = off("len", 4, required=False)
     name = off("name", 4, required=False)
-    if name >= 0 and not fmt.fields["name"].data_loc:
-        raise TracepointMissing(f"field name of {fmt.qualified} is not a __data_loc string",
-                                hint="this kernel's tracepoint layout is not supported")
     proto = off("protocol", 2, required=False)
     return dict(tp_id=fmt.id, skb_off=skb, len_off=length, name_off=name, proto_off=proto,
                 min_raw=fmt.size)
@@ -107,15 +118,16 @@ def kind_layout(fmt: EventFormat) -> dict:
 
 def _translate(err: OSError, what: str) -> MaceError:
     """One place that turns errno into advice."""
+    if "mmap" in str(err) and err.errno in (errno.ENOMEM, errno.EPERM):
+        # without CAP_IPC_LOCK the rings count against perf_event_mlock_kb
+        return ResourceError("the kernel refused to map the perf rings",
+                             hint="use fewer --ring-pages or raise /proc/sys/kernel/perf_event_mlock_kb")
     if err.errno in (errno.EACCES, errno.EPERM):
         return PermissionProblem(f"not permitted to open tracepoints as perf events ({what})",
                                  hint="run as root, or grant CAP_PERFMON and CAP_SYS_ADMIN")
     if err.errno == errno.EMFILE:
         return ResourceError("out of file descriptors opening perf events",
                              hint="raise the limit (ulimit -n) or trace fewer CPUs")
-    if err.errno in (errno.ENOMEM, errno.EPERM) and "mmap" in str(err):
-        return ResourceError("the kernel refused to map the perf rings",
-                             hint="use fewer --ring-pages or raise /proc/sys/kernel/perf_event_mlock_kb")
     if err.errno == errno.ENOENT or err.errno == errno.ENODEV:
         return TracepointMissing(f"the kernel cannot open {what}",
                                  hint="this kernel lacks the tracepoint or perf support (CONFIG_PERF_EVENTS)")
@@ -139,11 +151,21 @@ class Capture:
                  reorder_us: int = 2000):
         if not probes:
             raise UsageError("nothing to trace: no probes")
-        if ring_pages <= 0 or ring_pages & (ring_pages - 1):
+        if ring_pages <= 0 or ring_pages & (ring_pages - 1) or ring_pages > MAX_RING_PAGES:
             raise UsageError(f"ring size of {ring_pages} pages is invalid",
-                             hint="use a power of two, e.g. --ring-pages 256")
+                             hint=f"use a power of two from 1 to {MAX_RING_PAGES}, e.g. 256")
         self.probes = list(probes)
+        tps = [p.tracepoint for p in self.probes]
+        for tp in tps:
+            check_tracepoint_name(tp)
+            if tps.count(tp) > 1:
+                raise UsageError(f"tracepoint {tp} is listed twice",
+                                 hint="give each tracepoint once, with all its devices")
         names = list(dict.fromkeys([*devices, *(d for p in probes for d in p.devices)]))
+        for name in names:
+            if not DEVICE_RE.match(name):
+                raise UsageError(f"{name!r} is not a network device name",
+                                 hint="device names are 1 to 15 characters, without spaces, '/', ':' or quotes")
         self.devices = names
         self.cpus = list(cpus) if cpus is not None else online_cpus()
         self.ring_pages = ring_pages
@@ -154,8 +176,13 @@ class Capture:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def open(self) -> "Capture":
-        self.formats = read_formats([p.tracepoint for p in self.probes])
+    def open(self, formats: dict[str, EventFormat] | None = None) -> "Capture":
+        """Open every event (disabled).  `formats`, if given, saves reading tracefs again."""
+        self.formats = formats or read_formats([p.tracepoint for p in self.probes])
+        for p in self.probes:
+            if p.devices and "name" not in self.formats[p.tracepoint].fields:
+                raise UsageError(f"tracepoint {p.tracepoint} has no device name to filter on",
+                                 hint="open it without devices")
         rings = _ring.Rings(self.cpus, ring_pages=self.ring_pages, watermark=self.watermark,
                             reorder_ns=self.reorder_us * 1000)
         self.rings = rings
@@ -235,6 +262,23 @@ class Capture:
         s = self.rings.stats()
         s["events"] = s["samples"]
         return s
+
+    def kernel_dropped(self) -> dict[str, int]:
+        """Per tracepoint, the hits the kernel counted but never wrote as samples, beyond
+        what it reported as lost (ring full).  Exact once stopped and drained.
+
+        Some kernels drop tracepoint samples silently (e.g. in interrupt context in some
+        states); mace would otherwise under-report without knowing it."""
+        counts = self._need().kind_counts()
+        lost = self.stats()["lost"]
+        missing = {p.tracepoint: max(0, hits - samples)
+                   for p, (hits, samples) in zip(self.probes, counts)}
+        total = sum(missing.values())
+        if total <= lost:
+            return {}
+        # LOST records do not say which event they were: charge them proportionally
+        scale = (total - lost) / total
+        return {tp: round(n * scale) for tp, n in missing.items() if round(n * scale)}
 
     def kind_of(self, tracepoint: str) -> int:
         for i, p in enumerate(self.probes):
