@@ -1,12 +1,13 @@
 """Throwaway container topologies in network namespaces, built with pyroute2.
 
-    peer ns ("the internet")          host ns                       container ns (xN)
-    eth0 198.19.0.2/24  <== veth ==>  <tag>up 198.19.0.1/24
-                                      <tag>br 198.18.0.1/24  <-- <tag>v<i> <== veth ==> eth0 198.18.0.<10+i>/24
+    peer ns ("the internet")             host ns                       container ns (xN)
+    m<tag>pe 198.19.0.2/24  <== veth ==>  m<tag>up 198.19.0.1/24
+                                          m<tag>br 198.18.0.1/24  <-- m<tag>v<i> <== veth ==> eth0 198.18.0.<10+i>/24
 
 The "host" is a namespace of its own, so tests never touch the machine's real network.
-Every link name carries a per-run tag, so the names mace filters on in the kernel (which
-sees every namespace) cannot collide with another run.  Addresses come only from
+Every link name but the containers' eth0 carries a per-run tag, so the names mace filters
+on in the kernel (which sees every namespace) cannot collide with another run; the eth0s
+are deliberately ambiguous, as on a real container host.  Addresses come only from
 198.18.0.0/15, the range reserved for benchmarking (RFC 2544).
 
 Teardown is guaranteed by the context manager, on SIGTERM (turned into SystemExit while a
@@ -14,7 +15,7 @@ testbed is up) and, for runs that were killed outright, by `remove_stale()`.
 
 Example::
 
-    with Testbed(containers=2, masquerade=True) as tb:
+    with Testbed(containers_n=2, masquerade=True) as tb:
         out = tb.run(tb.containers[0].ns, ["ping", "-c", "3", "-i", "0.2", tb.peer_ip])
 """
 
@@ -58,16 +59,17 @@ class Container:
 class Testbed:
     """A host namespace with a bridge, an uplink to a peer namespace, and N containers.
 
-    containers: how many container namespaces.  masquerade: NAT the containers' traffic
+    containers_n: how many container namespaces.  masquerade: NAT the containers' traffic
     to the uplink address with nftables (then the peer has no route back to them).
-    bridge: attach the containers to a bridge (False: routed veths, one /32 each).
     ipv6: leave IPv6 on (off by default so router solicitations and MLD do not add traffic
-    the tests did not send).
+    the tests did not send).  uplink_rate_kbit: a token-bucket qdisc limiting what the host
+    sends on its uplink, so that packets queue there, many at a time.
     """
 
     containers_n: int = 1
     masquerade: bool = False
     ipv6: bool = False
+    uplink_rate_kbit: int = 0
     tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])
     containers: list[Container] = field(default_factory=list)
 
@@ -77,13 +79,14 @@ class Testbed:
         self.peer_ns = f"{base}-peer"
         self.bridge = f"m{self.tag}br"
         self.uplink = f"m{self.tag}up"
-        self.peer_dev = "eth0"
+        self.peer_dev = f"m{self.tag}pe"
         self.host_ip = str(PEER_NET.network_address + 1)
         self.peer_ip = str(PEER_NET.network_address + 2)
         self.gateway = str(HOST_NET.network_address + 1)
         self._made: list[str] = []
         self._old_term = None
         self._owner = os.getpid()
+        self._procs: list[subprocess.Popen] = []
         for i in range(self.containers_n):
             self.containers.append(Container(
                 index=i, ns=f"{base}-c{i}", inner="eth0",
@@ -130,6 +133,9 @@ class Testbed:
                 host.link("set", index=v, master=br)
                 host.link("set", index=v, state="up")
             host.route("add", dst="default", gateway=self.peer_ip)
+            if self.uplink_rate_kbit:
+                host.tc("add", "tbf", index=up, handle="1:", rate=f"{self.uplink_rate_kbit}kbit",
+                        burst=16384, latency="500ms")
         with IPRoute(netns=self.peer_ns, flags=0) as peer:
             _up(peer, "lo")
             p = _index(peer, self.peer_dev)
@@ -162,9 +168,22 @@ class Testbed:
             # A forked child (pyroute2 forks helpers) unwinding its copy of our stack must
             # not tear down the parent's testbed.
             return
-        for ns in reversed(self._made):
-            _remove_ns(ns)
-        self._made.clear()
+        # A signal now would stop the removal half way: hold it until we are done.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            for p in self._procs:       # a live process keeps its namespace alive
+                if p.poll() is None:
+                    p.kill()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._procs.clear()
+            for ns in reversed(self._made):
+                _remove_ns(ns)
+            self._made.clear()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if self._old_term is not None:
             if isinstance(signal.getsignal(signal.SIGTERM), _TermToExit):
                 signal.signal(signal.SIGTERM, self._old_term)
@@ -188,20 +207,22 @@ class Testbed:
             raise RuntimeError("nft not found: install the Debian package nftables")
         self.run(ns, ["nft", "-f", "-"], input=ruleset, check=True)
 
-    def popen(self, ns: str, argv: Sequence[str], **kw) -> subprocess.Popen:
-        """Start argv inside network namespace `ns`."""
+    def _in(self, ns: str, argv: Sequence[str]) -> list[str]:
+        # nsenter rather than setns in preexec_fn, which is unsafe once threads run
         _check_argv(argv)
-        path = self.ns_path(ns)
-        return subprocess.Popen(list(argv), preexec_fn=lambda: netns.setns(path, flags=0), **kw)
+        return ["nsenter", f"--net={self.ns_path(ns)}", "--", *argv]
+
+    def popen(self, ns: str, argv: Sequence[str], **kw) -> subprocess.Popen:
+        """Start argv inside network namespace `ns`; teardown kills it if still running."""
+        p = subprocess.Popen(self._in(ns, argv), **kw)
+        self._procs.append(p)
+        return p
 
     def run(self, ns: str, argv: Sequence[str], *, timeout: float = 60, check: bool = False,
             input: str | None = None) -> subprocess.CompletedProcess:
         """Run argv inside `ns` to completion (bounded by `timeout`), capturing its output."""
-        _check_argv(argv)
-        path = self.ns_path(ns)
-        return subprocess.run(list(argv), preexec_fn=lambda: netns.setns(path, flags=0),
-                              capture_output=True, text=True, timeout=timeout, check=check,
-                              input=input)
+        return subprocess.run(self._in(ns, argv), capture_output=True, text=True,
+                              timeout=timeout, check=check, input=input)
 
 
 def _check_argv(argv: Sequence[str]) -> None:

@@ -708,3 +708,36 @@ def test_add_kind_rejects_fields_outside_min_raw():
     with pytest.raises(ValueError, match="bad field offset"):
         rings.add_kind(**{**good, "len_off": -5})
     assert rings.add_kind(**good) == 0
+
+
+def test_close_while_another_thread_drains_is_safe():
+    import threading
+
+    for _ in range(50):
+        rings = make_rings(cpus=(0, 1))
+        imgs = [attach(rings, ring=i) for i in range(2)]
+        for img in imgs:
+            img.write(*(NetEvent(RECV, ts=t, skb=t, len=60, dev="eth0").encode() for t in range(1, 30)))
+        stop = threading.Event()
+        errors = []
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    rings.drain(final=True)
+                    rings.wait(0)
+                except ValueError:
+                    return          # closed under us: the documented outcome
+                except BaseException as e:
+                    errors.append(e)
+                    return
+
+        t = threading.Thread(target=reader)
+        t.start()
+        rings.close()
+        stop.set()
+        t.join(5)
+        assert not t.is_alive() and not errors
+        assert rings.fds_open == []
+        with pytest.raises(ValueError, match="closed"):
+            rings.drain()
