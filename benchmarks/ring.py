@@ -317,6 +317,7 @@ def _live_run(tb, devices: list[str], count: int, preload: int, deadline_s: int,
             if gc_was:
                 gc.enable()
         s = cap.stats()
+        kernel_dropped = sum(cap.kernel_dropped().values())
         per_cpu = [{"cpu": c["cpu"], "samples": c["samples"], "lost": c["lost"]}
                    for c in cap.rings.ring_stats()]
     sent, received = _ping_counts(out)
@@ -336,6 +337,7 @@ def _live_run(tb, devices: list[str], count: int, preload: int, deadline_s: int,
         "events_per_packet": events / sent if sent else 0.0,
         "events_per_s": events / wall if wall else 0.0,
         "lost": s.get("lost", 0),
+        "kernel_dropped": kernel_dropped,
         "throttled": s.get("throttled", 0),
         "errors": s.get("errors", 0),
         "late": s.get("late", 0),
@@ -522,6 +524,9 @@ def summary(result: dict) -> list[dict]:
             {"metric": f"live events lost ({lab})",
              "value": f"{r['lost']:,} ({_lost_pct(r):.2f}% of events)",
              "target": "0", "met": r["lost"] == 0 and "error" not in r},
+            {"metric": f"samples the kernel dropped without a LOST record ({lab})",
+             "value": f"{r.get('kernel_dropped', 0):,}", "target": "0 (not mace's to fix)",
+             "met": None},
             {"metric": f"reader CPU per M events ({lab})", "value": cpu_s,
              "target": "", "met": None},
         ]
