@@ -3,8 +3,8 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# MACE_DEBUG=1 builds without optimisation, with debug info and C asserts, for chasing a fault
-# in the hot loop (gdb, valgrind).
+# MACE_DEBUG=1 builds without optimisation and with debug info, for chasing a fault in the
+# hot loop with gdb or valgrind.
 debug = os.environ.get("MACE_DEBUG") == "1"
 cflags = ["-O0", "-g"] if debug else ["-O2"]
 macros = [] if debug else [("NDEBUG", None)]
@@ -17,7 +17,7 @@ extensions = [
         extra_compile_args=cflags,
         define_macros=macros,
     )
-    for name in ("mace._ring",)
+    for name in ("mace._ring", "mace._correlate")
 ]
 
 setup(

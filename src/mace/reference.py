@@ -389,8 +389,9 @@ class ReferenceCorrelator:
                     self._c(x, EGRESS, "crossed")
                     self._c(x, EGRESS, "orphans")
                 elif t == T_XMIT and ev.proto in (0x0800, 0x86DD):
+                    # no uplink start: the host sent it (this table never gives entries up)
                     self._c(x, INGRESS, "crossed")
-                    self._c(x, INGRESS, "orphans")
+                    self._c(x, INGRESS, "local")
             return
         self._g("inserts")
         self.table[ev.skb] = e

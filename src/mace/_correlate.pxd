@@ -1,0 +1,105 @@
+from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from mace._abi cimport mace_event
+from mace._ring cimport EventSink
+
+
+cdef extern from "mace_corr.h" nogil:
+    enum:
+        MACE_HOPS
+
+    ctypedef struct mace_entry:
+        uint64_t skb
+        uint64_t t0
+        uint32_t hop[4]
+        uint32_t tlast
+        uint32_t l3
+        uint32_t tid
+        int16_t container
+        int16_t start_dev
+        uint16_t cpu
+        uint16_t proto
+        uint8_t dir
+        uint8_t step
+        uint8_t flags
+
+    ctypedef struct mace_report:
+        uint64_t t0
+        uint32_t latency
+        uint32_t len
+        uint32_t seq
+        uint16_t container
+        uint8_t dir
+        uint8_t nhops
+        uint16_t cpu
+        uint32_t hop[4]
+
+
+# One step of a direction's path: which event on which kind of device, and how it may
+# follow the previous steps.
+cdef struct step_t:
+    uint8_t type        # T_XMIT, T_RECV, T_RX, T_QUEUE
+    uint8_t cls         # device class bit: C_INNER, C_VETH, C_BRIDGE, C_UPLINK
+    uint8_t prev        # bitmask of the steps this one may directly follow
+    bint sync           # must run in the same call chain as the previous step
+    bint traced         # its tracepoint/device is opened in this plan
+    bint attr           # the step that names the container (its veth)
+    bint end            # the step that completes the report
+    int hop             # slot in the report's hop array, -1 for none
+
+
+cdef class Correlator(EventSink):
+    cdef mace_entry *table          # open-addressed, `cap` slots
+    cdef uint64_t cap
+    cdef uint32_t bits
+    cdef uint32_t probe_limit
+    cdef uint64_t used              # occupied slots
+    cdef uint64_t sweep_at          # next slot the incremental expiry sweep looks at
+    cdef step_t steps[2][8]
+    cdef int nsteps[2]
+    cdef int boundary[2]            # the step whose event counts a crossing
+    cdef uint8_t *kind_type         # kind -> T_*
+    cdef int nkinds
+    cdef uint8_t *dev_class         # device slot -> class bits
+    cdef int16_t *dev_container     # device slot -> container (its veth), -1
+    cdef int ndevs
+    cdef int16_t *inner_of          # container -> slot of its inner device
+    cdef int ncont
+    cdef uint64_t *ccount           # container x direction x counter
+    cdef uint64_t *gcount           # global counters
+    cdef uint64_t *hist             # container x direction x bucket
+    cdef uint64_t *lat_min
+    cdef uint64_t *lat_max
+    cdef uint64_t *lat_sum
+    cdef uint32_t *seq              # container x direction: last sequence number
+    cdef uint64_t *pend_skb         # per CPU: skb whose synchronous step may come next
+    cdef uint64_t *pend_ts          # per CPU: when that skb's entry last moved
+    cdef int ncpu
+    cdef mace_report *reports
+    cdef size_t nreports
+    cdef size_t report_cap
+    cdef size_t headroom            # a batch can add up to this many reports
+    cdef uint64_t max_age
+    cdef uint64_t now               # newest event time seen: the correlator's clock
+    cdef bytearray spill            # reports feed_bytes() could not leave in the buffer
+    cdef uint64_t *ghost            # skbs of unattributed ingress entries the table gave up
+    cdef uint64_t ghost_mask
+
+    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue) except -1
+    cdef uint64_t _home(self, uint64_t skb) noexcept nogil
+    cdef bytes _take(self)
+
+    cdef int _event(self, const mace_event *ev) noexcept nogil
+    cdef int _advance(self, mace_entry *e, const mace_event *ev, int j) noexcept nogil
+    cdef int _match(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _conflict(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _fresh(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _resolve_pending(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _retire(self, mace_entry *e, int counter) noexcept nogil
+    cdef bint _sync_wait(self, const mace_entry *e) noexcept nogil
+    cdef int64_t _lookup(self, uint64_t skb) noexcept nogil
+    cdef mace_entry *_insert(self, uint64_t skb) noexcept nogil
+    cdef void _delete(self, uint64_t slot) noexcept nogil
+    cdef void _sweep(self, uint64_t n) noexcept nogil
+    cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil

@@ -1,0 +1,715 @@
+# cython: language_level=3
+"""Pair each packet's events into one latency report per direction, in fixed memory.
+
+The correlator is an `EventSink`: `Rings.feed` hands it time-ordered events without the
+GIL.  Packets are tracked in an open-addressed table keyed by skb address (linear probing,
+backward-shift deletion, a bounded probe length, allocated once).  Each table entry walks
+a path of steps; see mace.plan for the paths and the reasoning behind them.  In short:
+
+    egress  E0 xmit inner -> [E1 netif_rx veth] -> E2 receive veth -> [E3 receive bridge]
+            -> E4 queue uplink -> E5 xmit uplink
+    ingress I0 receive uplink -> [I1 xmit bridge] -> I2 xmit veth -> [I3 netif_rx inner]
+            -> I4 receive inner
+
+skb addresses are reused within microseconds, and some frees are invisible to tracepoints,
+so an entry only advances when the next event is consistent with its packet:
+
+- the event is one of the next steps of its path, on the right device (once the container
+  is known: its own veth and its own inner device), with the same L3 length, not earlier
+  than the last step;
+- a *synchronous* step (one the kernel performs in the same call chain as the previous
+  step, e.g. bridge -> routing -> dev_queue_xmit on the uplink) must come from the same CPU
+  and thread, with no other packet's event on that CPU in between.  A packet that was
+  delivered locally and freed silently cannot pass this: the next packet that reuses its
+  address starts a new call chain;
+- between *queued* steps (backlog, qdisc) the skb sits in a queue, from which it leaves
+  only by the next step or a traced drop (skb:kfree_skb).
+
+Anything else ends the entry and is counted.  Every report therefore has a consistent
+event chain from start to end.
+"""
+
+from libc.stdint cimport INT16_MAX, UINT64_MAX, int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+
+from mace._abi cimport mace_event
+from mace._ring cimport EventSink
+
+import struct
+
+cdef enum:
+    T_NONE = 0
+    T_XMIT = 1      # net:net_dev_start_xmit
+    T_RECV = 2      # net:netif_receive_skb
+    T_RX = 3        # net:netif_rx
+    T_QUEUE = 4     # net:net_dev_queue
+    T_FREE = 5      # skb:kfree_skb
+
+    C_INNER = 1     # a container's own device (ambiguous name: every container has eth0)
+    C_VETH = 2      # host-side veth of a monitored container (unique name)
+    C_BRIDGE = 4
+    C_UPLINK = 8
+
+    EGRESS = 0
+    INGRESS = 1
+
+    ETH_HLEN = 14
+    NB = 1792       # histogram buckets, see _bucket
+
+    # per container and direction
+    CC_CROSSED = 0
+    CC_REPORTS = 1
+    CC_LOCAL = 2
+    CC_DROPPED = 3
+    CC_ORPHANS = 4
+    CC_EXPIRED = 5
+    CC_EVICTED = 6
+    CC_REJECTED = 7
+    NCC = 8
+
+    # global
+    G_EVENTS = 0
+    G_FREES = 1
+    G_UNCLAIMED = 2
+    G_FOREIGN = 3
+    G_STALE = 4
+    G_EVICTED = 5
+    G_NONIP = 6
+    G_SUPERSEDED = 7
+    G_INSERTS = 8
+    G_IGNORED = 9
+    G_MAXPROBE = 10
+    G_PARKED = 11
+    NG = 12
+
+    F_ACCOUNTED = 1     # entry flag: _conflict accounted for the event itself
+    F_PARKED = 2        # entry flag: waiting for neighbour resolution (ARP)
+    ARP_L3 = 28         # an ARP request for IPv4 over Ethernet, without the Ethernet header
+    ETH_P_ARP = 0x0806
+
+TYPES = {"net:net_dev_start_xmit": T_XMIT, "net:netif_receive_skb": T_RECV,
+         "net:netif_rx": T_RX, "net:net_dev_queue": T_QUEUE, "skb:kfree_skb": T_FREE}
+CLASSES = {"inner": C_INNER, "veth": C_VETH, "bridge": C_BRIDGE, "uplink": C_UPLINK}
+CONTAINER_COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired",
+                      "evicted", "rejected")
+GLOBAL_COUNTERS = ("events", "frees", "unclaimed", "foreign", "stale", "evicted",
+                   "nonip", "superseded", "inserts", "ignored", "max_probe", "parked")
+DIRECTIONS = ("egress", "ingress")
+REPORT_FORMAT = "=QIIIHBBHH4I4x"   # mace_report, padding included
+REPORT_SIZE = sizeof(mace_report)
+ENTRY_SIZE = sizeof(mace_entry)
+BUCKETS = NB
+
+
+cdef extern from *:
+    int __builtin_clz(unsigned int x) nogil
+
+
+cdef inline bint _is_ip(uint16_t proto) noexcept nogil:
+    return proto == 0x0800 or proto == 0x86DD
+
+
+cdef inline uint32_t _bucket(uint64_t v) noexcept nogil:
+    # Log-linear: exact below 128 ns, then 64 buckets per power of two (< 1.6 % wide).
+    cdef uint32_t k
+    if v < 128:
+        return <uint32_t>v
+    if v > 0xFFFFFFFFULL:
+        v = 0xFFFFFFFFULL
+    k = 32 - __builtin_clz(<unsigned int>v) - 7
+    return 128 + (k - 1) * 64 + <uint32_t>((v >> k) - 64)
+
+
+def bucket_of(v):
+    """Histogram bucket of a latency in ns."""
+    return _bucket(v)
+
+
+def bucket_bounds(int i):
+    """[low, high) in ns of histogram bucket i."""
+    if i < 128:
+        return i, i + 1
+    k = (i - 128) // 64 + 1
+    m = (i - 128) % 64 + 64
+    return m << k, (m + 1) << k
+
+
+cdef class Correlator(EventSink):
+    """Turns time-ordered kernel events into per-packet latency reports.
+
+    kind_types: per capture kind, one of TYPES (by tracepoint name) or 0 to ignore.
+    dev_classes: per device slot, OR of CLASSES bits.  dev_containers: per device slot, the
+    container whose veth it is (-1 otherwise).  inner_slots: per container, the slot of its
+    inner device.  table_size: entries, a power of two.  max_age_ns: a packet older than
+    this is given up (at most 4 s).  hops/bridge: whether the intermediate steps are traced.
+    end_at_queue: end egress at net_dev_queue on the uplink (for uplinks that segment).
+    ncpu: highest CPU number + 1.  max_batch: the largest batch `consume` will be given.
+    """
+
+    def __cinit__(self):
+        self.table = NULL
+        self.kind_type = NULL
+        self.dev_class = NULL
+        self.dev_container = NULL
+        self.inner_of = NULL
+        self.ccount = NULL
+        self.gcount = NULL
+        self.hist = NULL
+        self.lat_min = NULL
+        self.lat_max = NULL
+        self.lat_sum = NULL
+        self.seq = NULL
+        self.pend_skb = NULL
+        self.pend_ts = NULL
+        self.reports = NULL
+        self.ghost = NULL
+        self.spill = bytearray()
+
+    def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
+                 uint64_t table_size=65536, uint64_t max_age_ns=1_000_000_000, bint hops=False,
+                 bint bridge=True, bint end_at_queue=False, int ncpu=256, size_t max_batch=65536,
+                 int probe_limit=32):
+        cdef int i, d
+        if table_size < 2 or table_size & (table_size - 1):
+            raise ValueError(f"table size must be a power of two >= 2, not {table_size}")
+        if not 0 < max_age_ns <= 4_000_000_000:
+            raise ValueError("max age must be between 1 ns and 4 s")
+        if len(dev_classes) != len(dev_containers):
+            raise ValueError("dev_classes and dev_containers differ in length")
+        self.cap = table_size
+        self.bits = table_size.bit_length() - 1
+        self.probe_limit = <uint32_t>min(probe_limit, table_size)
+        self.max_age = max_age_ns
+        self.nkinds = len(kind_types)
+        self.ndevs = len(dev_classes)
+        self.ncont = len(inner_slots)
+        self.ncpu = ncpu
+        if self.ncont > INT16_MAX:
+            raise ValueError("too many containers")
+        self.headroom = max_batch // 2 + 1     # every report consumes at least 2 events
+        self.report_cap = 2 * self.headroom + 1024
+        self.table = <mace_entry *>calloc(self.cap, sizeof(mace_entry))
+        self.kind_type = <uint8_t *>calloc(max(self.nkinds, 1), 1)
+        self.dev_class = <uint8_t *>calloc(max(self.ndevs, 1), 1)
+        self.dev_container = <int16_t *>calloc(max(self.ndevs, 1), sizeof(int16_t))
+        self.inner_of = <int16_t *>calloc(max(self.ncont, 1), sizeof(int16_t))
+        self.ccount = <uint64_t *>calloc(max(self.ncont, 1) * 2 * NCC, sizeof(uint64_t))
+        self.gcount = <uint64_t *>calloc(NG, sizeof(uint64_t))
+        self.hist = <uint64_t *>calloc(max(self.ncont, 1) * 2 * NB, sizeof(uint64_t))
+        self.lat_min = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
+        self.lat_max = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
+        self.lat_sum = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
+        self.seq = <uint32_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint32_t))
+        self.pend_skb = <uint64_t *>calloc(ncpu, sizeof(uint64_t))
+        self.pend_ts = <uint64_t *>calloc(ncpu, sizeof(uint64_t))
+        self.reports = <mace_report *>malloc(self.report_cap * sizeof(mace_report))
+        self.ghost_mask = max(64, self.cap // 4) - 1
+        self.ghost = <uint64_t *>calloc(self.ghost_mask + 1, sizeof(uint64_t))
+        if (self.table == NULL or self.kind_type == NULL or self.dev_class == NULL
+                or self.dev_container == NULL or self.inner_of == NULL or self.ccount == NULL
+                or self.gcount == NULL or self.hist == NULL or self.lat_min == NULL
+                or self.lat_max == NULL or self.lat_sum == NULL or self.seq == NULL
+                or self.pend_skb == NULL or self.pend_ts == NULL or self.reports == NULL
+                or self.ghost == NULL):
+            raise MemoryError()
+        for i, t in enumerate(kind_types):
+            self.kind_type[i] = t
+        for i, c in enumerate(dev_classes):
+            self.dev_class[i] = c
+        for i, c in enumerate(dev_containers):
+            if c >= self.ncont:
+                raise ValueError(f"device slot {i} names container {c} of {self.ncont}")
+            self.dev_container[i] = c
+        for i, s in enumerate(inner_slots):
+            if not 0 <= s < self.ndevs:
+                raise ValueError(f"container {i} has no inner device slot")
+            self.inner_of[i] = s
+        for i in range(self.ncont * 2):
+            self.lat_min[i] = UINT64_MAX
+        self._plan(hops, bridge, end_at_queue)
+
+    def __dealloc__(self):
+        free(self.table)
+        free(self.kind_type)
+        free(self.dev_class)
+        free(self.dev_container)
+        free(self.inner_of)
+        free(self.ccount)
+        free(self.gcount)
+        free(self.hist)
+        free(self.lat_min)
+        free(self.lat_max)
+        free(self.lat_sum)
+        free(self.seq)
+        free(self.pend_skb)
+        free(self.pend_ts)
+        free(self.reports)
+        free(self.ghost)
+
+    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue) except -1:
+        memset(self.steps, 0, sizeof(self.steps))
+        eg = [
+            # type,   class,    prev steps,   sync,  traced,                attr,  end,          hop
+            (T_XMIT,  C_INNER,  0,             False, True,                  False, False,        -1),  # E0
+            (T_RX,    C_VETH,   1 << 0,        True,  hops,                  True,  False,         0),  # E1
+            (T_RECV,  C_VETH,   1 << 0 | 1 << 1, False, True,                True,  False,         1),  # E2
+            (T_RECV,  C_BRIDGE, 1 << 2,        True,  hops and bridge,       False, False,         2),  # E3
+            (T_QUEUE, C_UPLINK, 1 << 2 | 1 << 3, True, True,                 False, end_at_queue,
+             -1 if end_at_queue else 3),                                                              # E4
+            (T_XMIT,  C_UPLINK, 1 << 4,        False, not end_at_queue,      False, True,         -1),  # E5
+        ]
+        ing = [
+            (T_RECV,  C_UPLINK, 0,             False, True,                  False, False,        -1),  # I0
+            (T_XMIT,  C_BRIDGE, 1 << 0,        True,  hops and bridge,       False, False,         0),  # I1
+            (T_XMIT,  C_VETH,   1 << 0 | 1 << 1, True, True,                 True,  False,         1),  # I2
+            (T_RX,    C_INNER,  1 << 2,        True,  hops,                  False, False,         2),  # I3
+            (T_RECV,  C_INNER,  1 << 2 | 1 << 3, False, True,                False, True,         -1),  # I4
+        ]
+        for d, path in enumerate((eg, ing)):
+            self.nsteps[d] = len(path)
+            for i, (t, c, prev, sync, traced, attr, end, hop) in enumerate(path):
+                self.steps[d][i].type = t
+                self.steps[d][i].cls = c
+                self.steps[d][i].prev = prev
+                self.steps[d][i].sync = sync
+                self.steps[d][i].traced = traced
+                self.steps[d][i].attr = attr
+                self.steps[d][i].end = end
+                self.steps[d][i].hop = hop
+        # the crossing of a container's boundary is counted at its first veth event
+        self.boundary[EGRESS] = 1 if hops else 2
+        self.boundary[INGRESS] = 2
+        return 0
+
+    # -- table ------------------------------------------------------------------------------
+
+    cdef uint64_t _home(self, uint64_t skb) noexcept nogil:
+        # sk_buffs are slab objects: the low bits carry no information
+        return ((skb >> 6) * 0x9E3779B97F4A7C15ULL) >> (64 - self.bits)
+
+    cdef int64_t _lookup(self, uint64_t skb) noexcept nogil:
+        cdef uint64_t mask = self.cap - 1, i = self._home(skb)
+        cdef uint32_t k
+        for k in range(self.probe_limit):
+            if self.table[i].skb == skb:
+                return <int64_t>i
+            if self.table[i].skb == 0:
+                return -1
+            i = (i + 1) & mask
+        return -1
+
+    cdef mace_entry *_insert(self, uint64_t skb) noexcept nogil:
+        # The caller knows skb is absent.  A full probe window gives up its oldest entry,
+        # preferring one that expired, then one not yet attributed to a container.
+        cdef uint64_t mask = self.cap - 1, i = self._home(skb), victim = 0
+        cdef uint32_t k
+        cdef int rank, best = 4
+        cdef mace_entry *e
+        for k in range(self.probe_limit):
+            e = &self.table[i]
+            if e.skb == 0:
+                self.used += 1
+                if k > self.gcount[G_MAXPROBE]:
+                    self.gcount[G_MAXPROBE] = k
+                break
+            if self.now > e.t0 + self.max_age:
+                rank = 0
+            elif e.container < 0:
+                rank = 1
+            else:
+                rank = 2
+            if rank < best or (rank == best and e.t0 < self.table[victim].t0):
+                best = rank
+                victim = i
+            i = (i + 1) & mask
+        else:
+            e = &self.table[victim]
+            if best == 0:
+                self._retire(e, CC_EXPIRED)
+            else:
+                self._retire(e, CC_EVICTED)
+                if e.container < 0 and e.dir == INGRESS:
+                    # remember it: if it turns up at a veth, that is a miss, not host traffic
+                    self.ghost[self._home(e.skb) & self.ghost_mask] = e.skb
+        self.gcount[G_INSERTS] += 1
+        memset(e, 0, sizeof(mace_entry))
+        e.skb = skb
+        return e
+
+    cdef void _delete(self, uint64_t slot) noexcept nogil:
+        # Backward-shift deletion: pull later entries of the cluster into the hole so that
+        # lookups never need tombstones.
+        # The hole is marked empty first, so the walk ends even in a full table.
+        cdef uint64_t mask = self.cap - 1, i = slot, j = slot, h
+        self.table[i].skb = 0
+        while True:
+            j = (j + 1) & mask
+            if self.table[j].skb == 0:
+                break
+            h = self._home(self.table[j].skb)
+            if ((j - h) & mask) >= ((j - i) & mask):
+                self.table[i] = self.table[j]
+                self.table[j].skb = 0
+                i = j
+        self.used -= 1
+
+    cdef void _retire(self, mace_entry *e, int counter) noexcept nogil:
+        # Count an entry that leaves without a report: against its container once known.
+        cdef int g
+        if e.container >= 0:
+            self.ccount[(e.container * 2 + e.dir) * NCC + counter] += 1
+            return
+        if counter == CC_EXPIRED:
+            g = G_STALE
+        elif counter == CC_EVICTED:
+            g = G_EVICTED
+        else:
+            g = G_SUPERSEDED
+        self.gcount[g] += 1
+
+    cdef void _sweep(self, uint64_t n) noexcept nogil:
+        # Expire old entries a few slots at a time, so counts stay current and the table
+        # does not silt up with packets that never completed.
+        cdef uint64_t mask = self.cap - 1, i = self.sweep_at, k
+        for k in range(n):
+            if self.table[i].skb and self.now > self.table[i].t0 + self.max_age:
+                self._retire(&self.table[i], CC_EXPIRED)
+                self._delete(i)        # slot i may now hold a shifted entry: look again
+            else:
+                i = (i + 1) & mask
+        self.sweep_at = i
+
+    # -- paths ------------------------------------------------------------------------------
+
+    cdef bint _sync_wait(self, const mace_entry *e) noexcept nogil:
+        # Could the entry's next step be a synchronous one?
+        cdef int j
+        cdef const step_t *st
+        for j in range(e.step + 1, self.nsteps[e.dir]):
+            st = &self.steps[e.dir][j]
+            if st.traced and st.sync and (st.prev >> e.step) & 1:
+                return True
+        return False
+
+    cdef int _match(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        cdef int j, x
+        cdef const step_t *st
+        cdef uint32_t l3
+        cdef bint adjacent = (ev.cpu < self.ncpu and self.pend_skb[ev.cpu] == ev.skb
+                              and e.cpu == ev.cpu and e.tid == ev.tid)
+        l3 = ev.len - ETH_HLEN if (t == T_XMIT or t == T_QUEUE) else ev.len
+        if l3 != e.l3 or ev.ts < e.t0 + e.tlast:
+            return -1
+        for j in range(e.step + 1, self.nsteps[e.dir]):
+            st = &self.steps[e.dir][j]
+            if not st.traced or not (st.prev >> e.step) & 1:
+                continue
+            if st.type != t or not (st.cls & cls):
+                continue
+            if st.sync and not adjacent and not e.flags & F_PARKED:
+                continue
+            if e.container >= 0:
+                if st.cls == C_VETH and self.dev_container[ev.dev] != e.container:
+                    continue
+                if st.cls == C_INNER and ev.dev != self.inner_of[e.container]:
+                    continue
+            elif st.attr and e.dir == EGRESS:
+                x = self.dev_container[ev.dev]
+                if x < 0 or self.inner_of[x] != e.start_dev:
+                    continue
+            return j
+        return -1
+
+    cdef int _advance(self, mace_entry *e, const mace_event *ev, int j) noexcept nogil:
+        # Returns 1 when the entry is done (reported or dropped) and must be deleted.
+        cdef const step_t *st = &self.steps[e.dir][j]
+        cdef uint64_t delta = ev.ts - e.t0
+        cdef int x
+        if st.attr and e.container < 0:
+            if e.dir == INGRESS:
+                e.proto = ev.proto
+            if not _is_ip(e.proto):
+                self.gcount[G_NONIP] += 1     # ARP and friends: not what mace measures
+                return 1
+            x = self.dev_container[ev.dev]
+            e.container = x
+            self.ccount[(x * 2 + e.dir) * NCC + CC_CROSSED] += 1
+        if st.hop >= 0:
+            e.hop[st.hop] = <uint32_t>delta
+        e.step = j
+        e.tlast = <uint32_t>delta
+        e.cpu = ev.cpu
+        e.tid = ev.tid
+        e.flags &= ~F_PARKED
+        if st.end:
+            self._emit(e, ev)
+            return 1
+        if ev.cpu < self.ncpu and self._sync_wait(e):
+            self.pend_skb[ev.cpu] = ev.skb
+            self.pend_ts[ev.cpu] = ev.ts
+        return 0
+
+    cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil:
+        cdef int cd = e.container * 2 + e.dir
+        cdef uint64_t lat = ev.ts - e.t0
+        cdef mace_report *r
+        self.ccount[cd * NCC + CC_REPORTS] += 1
+        self.seq[cd] += 1
+        self.hist[cd * NB + _bucket(lat)] += 1
+        self.lat_sum[cd] += lat
+        if lat < self.lat_min[cd]:
+            self.lat_min[cd] = lat
+        if lat > self.lat_max[cd]:
+            self.lat_max[cd] = lat
+        if self.nreports == self.report_cap:
+            return                    # cannot happen while consume() honours its headroom
+        r = &self.reports[self.nreports]
+        self.nreports += 1
+        r.t0 = e.t0
+        r.latency = <uint32_t>lat
+        r.len = e.l3
+        r.seq = self.seq[cd]
+        r.container = <uint16_t>e.container
+        r.dir = e.dir
+        r.nhops = 4 if e.dir == EGRESS else 3
+        r.cpu = ev.cpu
+        memcpy(r.hop, e.hop, sizeof(r.hop))
+
+    cdef void _resolve_pending(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # The CPU moved on to another packet (ev) while this one awaited a synchronous step:
+        # its call chain ended without reaching the next device.
+        cdef int cpu = ev.cpu
+        cdef uint64_t skb = self.pend_skb[cpu]
+        cdef int64_t s
+        cdef mace_entry *e
+        self.pend_skb[cpu] = 0
+        s = self._lookup(skb)
+        if s < 0:
+            return
+        e = &self.table[s]
+        if e.cpu != cpu or e.t0 + e.tlast != self.pend_ts[cpu] or not self._sync_wait(e):
+            return
+        if ev.tid == e.tid and self._neighbour_wait(e, ev, t, cls):
+            # The chain went on to send an ARP request on the next device: the packet waits
+            # in the neighbour queue, and leaves it by that device or by a traced drop.
+            e.flags |= F_PARKED
+            self.gcount[G_PARKED] += 1
+            return
+        if e.container >= 0:
+            # egress: delivered to the host itself (or dropped untraced) before the uplink;
+            # ingress (with hops): the veth did not hand it to the container
+            self.ccount[(e.container * 2 + e.dir) * NCC + (CC_LOCAL if e.dir == EGRESS else CC_REJECTED)] += 1
+        elif e.dir == EGRESS:
+            self.gcount[G_FOREIGN] += 1       # an eth0 that is not a monitored container's
+        else:
+            self.gcount[G_UNCLAIMED] += 1     # received for the host or an unmonitored container
+        self._delete(<uint64_t>s)
+
+    cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        if e.dir == EGRESS:
+            return (e.container >= 0 and t == T_QUEUE and cls & C_UPLINK
+                    and ev.len - ETH_HLEN == ARP_L3)
+        return t == T_XMIT and cls & (C_BRIDGE | C_VETH) and ev.proto == ETH_P_ARP
+
+    cdef void _conflict(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # The event concerns the entry's address but does not continue its path: the packet
+        # is over (its address was reused), or it went somewhere mace does not measure.
+        cdef int y
+        if t == T_XMIT and cls & C_VETH and e.dir == EGRESS:
+            # from one container (monitored or not) to another through the bridge
+            if e.container >= 0:
+                self.ccount[(e.container * 2 + EGRESS) * NCC + CC_LOCAL] += 1
+            y = self.dev_container[ev.dev]
+            if _is_ip(ev.proto):
+                self.ccount[(y * 2 + INGRESS) * NCC + CC_CROSSED] += 1
+                self.ccount[(y * 2 + INGRESS) * NCC + CC_LOCAL] += 1
+            e.flags |= F_ACCOUNTED
+            return
+        self._retire(e, CC_REJECTED)
+
+    cdef void _fresh(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # An event with no entry: a start, a crossing we missed the start of, or noise.
+        cdef mace_entry *e
+        cdef int x
+        cdef uint64_t g
+        if t == T_XMIT and cls & C_INNER:
+            e = self._insert(ev.skb)
+            e.dir = EGRESS
+            e.l3 = ev.len - ETH_HLEN
+            e.proto = ev.proto
+            e.start_dev = ev.dev
+        elif t == T_RECV and cls & C_UPLINK:
+            e = self._insert(ev.skb)
+            e.dir = INGRESS
+            e.l3 = ev.len
+            e.start_dev = ev.dev
+        else:
+            if cls & C_VETH:
+                x = self.dev_container[ev.dev]
+                if t == self.steps[EGRESS][self.boundary[EGRESS]].type:
+                    self.ccount[(x * 2 + EGRESS) * NCC + CC_CROSSED] += 1
+                    self.ccount[(x * 2 + EGRESS) * NCC + CC_ORPHANS] += 1
+                elif t == T_XMIT and _is_ip(ev.proto):
+                    # Into a container with no uplink start: sent by the host itself, unless
+                    # the table had to give up the packet's entry.
+                    self.ccount[(x * 2 + INGRESS) * NCC + CC_CROSSED] += 1
+                    g = self._home(ev.skb) & self.ghost_mask
+                    if self.ghost[g] == ev.skb:
+                        self.ghost[g] = 0
+                        self.ccount[(x * 2 + INGRESS) * NCC + CC_ORPHANS] += 1
+                    else:
+                        self.ccount[(x * 2 + INGRESS) * NCC + CC_LOCAL] += 1
+            return
+        e.t0 = ev.ts
+        e.container = -1
+        e.cpu = ev.cpu
+        e.tid = ev.tid
+        if ev.cpu < self.ncpu and self._sync_wait(e):
+            self.pend_skb[ev.cpu] = ev.skb
+            self.pend_ts[ev.cpu] = ev.ts
+
+    cdef int _event(self, const mace_event *ev) noexcept nogil:
+        cdef uint8_t t = self.kind_type[ev.kind] if ev.kind < self.nkinds else T_NONE
+        cdef uint8_t cls = self.dev_class[ev.dev] if 0 <= ev.dev < self.ndevs else 0
+        cdef int64_t s
+        cdef mace_entry *e
+        cdef int j
+        cdef uint64_t pending = 0
+        self.gcount[G_EVENTS] += 1
+        if ev.ts > self.now:
+            self.now = ev.ts
+        if ev.skb == 0:
+            self.gcount[G_IGNORED] += 1
+            return 0
+        if t == T_FREE:
+            # A traced drop: the packet will not go further.  (It does not break a call
+            # chain: frees of other packets happen inside one.)
+            self.gcount[G_FREES] += 1
+            s = self._lookup(ev.skb)
+            if s >= 0:
+                self._retire(&self.table[s], CC_DROPPED)
+                self._delete(<uint64_t>s)
+            return 0
+        if ev.cpu < self.ncpu:
+            pending = self.pend_skb[ev.cpu]
+            if pending != 0 and pending != ev.skb:
+                self._resolve_pending(ev, t, cls)
+        if t == T_NONE or cls == 0:
+            self.gcount[G_IGNORED] += 1
+            if ev.cpu < self.ncpu:
+                self.pend_skb[ev.cpu] = 0
+            return 0
+        s = self._lookup(ev.skb)
+        if s >= 0 and ev.ts > self.table[s].t0 + self.max_age:
+            self._retire(&self.table[s], CC_EXPIRED)
+            self._delete(<uint64_t>s)
+            s = -1
+        if s >= 0:
+            e = &self.table[s]
+            j = self._match(e, ev, t, cls)
+            if ev.cpu < self.ncpu:
+                self.pend_skb[ev.cpu] = 0
+            if j >= 0:
+                if self._advance(e, ev, j):
+                    self._delete(<uint64_t>s)
+                return 0
+            self._conflict(e, ev, t, cls)
+            j = e.flags & F_ACCOUNTED
+            self._delete(<uint64_t>s)
+            if j:
+                return 0
+        elif ev.cpu < self.ncpu:
+            self.pend_skb[ev.cpu] = 0
+        self._fresh(ev, t, cls)
+        return 0
+
+    # -- EventSink --------------------------------------------------------------------------
+
+    cdef int consume(self, const mace_event *ev, size_t n) noexcept nogil:
+        cdef size_t i
+        for i in range(n):
+            self._event(&ev[i])
+        self._sweep(64 + n // 4)
+        return 1 if self.report_cap - self.nreports < self.headroom else 0
+
+    # -- Python side ------------------------------------------------------------------------
+
+    def feed_bytes(self, const unsigned char[:] data):
+        """Consume packed events (mace._ring.RECORD_FORMAT each), for tests and benchmarks;
+        reports that do not fit the buffer wait in Python until take_reports()."""
+        cdef size_t n = data.shape[0] // sizeof(mace_event)
+        if n == 0:
+            return 0
+        cdef const mace_event *ev = <const mace_event *>&data[0]
+        cdef size_t done = 0, chunk
+        cdef int full
+        while done < n:
+            chunk = min(n - done, self.headroom)
+            with nogil:
+                full = self.consume(ev + done, chunk)
+            done += chunk
+            if full:
+                self.spill += self._take()
+        return n
+
+    cdef bytes _take(self):
+        out = (<char *>self.reports)[:self.nreports * sizeof(mace_report)]
+        self.nreports = 0
+        return out
+
+    def take_reports(self):
+        """The reports since the last call, as packed bytes (REPORT_FORMAT each)."""
+        out = bytes(self.spill) + self._take()
+        self.spill = bytearray()
+        return out
+
+    @property
+    def pending_reports(self):
+        return self.nreports
+
+    def counters(self):
+        """Global counters and, per container and direction, the packet counters."""
+        cdef int c, d, k
+        glob = {name: self.gcount[k] for k, name in enumerate(GLOBAL_COUNTERS)}
+        glob["table_used"] = self.used
+        glob["table_size"] = self.cap
+        glob["table_bytes"] = self.cap * sizeof(mace_entry)
+        per = []
+        for c in range(self.ncont):
+            entry = {}
+            for d in range(2):
+                cd = c * 2 + d
+                counts = {name: self.ccount[cd * NCC + k] for k, name in enumerate(CONTAINER_COUNTERS)}
+                counts["min_ns"] = self.lat_min[cd] if self.lat_min[cd] != UINT64_MAX else None
+                counts["max_ns"] = self.lat_max[cd] if counts["reports"] else None
+                counts["sum_ns"] = self.lat_sum[cd]
+                entry[DIRECTIONS[d]] = counts
+            per.append(entry)
+        return {"global": glob, "containers": per}
+
+    def histogram(self, int container, int direction):
+        """Report counts per latency bucket (see bucket_bounds)."""
+        if not 0 <= container < self.ncont or direction not in (0, 1):
+            raise IndexError("no such container or direction")
+        cdef uint64_t *h = &self.hist[(container * 2 + direction) * NB]
+        return [h[i] for i in range(NB)]
+
+    def in_flight(self):
+        """Entries attributed to each container still in the table: (egress, ingress) each."""
+        cdef uint64_t i
+        out = [[0, 0] for _ in range(self.ncont)]
+        for i in range(self.cap):
+            if self.table[i].skb and self.table[i].container >= 0:
+                out[self.table[i].container][self.table[i].dir] += 1
+        return out
+
+    def finish(self):
+        """End of trace: count entries past their age as expired; returns in_flight()."""
+        with nogil:
+            self._sweep(self.cap)
+        return self.in_flight()
+
+    @property
+    def now(self):
+        return self.now

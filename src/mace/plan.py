@@ -1,0 +1,129 @@
+"""The event plan: which tracepoints to open on which devices, and how the correlator reads
+them, for a set of containers behind one uplink.
+
+What is measured, per packet:
+
+- egress: from `net_dev_start_xmit` on the container's inner device to `net_dev_start_xmit`
+  on the host's uplink (or `net_dev_queue` there with `end_at_queue`, for uplinks where
+  segmentation replaces the skb before the driver sees it);
+- ingress: from `netif_receive_skb` on the uplink to `netif_receive_skb` on the
+  container's inner device.
+
+Inner device names are ambiguous (every container has an eth0), so a packet is attributed
+to a container by its host-side veth, whose name is unique on the host.  The events in
+between make the chain safe against skb address reuse (see mace._correlate):
+
+    egress   xmit inner  [netif_rx veth]  receive veth  [receive bridge]  queue uplink  xmit uplink
+    ingress  receive uplink  [xmit bridge]  xmit veth  [netif_rx inner]  receive inner
+
+Bracketed steps are traced only with `hops`; the others are the minimum for a safe chain,
+and already split the expense in two (egress: before/after the veth's backlog, then the
+uplink's qdisc; ingress: routing and bridge, then the container's backlog).  kfree_skb is
+traced so that a packet dropped on the way ends its entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mace import _correlate
+from mace.perf import Probe
+
+XMIT = "net:net_dev_start_xmit"
+RECV = "net:netif_receive_skb"
+RX = "net:netif_rx"
+QUEUE = "net:net_dev_queue"
+FREE = "skb:kfree_skb"
+
+EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "uplink queue")     # report hop slots
+INGRESS_HOPS = ("bridge", "veth", "container rx")
+
+
+@dataclass(frozen=True)
+class ContainerPath:
+    """One monitored container as the host sees it."""
+
+    label: str               # how reports name it (the --netns argument, a namespace name)
+    inner: str               # its device inside the container, e.g. eth0
+    veth: str                # the host-side peer of that device (unique on the host)
+    bridge: str | None = None
+
+
+@dataclass
+class Plan:
+    containers: list[ContainerPath]
+    uplink: str
+    hops: bool = False
+    end_at_queue: bool = False
+    devices: list[str] = field(init=False)
+
+    def __post_init__(self):
+        if not self.containers:
+            raise ValueError("a plan needs at least one container")
+        veths = [c.veth for c in self.containers]
+        if len(set(veths)) != len(veths):
+            raise ValueError("two containers share a host-side veth")
+        if self.uplink in veths:
+            raise ValueError(f"the uplink {self.uplink} is a container's veth")
+        names: list[str] = []
+        for n in (*(c.inner for c in self.containers), *veths, *self.bridges, self.uplink):
+            if n not in names:
+                names.append(n)
+        self.devices = names
+
+    @property
+    def bridges(self) -> list[str]:
+        return list(dict.fromkeys(c.bridge for c in self.containers if c.bridge))
+
+    @property
+    def inner_names(self) -> list[str]:
+        return list(dict.fromkeys(c.inner for c in self.containers))
+
+    def probes(self) -> list[Probe]:
+        """The tracepoints and in-kernel device filters this plan needs, nothing more."""
+        veths = tuple(c.veth for c in self.containers)
+        inner = tuple(self.inner_names)
+        bridges = tuple(self.bridges) if self.hops else ()
+        uplink = () if self.end_at_queue else (self.uplink,)
+        probes = [
+            Probe(XMIT, devices=_unique(inner + veths + bridges + uplink)),
+            Probe(RECV, devices=_unique((self.uplink,) + veths + inner + bridges)),
+            Probe(QUEUE, devices=(self.uplink,)),
+            Probe(FREE),
+        ]
+        if self.hops:
+            probes.append(Probe(RX, devices=_unique(veths + inner)))
+        return probes
+
+    def device_classes(self) -> tuple[list[int], list[int]]:
+        """Per device slot: class bits and the container whose veth it is (-1)."""
+        classes = [0] * len(self.devices)
+        owner = [-1] * len(self.devices)
+        slot = {n: i for i, n in enumerate(self.devices)}
+        C = _correlate.CLASSES
+        for i, c in enumerate(self.containers):
+            classes[slot[c.inner]] |= C["inner"]
+            classes[slot[c.veth]] |= C["veth"]
+            owner[slot[c.veth]] = i
+            if c.bridge:
+                classes[slot[c.bridge]] |= C["bridge"]
+        classes[slot[self.uplink]] |= C["uplink"]
+        return classes, owner
+
+    def inner_slots(self) -> list[int]:
+        return [self.devices.index(c.inner) for c in self.containers]
+
+    def correlator(self, probes: list[Probe], *, table_size: int = 65536,
+                   max_age_ns: int = 1_000_000_000, ncpu: int = 256,
+                   max_batch: int = 65536) -> _correlate.Correlator:
+        """A correlator reading events of `probes` (in that kind order) for this plan."""
+        classes, owner = self.device_classes()
+        kinds = [_correlate.TYPES.get(p.tracepoint, 0) for p in probes]
+        return _correlate.Correlator(
+            kinds, classes, owner, self.inner_slots(), table_size=table_size,
+            max_age_ns=max_age_ns, hops=self.hops, bridge=bool(self.bridges),
+            end_at_queue=self.end_at_queue, ncpu=ncpu, max_batch=max_batch)
+
+
+def _unique(names) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
