@@ -1,0 +1,115 @@
+"""Plan -> perf capture -> correlator -> reports: the one place with the poll loop.
+
+Example::
+
+    plan = Plan([ContainerPath("c0", "eth0", "vethab12", "br0")], uplink="eth1")
+    with Tracer(plan) as tr:
+        tr.start()
+        while running:
+            for report in tr.poll(100):
+                print(report)
+        tail = tr.stop()
+        print(tr.stats())
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from mace.perf import Capture
+from mace.plan import Plan
+from mace.report import Report, unpack
+
+DEFAULT_TABLE_SIZE = 1 << 16
+DEFAULT_MAX_AGE_NS = 1_000_000_000
+
+
+class Tracer:
+    """Traces the containers of a plan; a context manager that releases everything.
+
+    table_size: correlation table entries (a power of two; 64 bytes each).
+    max_age_ns: a packet not through the segment after this long is given up.
+    ring_pages, watermark, reorder_us: see mace.perf.Capture.
+    """
+
+    def __init__(self, plan: Plan, *, table_size: int = DEFAULT_TABLE_SIZE,
+                 max_age_ns: int = DEFAULT_MAX_AGE_NS, ring_pages: int = 256,
+                 watermark: int = 0, reorder_us: int = 2000, cpus: Iterable[int] | None = None):
+        self.plan = plan
+        self.table_size = table_size
+        self.max_age_ns = max_age_ns
+        self.capture = Capture(plan.probes(), plan.devices, cpus=cpus, ring_pages=ring_pages,
+                               watermark=watermark, reorder_us=reorder_us)
+        self.correlator = None
+        self.in_flight: list[list[int]] | None = None
+        self.started_at: float | None = None
+        self.stopped_at: float | None = None
+
+    def open(self) -> "Tracer":
+        cap = self.capture.open()
+        try:
+            self.correlator = self.plan.correlator(
+                cap.probes, table_size=self.table_size, max_age_ns=self.max_age_ns,
+                ncpu=max(cap.cpus) + 1, max_batch=cap.rings.max_batch)
+        except BaseException:
+            cap.close()
+            raise
+        return self
+
+    def __enter__(self) -> "Tracer":
+        return self.open()
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def close(self) -> None:
+        self.capture.close()
+
+    def start(self) -> None:
+        self.capture.start()
+        self.started_at = time.monotonic()
+
+    def poll(self, timeout_ms: int = 100) -> list[Report]:
+        """Wait for the rings (GIL released), correlate what arrived, return new reports."""
+        self.capture.wait(timeout_ms)
+        return self.drain()
+
+    def drain(self, final: bool = False) -> list[Report]:
+        """Correlate everything the rings hold that is safe to order (all when final)."""
+        out: list[Report] = []
+        while True:
+            self.capture.feed(self.correlator, final)
+            out.extend(unpack(self.correlator.take_reports()))
+            if not self.capture.rings.more:
+                return out
+
+    def stop(self) -> list[Report]:
+        """Stop the events, correlate what is left, and settle the counters."""
+        self.capture.stop()
+        self.stopped_at = time.monotonic()
+        out = self.drain(final=True)
+        self.in_flight = self.correlator.finish()
+        return out
+
+    def run(self, until: Callable[[], bool], on_reports: Callable[[list[Report]], None] | None = None,
+            timeout_ms: int = 50) -> None:
+        """Poll until `until()` is true, handing each batch of reports to `on_reports`."""
+        while not until():
+            reports = self.poll(timeout_ms)
+            if reports and on_reports:
+                on_reports(reports)
+
+    def stats(self) -> dict:
+        """Ring counters, global correlator counters, and per container and direction the
+        packet counters (with in_flight once stopped)."""
+        c = self.correlator.counters()
+        per = c["containers"]
+        for i, entry in enumerate(per):
+            for d, name in enumerate(("egress", "ingress")):
+                entry[name]["in_flight"] = self.in_flight[i][d] if self.in_flight else 0
+        rings = self.capture.stats()
+        if self.stopped_at is not None:
+            rings["kernel_dropped"] = sum(self.capture.kernel_dropped().values())
+        return {"rings": rings, "correlator": c["global"], "containers": per}

@@ -1,0 +1,196 @@
+"""Correlation on the real kernel: real packets through testbeds, one report per packet."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+import time
+
+import pytest
+
+from mace.plan import ContainerPath, Plan
+from mace.report import coverage
+from mace.tracer import Tracer
+
+COUNTERS = ("reports", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")
+
+
+def plan_for(tb, indices=None, **kw) -> Plan:
+    cs = [tb.containers[i] for i in (indices if indices is not None else range(len(tb.containers)))]
+    return Plan([ContainerPath(c.ns, c.inner, c.veth, tb.bridge) for c in cs], tb.uplink, **kw)
+
+
+def trace_while(plan, start, **kw):
+    """Trace while the processes `start()` returns run; returns (reports, stats, procs)."""
+    reports = []
+    with Tracer(plan, **kw) as tr:
+        tr.start()
+        procs = start()
+        deadline = time.monotonic() + 120
+        tr.run(until=lambda: all(p.poll() is not None for p in procs) or time.monotonic() > deadline,
+               on_reports=reports.extend)
+        time.sleep(0.02)            # the last replies' backlog processing
+        reports += tr.stop()
+        stats = tr.stats()
+    for p in procs:
+        assert p.wait(timeout=5) == 0, p.args
+    return reports, stats, procs
+
+
+def rtts_by_seq(text: str) -> dict[int, float]:
+    return {int(s): float(t) * 1000 for s, t in re.findall(r"icmp_seq=(\d+) .*time=([\d.]+) ms", text)}
+
+
+def assert_consistent(stats):
+    """Every packet that crossed a boundary is accounted for exactly once."""
+    for c in stats["containers"]:
+        for d in ("egress", "ingress"):
+            k = c[d]
+            assert k["crossed"] == sum(k[n] for n in COUNTERS), (d, k)
+
+
+def by(reports, container, direction):
+    return sorted((r for r in reports if r.container == container and r.dir == direction),
+                  key=lambda r: r.seq)
+
+
+@pytest.mark.parametrize("hops", [False, True], ids=["boundary", "hops"])
+def test_n_pings_give_n_reports_each_way_within_the_rtt(testbed, hops):
+    tb, c, n = testbed, testbed.containers[0], 20
+    plan = plan_for(tb, hops=hops)
+
+    def start():
+        return [tb.popen(c.ns, ["ping", "-n", "-c", str(n), "-i", "0.05", tb.peer_ip],
+                         stdout=-1, text=True)]
+
+    reports, stats, procs = trace_while(plan, start)
+    rtt = rtts_by_seq(procs[0].stdout.read())
+    assert len(rtt) == n
+    eg, ing = by(reports, 0, 0), by(reports, 0, 1)
+    assert [r.seq for r in eg] == list(range(1, n + 1))
+    assert [r.seq for r in ing] == list(range(1, n + 1))
+    assert len(reports) == 2 * n
+    for i in range(n):
+        e, g = eg[i], ing[i]
+        assert e.len == g.len == 84
+        assert 0 < e.latency and 0 < g.latency
+        # the same probe's request and reply: both crossings fit inside its RTT
+        assert e.t0 < g.t0
+        assert (e.latency + g.latency) / 1000 < rtt[i + 1], (i, e, g, rtt[i + 1])
+        for r in (e, g):
+            seen = [h for h in r.hops if h is not None]
+            assert seen == sorted(seen) and all(0 < h <= r.latency for h in seen)
+            if hops:
+                assert None not in r.hops, r
+    k = stats["containers"][0]
+    for d in ("egress", "ingress"):
+        # the new bridge's IGMP reports go into the container too: host traffic, "local"
+        assert k[d]["reports"] == k[d]["crossed"] - k[d]["local"] == n
+        assert coverage(k[d]) == 1.0
+    assert stats["rings"]["lost"] == 0
+    assert_consistent(stats)
+
+
+def test_containers_sharing_eth0_are_told_apart_and_others_ignored(testbed_factory):
+    tb = testbed_factory(containers_n=3, masquerade=True)
+    plan = plan_for(tb, [0, 1])               # the third container is not monitored
+    counts, sizes = (7, 11, 13), (100, 200, 300)
+
+    def start():
+        return [tb.popen(c.ns, ["ping", "-n", "-q", "-c", str(counts[i]), "-s", str(sizes[i]),
+                                "-i", "0.03", tb.peer_ip], stdout=-1)
+                for i, c in enumerate(tb.containers)]
+
+    reports, stats, _ = trace_while(plan, start)
+    for i in (0, 1):
+        for d in (0, 1):
+            rs = by(reports, i, d)
+            assert len(rs) == counts[i], (i, d)
+            assert {r.len for r in rs} == {20 + 8 + sizes[i]}      # each packet is its own
+    assert {r.container for r in reports} == {0, 1}
+    assert len(reports) == 2 * (counts[0] + counts[1])
+    assert_consistent(stats)
+
+
+def test_masquerade_path(testbed_factory):
+    tb = testbed_factory(containers_n=1, masquerade=True)
+    c = tb.containers[0]
+    reports, stats, _ = trace_while(plan_for(tb), lambda: [
+        tb.popen(c.ns, ["ping", "-n", "-q", "-c", "15", "-i", "0.03", tb.peer_ip], stdout=-1)])
+    assert len(by(reports, 0, 0)) == len(by(reports, 0, 1)) == 15
+    assert_consistent(stats)
+
+
+SINK = textwrap.dedent("""
+    import socket, sys, time
+    kind, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    if kind == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", port)); s.settimeout(0.5)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try: s.recv(65536)
+            except socket.timeout: pass
+    else:
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port)); s.listen(1); s.settimeout(seconds)
+        c, _ = s.accept()
+        while c.recv(1 << 20): pass
+""")
+
+SOURCE = textwrap.dedent("""
+    import socket, sys, time
+    kind, host, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    end = time.monotonic() + seconds
+    data = b"x" * (1400 if kind == "udp" else 65536)
+    if kind == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        n = 0
+        while time.monotonic() < end and n < 200000:
+            s.sendto(data, (host, port)); n += 1
+    else:
+        s = socket.create_connection((host, port), timeout=5)
+        sent = 0
+        while time.monotonic() < end and sent < 4 << 30:
+            s.sendall(data); sent += len(data)
+        s.close()
+""")
+
+
+@pytest.mark.parametrize("kind", ["udp", "tcp"])
+def test_bulk_traffic_coverage(testbed_factory, kind):
+    tb = testbed_factory(containers_n=1, masquerade=True)
+    c = tb.containers[0]
+    sink = tb.popen(tb.peer_ns, [sys.executable, "-c", SINK, kind, "5201", "4"])
+    time.sleep(0.3)
+    reports, stats, _ = trace_while(plan_for(tb), lambda: [
+        tb.popen(c.ns, [sys.executable, "-c", SOURCE, kind, tb.peer_ip, "5201", "1"])],
+        ring_pages=1024)
+    sink.wait(timeout=10)
+    k = stats["containers"][0]
+    assert k["egress"]["reports"] > 1000
+    for d in ("egress", "ingress") if kind == "tcp" else ("egress",):
+        assert coverage(k[d]) >= 0.99, (d, k[d], stats["correlator"])
+    assert stats["rings"]["lost"] == 0
+    assert_consistent(stats)
+
+
+def test_tiny_table_under_a_flood_reports_less_but_never_nonsense(testbed_factory):
+    # A slow uplink queues packets in its qdisc: a few hundred in flight at once.
+    tb = testbed_factory(containers_n=1, uplink_rate_kbit=4000)
+    c = tb.containers[0]
+    max_age = 200_000_000
+    reports, stats, _ = trace_while(plan_for(tb), lambda: [
+        tb.popen(c.ns, ["ping", "-n", "-q", "-f", "-l", "64", "-c", "3000", "-w", "20", tb.peer_ip],
+                 stdout=-1),
+        tb.popen(c.ns, ["ping", "-n", "-q", "-f", "-l", "64", "-c", "3000", "-s", "500", "-w", "20",
+                        tb.peer_ip], stdout=-1)], table_size=16, max_age_ns=max_age, ring_pages=1024)
+    k = stats["containers"][0]
+    evicted = k["egress"]["evicted"] + k["ingress"]["evicted"] + stats["correlator"]["evicted"]
+    assert evicted > 0
+    assert len(reports) < 2 * 6000
+    assert all(0 < r.latency <= max_age for r in reports)
+    assert all(r.len in (84, 528) for r in reports)
+    assert_consistent(stats)
+    assert coverage(k["egress"]) < 1.0 or coverage(k["ingress"]) < 1.0
