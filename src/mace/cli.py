@@ -4,6 +4,7 @@ status (see mace.errors); a closed output pipe ends quietly."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -12,15 +13,31 @@ import time
 from contextlib import ExitStack
 
 from mace import __version__
-from mace.errors import MaceError, UsageError
+from mace.errors import MaceError, PermissionProblem, UsageError
+from mace.sinks import FORMATS
+from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
 
 NET_EVENTS = ("net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit",
               "net:netif_rx", "net:netif_receive_skb")
 
 EXAMPLES = """\
 examples:
+  mace trace --netns 1234                   per-packet expense of the container of PID 1234
+  mace trace --netns web --netns db -f jsonl -o lat.jsonl --duration 60
+  mace trace --netns /run/netns/c1 --hops --format csv | head
   mace events --demo                        decoded kernel events of 3 pings through a throwaway testbed
-  mace events -d eth0 -d br0 --duration 5  every net event on eth0 and br0 for 5 s
+"""
+
+TRACE_EPILOG = """\
+TARGET is a PID of any process in the container, a namespace name (`ip netns list`), or a
+path to a namespace file (/proc/PID/ns/net, /run/netns/NAME, a runtime's netns path).
+
+Each report is the time one packet spent between the container's device and the host's
+uplink: egress from net_dev_start_xmit on the container's eth0 to net_dev_start_xmit on
+the uplink, ingress from netif_receive_skb on the uplink to netif_receive_skb on eth0.
+
+exit status: 0 done, 2 usage, 3 permission, 4 tracefs, 5 tracepoint missing,
+6 target not found, 7 topology (no veth to the host...), 8 uplink missing, 9 resources
 """
 
 
@@ -30,6 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-packet latency that container network isolation adds, from kernel tracepoints.")
     p.add_argument("--version", action="version", version=f"mace {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    tr = sub.add_parser("trace", help="report the latency each packet spends in the container's "
+                                      "network path", epilog=TRACE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("--netns", action="append", required=True, metavar="TARGET",
+                    help="container to trace (PID, namespace name or path); repeatable")
+    tr.add_argument("--uplink", metavar="DEV", help="the host's uplink (default: its default route's device)")
+    tr.add_argument("--duration", type=float, metavar="SEC", help="stop after SEC seconds")
+    tr.add_argument("--count", type=int, metavar="N", help="stop after N reports (all targets, both directions)")
+    tr.add_argument("-f", "--format", choices=FORMATS, help="report format (default: mace, or the live view on a terminal)")
+    tr.add_argument("-o", "--output", metavar="FILE", help="write reports to FILE instead of stdout")
+    tr.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
+    tr.add_argument("--table-size", type=int, default=DEFAULT_TABLE_SIZE, metavar="N",
+                    help=f"correlation table entries, a power of two; 64 bytes each (default {DEFAULT_TABLE_SIZE})")
+    tr.add_argument("--ring-pages", type=int, default=256, metavar="N",
+                    help="perf ring data pages per CPU, a power of two (default 256 = 1 MiB)")
+    tr.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_NS / 1e6, metavar="MS",
+                    help="give up on a packet not through after MS milliseconds (default 1000, at most 4000)")
+    tr.add_argument("--hops", action="store_true",
+                    help="also trace the bridge and the veth backlog, and report each hop")
+    tr.add_argument("--end-at-queue", action="store_true",
+                    help="end egress at net_dev_queue on the uplink (uplinks that segment or offload)")
+    view = tr.add_mutually_exclusive_group()
+    view.add_argument("--tui", dest="tui", action="store_true", default=None, help="live view")
+    view.add_argument("--no-tui", dest="tui", action="store_false", help="stream reports even on a terminal")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no discovery lines, no summary")
+    tr.set_defaults(func=cmd_trace)
 
     ev = sub.add_parser("events", help="print decoded tracepoint events (the capture engine, raw)",
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +96,27 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise UsageError(f"{name} must be positive, not {value}")
 
 
+def _check_power_of_two(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high or value & (value - 1):
+        raise UsageError(f"{name} {value} is not a power of two from {low} to {high}",
+                         hint=f"e.g. {name} {1 << (min(max(value, low), high).bit_length() - 1)}")
+
+
+CAP_SYS_ADMIN, CAP_PERFMON = 21, 38
+
+
+def _check_privileges() -> None:
+    """mace enters namespaces (CAP_SYS_ADMIN) and opens tracepoints (CAP_PERFMON)."""
+    try:
+        caps = next(int(line.split()[1], 16) for line in open("/proc/self/status")
+                    if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        caps = -1 if os.geteuid() == 0 else 0
+    if not caps >> CAP_SYS_ADMIN & 1:
+        raise PermissionProblem("mace needs to enter network namespaces and open kernel tracepoints",
+                                hint="run it as root (sudo mace ...), or grant CAP_SYS_ADMIN and CAP_PERFMON")
+
+
 class _Stop:
     """SIGINT/SIGTERM end the run cleanly: set a flag and wake the waiting loop."""
 
@@ -68,6 +133,116 @@ class _Stop:
         for sig in (signal.SIGINT, signal.SIGTERM):
             old = signal.signal(sig, self)
             stack.callback(signal.signal, sig, old)
+
+
+def cmd_trace(args) -> int:
+    from mace.netns import discover, present, resolve
+    from mace.sinks import make_sink
+    from mace.summary import build, format_text
+    from mace.tracer import Tracer
+
+    _check_positive("--duration", args.duration)
+    _check_positive("--count", args.count)
+    _check_power_of_two("--table-size", args.table_size, 2, 1 << 26)
+    _check_power_of_two("--ring-pages", args.ring_pages, 1, 65536)
+    if not 0 < args.max_age <= 4000:
+        raise UsageError(f"--max-age {args.max_age} must be between 0 and 4000 ms")
+    _check_privileges()
+    err = sys.stderr
+    targets = [resolve(spec) for spec in args.netns]
+    topo = discover(targets, args.uplink)
+    if not args.quiet:
+        for line in topo.describe():
+            print(line, file=err)
+    plan = topo.plan(hops=args.hops, end_at_queue=args.end_at_queue)
+    labels = [t.label for t in targets]
+    inodes = [t.inode for t in targets]
+    out = sys.stdout
+    use_tui = args.tui if args.tui is not None else (args.format is None and args.output is None
+                                                       and out.isatty() and _have_tui())
+    if use_tui and not _have_tui():
+        raise UsageError("the live view is not available in this build", hint="use --no-tui")
+    with ExitStack() as stack:
+        stop = _Stop()
+        stop.install(stack)
+        if args.output:
+            try:
+                out = stack.enter_context(open(args.output, "w"))
+            except OSError as e:
+                raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
+        tracer = stack.enter_context(Tracer(plan, table_size=args.table_size,
+                                            max_age_ns=int(args.max_age * 1e6),
+                                            ring_pages=args.ring_pages))
+        stop.wake = tracer.capture.wakeup
+        sink = make_sink(args.format or "mace", out, labels, inodes, hops=args.hops)
+        live = None
+        if use_tui:
+            from mace.tui import LiveView
+            live = stack.enter_context(LiveView(tracer, labels, plan))
+        tracer.start()
+        deadline = time.monotonic() + args.duration if args.duration else None
+        alive = [True] * len(targets)
+        next_check = time.monotonic() + 1.0
+        taken = 0
+
+        def emit(reports) -> bool:
+            """Hand reports on; True once --count is reached."""
+            nonlocal taken
+            if args.count is not None:
+                reports = reports[:args.count - taken]
+            taken += len(reports)
+            if live is not None:
+                live.add(reports)
+            else:
+                sink.write(reports)
+            return args.count is not None and taken >= args.count
+
+        try:
+            while not stop.requested and (deadline is None or time.monotonic() < deadline):
+                if emit(tracer.poll(100 if live is None else 50)):
+                    break
+                if live is None:
+                    sink.flush()
+                else:
+                    live.refresh()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 1.0
+                    now = present(topo)
+                    for i, (was, still) in enumerate(zip(alive, now)):
+                        if was and not still:
+                            print(f"mace: {labels[i]} stopped (its veth {plan.containers[i].veth} "
+                                  f"is gone); {sum(now)} target(s) left", file=err)
+                    alive = now
+                    if not any(alive):
+                        break
+        finally:
+            # Every way out (a stop, the last target gone, a closed pipe): what the kernel
+            # already gave us is correlated and written, then the counts are settled.
+            tail = tracer.stop()
+            try:
+                if args.count is None or taken < args.count:
+                    emit(tail)
+                if live is None:
+                    sink.flush()
+            except BrokenPipeError:
+                pass
+            if live is not None:
+                live.close()
+            summary = build(tracer, labels, inodes)
+            if not args.quiet:
+                print(format_text(summary), file=err)
+            if args.summary_json:
+                with open(args.summary_json, "w") as f:
+                    json.dump(summary, f, indent=2)
+    return 0
+
+
+def _have_tui() -> bool:
+    try:
+        import mace.tui  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cmd_events(args) -> int:

@@ -1,0 +1,275 @@
+"""Targets and topology: from `--netns TARGET` to the devices mace must watch.
+
+A TARGET is a PID (any process inside the container), a namespace name as `ip netns`
+lists it, or a path to a namespace file (/proc/PID/ns/net, /run/netns/NAME, a container
+runtime's netns path).  Discovery, with pyroute2, finds in the container its veth
+interfaces, the namespace holding each veth's peer (the host), the peer's name there (the
+host-side veth), the bridge it is enslaved to, and the host's uplink (the device of its
+default route, unless one is named).
+
+Example::
+
+    targets = [resolve("1234"), resolve("web")]
+    topo = discover(targets)
+    for line in topo.describe():
+        print(line)      # netns 4026532281 (pid 1234): eth0 ⇄ vethab12 → br0 → eth1
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+
+from mace.errors import TargetNotFound, TopologyError, UplinkMissing
+from mace.plan import ContainerPath, Plan
+
+NETNS_RUN_DIRS = ("/run/netns", "/var/run/netns")
+NS_GET_NSTYPE = 0xB703          # _IO(0xb7, 0x3)
+CLONE_NEWNET = 0x40000000
+NO_NSID = 0xFFFFFFFF            # RTM_GETNSID's answer for "no id assigned"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A network namespace to trace, as the user named it."""
+
+    spec: str               # what the user wrote
+    path: str               # a file that refers to the namespace
+    inode: int              # the namespace's identity (what `ls -i /proc/PID/ns/net` shows)
+    pid: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec
+
+
+@dataclass
+class VethLink:
+    """One veth of a container and its peer on the host."""
+
+    inner: str
+    inner_index: int
+    host_ns: str             # path of the namespace the peer lives in
+    host_ns_inode: int
+    veth: str                # host-side name
+    veth_index: int
+    bridge: str | None
+    default_route: bool      # the container's default route leaves through it
+
+
+@dataclass
+class Container:
+    target: Target
+    links: list[VethLink]
+
+    @property
+    def main(self) -> VethLink:
+        """The link that carries the container's default route (else its first veth)."""
+        return next((l for l in self.links if l.default_route), self.links[0])
+
+
+@dataclass
+class Topology:
+    containers: list[Container]
+    host_ns: str
+    host_ns_inode: int
+    uplink: str
+    uplink_index: int
+    notes: list[str] = field(default_factory=list)
+
+    def plan(self, *, hops: bool = False, end_at_queue: bool = False) -> Plan:
+        return Plan([ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
+                     for c in self.containers], self.uplink, hops=hops, end_at_queue=end_at_queue)
+
+    def describe(self) -> list[str]:
+        out = []
+        for c in self.containers:
+            t, m = c.target, c.main
+            who = f"pid {t.pid}" if t.pid else t.spec
+            chain = [f"{m.inner} ⇄ {m.veth}"] + ([m.bridge] if m.bridge else []) + [self.uplink]
+            out.append(f"netns {t.inode} ({who}): {' → '.join(chain)}")
+        return out + self.notes
+
+
+def _is_netns(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def resolve(spec: str) -> Target:
+    """Turn a PID, a namespace name or a namespace path into a Target."""
+    spec = spec.strip()
+    if spec.isdigit():
+        pid = int(spec)
+        path = f"/proc/{pid}/ns/net"
+        if not os.path.exists(f"/proc/{pid}"):
+            raise TargetNotFound(f"no process with PID {pid}",
+                                 hint="give the PID of a process inside the container")
+        if not _is_netns(path):
+            raise TargetNotFound(f"cannot open the network namespace of PID {pid}",
+                                 hint="run as root")
+        return Target(spec, path, os.stat(path).st_ino, pid)
+    if "/" in spec:
+        if not os.path.exists(spec):
+            raise TargetNotFound(f"{spec} does not exist",
+                                 hint="give /proc/PID/ns/net, /run/netns/NAME or a runtime's netns path")
+        if not _is_netns(spec):
+            raise TargetNotFound(f"{spec} is not a network namespace",
+                                 hint="give /proc/PID/ns/net, /run/netns/NAME or a runtime's netns path")
+        return Target(spec, spec, os.stat(spec).st_ino)
+    for d in NETNS_RUN_DIRS:
+        path = os.path.join(d, spec)
+        if os.path.exists(path) and _is_netns(path):
+            return Target(spec, path, os.stat(path).st_ino)
+    raise TargetNotFound(f"no network namespace named {spec!r}",
+                         hint="`ip netns list` shows the names; a PID or a path works too")
+
+
+def _own_ns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def _candidate_namespaces():
+    """(path, inode) of every network namespace we can find, ours first, each once."""
+    seen = set()
+    paths = ["/proc/self/ns/net", "/proc/1/ns/net"]
+    for d in NETNS_RUN_DIRS:
+        try:
+            paths += [os.path.join(d, n) for n in sorted(os.listdir(d))]
+        except OSError:
+            pass
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            paths.append(f"/proc/{pid}/ns/net")
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield p, st.st_ino
+
+
+def _peer_namespace(ipr: IPRoute, nsid: int) -> tuple[str, int] | None:
+    """The namespace that the target's namespace calls `nsid`."""
+    for path, inode in _candidate_namespaces():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            got = ipr.get_netnsid(fd=fd).get("nsid")
+        except Exception:       # noqa: BLE001 - a namespace that vanished meanwhile
+            got = None
+        finally:
+            os.close(fd)
+        if got == nsid:
+            return path, inode
+    return None
+
+
+def _container(target: Target) -> Container:
+    if target.inode == _own_ns_inode():
+        raise TopologyError(f"{target.spec} is mace's own network namespace, not a container's",
+                            hint="give a PID or namespace of the container, not of the host")
+    try:
+        ipr = IPRoute(netns=target.path, flags=0)
+    except OSError as e:
+        raise TargetNotFound(f"cannot enter the network namespace of {target.spec}: {e.strerror}",
+                             hint="run as root") from None
+    links: list[VethLink] = []
+    with ipr:
+        default_oifs = {r.get("oif") for r in ipr.route("dump")
+                        if r.get("dst_len") == 0 and r.get("table") == 254}
+        for link in ipr.get_links():
+            if link.get(("linkinfo", "kind")) != "veth" or link.get("link_netnsid") is None:
+                continue
+            peer = _peer_namespace(ipr, link.get("link_netnsid"))
+            if peer is None:
+                continue
+            host_path, host_inode = peer
+            with IPRoute(netns=host_path, flags=0) as host:
+                found = host.get_links(link.get("link"))
+                if not found:
+                    continue
+                hl = found[0]
+                bridge = None
+                if hl.get("master"):
+                    m = host.get_links(hl.get("master"))
+                    bridge = m[0].get("ifname") if m else None
+            links.append(VethLink(link.get("ifname"), link.get("index"), host_path, host_inode,
+                                  hl.get("ifname"), hl.get("index"), bridge,
+                                  link.get("index") in default_oifs))
+    if not links:
+        raise TopologyError(f"{target.spec} has no veth to another namespace",
+                            hint="mace measures containers attached by veth pairs (Docker, Podman, "
+                                 "CNI bridge/ptp); macvlan, ipvlan and host networking have no such path")
+    return Container(target, links)
+
+
+def discover(targets: list[Target], uplink: str | None = None) -> Topology:
+    """Find every target's veth path to a common host namespace and that host's uplink."""
+    if not targets:
+        raise TopologyError("no target", hint="give at least one --netns")
+    inodes = [t.inode for t in targets]
+    if len(set(inodes)) != len(inodes):
+        dup = next(t for t in targets if inodes.count(t.inode) > 1)
+        raise TopologyError(f"{dup.spec} names a namespace given twice",
+                            hint="give each container once")
+    containers = [_container(t) for t in targets]
+    hosts = {c.main.host_ns_inode: c.main.host_ns for c in containers}
+    if len(hosts) > 1:
+        raise TopologyError("the targets' veths lead to different host namespaces",
+                            hint="trace containers of one host per mace process")
+    host_inode, host_path = next(iter(hosts.items()))
+    notes = []
+    for c in containers:
+        if len(c.links) > 1:
+            others = ", ".join(l.inner for l in c.links if l is not c.main)
+            notes.append(f"note: {c.target.spec} also has {others}; mace follows {c.main.inner}, "
+                         "which carries its default route")
+    with IPRoute(netns=host_path, flags=0) as host:
+        if uplink is not None:
+            found = host.link_lookup(ifname=uplink)
+            if not found:
+                raise UplinkMissing(f"the host has no device {uplink!r}",
+                                    hint="`ip link` on the host lists its devices")
+            index = found[0]
+        else:
+            oifs = [r.get("oif") for r in host.route("dump")
+                    if r.get("dst_len") == 0 and r.get("table") == 254 and r.get("oif")]
+            if not oifs:
+                raise UplinkMissing("the host has no default route to find its uplink by",
+                                    hint="name the uplink with --uplink DEV")
+            index = oifs[0]
+            uplink = host.get_links(index)[0].get("ifname")
+            if len(set(oifs)) > 1:
+                notes.append(f"note: several default routes; using {uplink} (choose with --uplink)")
+    veths = {c.main.veth for c in containers}
+    if uplink in veths:
+        raise TopologyError(f"the uplink {uplink} is a container's veth",
+                            hint="name the host's uplink with --uplink DEV")
+    return Topology(containers, host_path, host_inode, uplink, index, notes)
+
+
+def present(topo: Topology) -> list[bool]:
+    """Which containers still have their host-side veth (a stopped container loses it)."""
+    try:
+        with IPRoute(netns=topo.host_ns, flags=0) as host:
+            names = {l.get("ifname") for l in host.get_links()}
+    except OSError:
+        return [False] * len(topo.containers)
+    return [c.main.veth in names for c in topo.containers]

@@ -1,0 +1,104 @@
+"""Where reports go: the original MACE line format, JSON lines, or CSV.
+
+    mace   [1552589043.315681] (1) egress: 80932      (prefixed with the target with several)
+    jsonl  {"ts": 1552589043.315681, "netns": 4026532281, "target": "web", "dir": "egress",
+            "seq": 1, "latency_ns": 80932, "len": 84, "cpu": 1, "hops": {...}}
+    csv    ts,netns,target,dir,seq,latency_ns,len,cpu[,hop columns]
+
+`ts` is the wall-clock time the packet entered the measured segment (egress: it left the
+container's device; ingress: the host's uplink received it).  Hops (with --hops) give, for
+each intermediate step, the ns after `ts` at which the packet reached it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from typing import IO, Sequence
+
+from mace.plan import EGRESS_HOPS, INGRESS_HOPS
+from mace.report import Report
+
+FORMATS = ("mace", "jsonl", "csv")
+HOP_NAMES = (EGRESS_HOPS, INGRESS_HOPS)
+
+
+def hop_columns() -> list[str]:
+    return [f"{d}_{h.replace(' ', '_')}_ns" for d, names in zip(("egress", "ingress"), HOP_NAMES)
+            for h in names]
+
+
+class Sink:
+    """Writes reports for a list of targets (labels and namespace inodes, by container)."""
+
+    def __init__(self, out: IO[str], labels: Sequence[str], inodes: Sequence[int], *,
+                 hops: bool = False, wall_offset_ns: int | None = None):
+        self.out = out
+        self.labels = list(labels)
+        self.inodes = list(inodes)
+        self.hops = hops
+        # CLOCK_MONOTONIC -> wall clock, taken once: the reports keep their spacing
+        self.offset = wall_offset_ns if wall_offset_ns is not None else time.time_ns() - time.monotonic_ns()
+        self.written = 0
+
+    def wall(self, r: Report) -> float:
+        return (r.t0 + self.offset) / 1e9
+
+    def write(self, reports: list[Report]) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class MaceSink(Sink):
+    """The original MACE kernel module's /dev/mace lines."""
+
+    def write(self, reports: list[Report]) -> None:
+        many = len(self.labels) > 1
+        w = self.out.write
+        for r in reports:
+            prefix = f"{self.labels[r.container]} " if many else ""
+            w(f"{prefix}[{self.wall(r):.6f}] ({r.seq}) {r.direction}: {r.latency}\n")
+        self.written += len(reports)
+
+
+class JsonlSink(Sink):
+    def write(self, reports: list[Report]) -> None:
+        w = self.out.write
+        for r in reports:
+            obj = {"ts": round(self.wall(r), 9), "netns": self.inodes[r.container],
+                   "target": self.labels[r.container], "dir": r.direction, "seq": r.seq,
+                   "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
+            if self.hops:
+                obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops))
+            w(json.dumps(obj, separators=(",", ":")) + "\n")
+        self.written += len(reports)
+
+
+class CsvSink(Sink):
+    COLUMNS = ["ts", "netns", "target", "dir", "seq", "latency_ns", "len", "cpu"]
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.csv = csv.writer(self.out, lineterminator="\n")
+        self.csv.writerow(self.COLUMNS + (hop_columns() if self.hops else []))
+
+    def write(self, reports: list[Report]) -> None:
+        ncols = len(hop_columns())
+        for r in reports:
+            row = [f"{self.wall(r):.9f}", self.inodes[r.container], self.labels[r.container],
+                   r.direction, r.seq, r.latency, r.len, r.cpu]
+            if self.hops:
+                hops = [""] * ncols
+                base = 0 if r.dir == 0 else len(EGRESS_HOPS)
+                for i, h in enumerate(r.hops):
+                    hops[base + i] = "" if h is None else h
+                row += hops
+            self.csv.writerow(row)
+        self.written += len(reports)
+
+
+def make_sink(fmt: str, out: IO[str], labels, inodes, **kw) -> Sink:
+    return {"mace": MaceSink, "jsonl": JsonlSink, "csv": CsvSink}[fmt](out, labels, inodes, **kw)
