@@ -199,6 +199,8 @@ def cmd_trace(args) -> int:
 
         try:
             while not stop.requested and (deadline is None or time.monotonic() < deadline):
+                if live is not None and live.quit:
+                    break
                 if emit(tracer.poll(100 if live is None else 50)):
                     break
                 if live is None:

@@ -71,6 +71,13 @@ class Histogram:
                 return (lo + hi - 1) / 2
         return None
 
+    def max_value(self) -> float | None:
+        """Upper edge of the highest non-empty bucket."""
+        for i in range(len(self.counts) - 1, -1, -1):
+            if self.counts[i]:
+                return _correlate.bucket_bounds(i)[1] - 1
+        return None
+
     def minus(self, older: "Histogram") -> "Histogram":
         """Counts added since `older` (a sliding window from two snapshots)."""
         return Histogram([a - b for a, b in zip(self.counts, older.counts)])

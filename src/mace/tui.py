@@ -1,0 +1,238 @@
+"""The live view of `mace trace --tui`, in the style of htop and bpftop.
+
+One row per traced container with egress and ingress latency (p50, p99 and max over a
+sliding window and since the start), packets per second, coverage and a sparkline of the
+median per second; a footer with events drained per second, lost, evicted, expired,
+orphans, the table fill and mace's own CPU use.  With --hops, the split of the expense
+between hops for the selected container (up/down or j/k to select, q to quit).
+
+The view only reads snapshots between polls (counters, histograms, the reports of the last
+poll) and redraws at most four times a second: it never slows the drain loop.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from collections import deque
+
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from mace.plan import Plan
+from mace.report import Histogram, Report, coverage
+
+WINDOW_S = 10           # sliding window for the "now" columns
+SPARK_S = 30            # seconds shown in a sparkline
+REDRAW_S = 0.25
+SPARK = "▁▂▃▄▅▆▇█"
+# the segments between consecutive steps, by direction (see mace.plan)
+EGRESS_SEGMENTS = ("veth xmit", "veth backlog", "bridge", "routing/NAT", "uplink qdisc")
+INGRESS_SEGMENTS = ("routing/NAT", "bridge", "veth xmit", "container backlog")
+
+
+def _us(ns) -> str:
+    return "-" if ns is None else f"{ns / 1000:.1f}"
+
+
+def sparkline(values: list[float | None]) -> str:
+    seen = [v for v in values if v is not None]
+    if not seen:
+        return " " * len(values)
+    lo, hi = min(seen), max(seen)
+    span = (hi - lo) or 1.0
+    return "".join(" " if v is None else SPARK[min(7, int((v - lo) / span * 7.999))] for v in values)
+
+
+def segments(direction: int, hops: tuple, latency: int) -> list[int | None]:
+    """Durations between consecutive steps of one report (None where a step was not seen)."""
+    points = [0, *hops, latency]
+    out: list[int | None] = []
+    last = 0
+    for p in points[1:]:
+        if p is None:
+            out.append(None)
+            continue
+        out.append(p - last)
+        last = p
+    # a step not seen merges its segment into the next one: keep lengths per direction
+    return out[:len(EGRESS_SEGMENTS if direction == 0 else INGRESS_SEGMENTS)]
+
+
+class LiveView:
+    """Context manager drawing the live view of a Tracer; `quit` turns true on `q`."""
+
+    def __init__(self, tracer, labels: list[str], plan: Plan, console: Console | None = None):
+        self.tracer = tracer
+        self.labels = labels
+        self.plan = plan
+        self.console = console or Console(stderr=False)
+        self.quit = False
+        self.selected = 0
+        self.started = time.monotonic()
+        self.snapshots: deque = deque()        # (time, histograms, counters, events)
+        self.spark: list[list[deque]] = [[deque(maxlen=SPARK_S), deque(maxlen=SPARK_S)]
+                                         for _ in labels]
+        self.hop_sums = [[[0] * 5, [0] * 4] for _ in labels]
+        self.hop_counts = [[[0] * 5, [0] * 4] for _ in labels]
+        self.second: list[list[list[int]]] = [[[], []] for _ in labels]
+        self.last_second = time.monotonic()
+        self.last_draw = 0.0
+        self.cpu0 = self._cpu()
+        self.t_cpu = time.monotonic()
+        self.cpu_share = 0.0
+        self.live: Live | None = None
+        self.tty_state = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "LiveView":
+        self.live = Live(console=self.console, auto_refresh=False, screen=True,
+                         redirect_stderr=False, redirect_stdout=False)
+        self.live.__enter__()
+        if sys.stdin.isatty():
+            fd = sys.stdin.fileno()
+            self.tty_state = termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def close(self) -> None:
+        if self.tty_state is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.tty_state)
+            self.tty_state = None
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+            self.live = None
+
+    # -- input -------------------------------------------------------------------------------
+
+    def add(self, reports: list[Report]) -> None:
+        for r in reports:
+            self.second[r.container][r.dir].append(r.latency)
+            for i, seg in enumerate(segments(r.dir, r.hops, r.latency)):
+                if seg is not None:
+                    self.hop_sums[r.container][r.dir][i] += seg
+                    self.hop_counts[r.container][r.dir][i] += 1
+
+    def _keys(self) -> None:
+        if self.tty_state is None:
+            return
+        while select.select([sys.stdin], [], [], 0)[0]:
+            ch = os.read(sys.stdin.fileno(), 8).decode(errors="ignore")
+            if not ch:
+                return
+            if "q" in ch:
+                self.quit = True
+            if ch in ("j", "\x1b[B"):
+                self.selected = min(len(self.labels) - 1, self.selected + 1)
+            if ch in ("k", "\x1b[A"):
+                self.selected = max(0, self.selected - 1)
+
+    @staticmethod
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    # -- drawing -----------------------------------------------------------------------------
+
+    def refresh(self, force: bool = False) -> None:
+        self._keys()
+        now = time.monotonic()
+        if now - self.last_second >= 1.0:
+            self.last_second = now
+            for c in range(len(self.labels)):
+                for d in (0, 1):
+                    lat = sorted(self.second[c][d])
+                    self.spark[c][d].append(lat[len(lat) // 2] if lat else None)
+                    self.second[c][d] = []
+        if not force and now - self.last_draw < REDRAW_S:
+            return
+        cpu = self._cpu()
+        if now > self.t_cpu:
+            self.cpu_share = (cpu - self.cpu0) / (now - self.t_cpu)
+        self.cpu0, self.t_cpu = cpu, now
+        self.last_draw = now
+        stats = self.tracer.stats()
+        hists = [[Histogram(self.tracer.correlator.histogram(c, d)) for d in (0, 1)]
+                 for c in range(len(self.labels))]
+        self.snapshots.append((now, hists, stats))
+        while self.snapshots and now - self.snapshots[0][0] > WINDOW_S:
+            self.snapshots.popleft()
+        if self.live is not None:
+            self.live.update(self.render(now, hists, stats), refresh=True)
+
+    def render(self, now: float, hists, stats):
+        t0, old_hists, old_stats = self.snapshots[0]
+        span = max(now - t0, 1e-3)
+        table = Table(box=box.SIMPLE_HEAD, expand=True, title=f"mace · {len(self.labels)} "
+                      f"container(s) · uplink {self.plan.uplink} · {now - self.started:.0f} s",
+                      title_justify="left")
+        table.add_column("container", no_wrap=True)
+        table.add_column("dir")
+        table.add_column("pkt/s", justify="right")
+        table.add_column(f"p50 {WINDOW_S}s", justify="right")
+        table.add_column(f"p99 {WINDOW_S}s", justify="right")
+        table.add_column(f"max {WINDOW_S}s", justify="right")
+        table.add_column("p50 all", justify="right")
+        table.add_column("p99 all", justify="right")
+        table.add_column("max all", justify="right")
+        table.add_column("coverage", justify="right")
+        table.add_column(f"p50 last {SPARK_S}s")
+        for c, label in enumerate(self.labels):
+            for d, name in enumerate(("egress", "ingress")):
+                k = stats["containers"][c][name]
+                win = hists[c][d].minus(old_hists[c][d])
+                cov = coverage(k)
+                style = "reverse" if c == self.selected and len(self.labels) > 1 else ""
+                table.add_row(
+                    Text(label if d == 0 else "", style=style), name,
+                    f"{win.total / span:.0f}", _us(win.percentile(50)), _us(win.percentile(99)),
+                    _us(win.max_value()), _us(hists[c][d].percentile(50)),
+                    _us(hists[c][d].percentile(99)), _us(k["max_ns"]),
+                    "-" if cov is None else f"{100 * cov:.1f}%",
+                    sparkline(list(self.spark[c][d])))
+        parts = [table]
+        if self.plan.hops:
+            parts.append(self._hops_panel())
+        parts.append(self._footer(span, stats, old_stats))
+        return Group(*parts)
+
+    def _hops_panel(self):
+        c = self.selected
+        t = Table(box=box.SIMPLE, title=f"where the time goes · {self.labels[c]} (↑/↓ to choose)",
+                  title_justify="left")
+        t.add_column("dir")
+        t.add_column("segment")
+        t.add_column("mean µs", justify="right")
+        t.add_column("share")
+        for d, names in enumerate((EGRESS_SEGMENTS, INGRESS_SEGMENTS)):
+            means = [s / n if n else None for s, n in zip(self.hop_sums[c][d], self.hop_counts[c][d])]
+            total = sum(m for m in means if m) or 1
+            for i, (name, m) in enumerate(zip(names, means)):
+                bar = "█" * int(round(20 * (m or 0) / total))
+                t.add_row("egress" if d == 0 and i == 0 else ("ingress" if i == 0 else ""),
+                          name, _us(m), bar)
+        return t
+
+    def _footer(self, span, stats, old_stats):
+        r, g = stats["rings"], stats["correlator"]
+        ev = (r.get("events", 0) - old_stats["rings"].get("events", 0)) / span
+        per = stats["containers"]
+        total = {k: sum(c[d][k] for c in per for d in ("egress", "ingress"))
+                 for k in ("evicted", "expired", "orphans")}
+        fill = 100 * g["table_used"] / g["table_size"]
+        return Text(f"events {ev:,.0f}/s · lost {r.get('lost', 0)} · evicted {total['evicted']}"
+                    f" (+{g['evicted']} unattributed) · expired {total['expired']} · orphans "
+                    f"{total['orphans']} · table {g['table_used']}/{g['table_size']} ({fill:.1f}%)"
+                    f" · mace CPU {100 * self.cpu_share:.1f}% · q to quit", style="dim")
