@@ -175,33 +175,35 @@ class LiveView:
     def render(self, now: float, hists, stats):
         t0, old_hists, old_stats = self.snapshots[0]
         span = max(now - t0, 1e-3)
+        wide = self.console.width >= 130      # narrow terminals drop the since-start columns
         table = Table(box=box.SIMPLE_HEAD, expand=True, title=f"mace · {len(self.labels)} "
                       f"container(s) · uplink {self.plan.uplink} · {now - self.started:.0f} s",
                       title_justify="left")
-        table.add_column("container", no_wrap=True)
-        table.add_column("dir")
-        table.add_column("pkt/s", justify="right")
-        table.add_column(f"p50 {WINDOW_S}s", justify="right")
-        table.add_column(f"p99 {WINDOW_S}s", justify="right")
-        table.add_column(f"max {WINDOW_S}s", justify="right")
-        table.add_column("p50 all", justify="right")
-        table.add_column("p99 all", justify="right")
-        table.add_column("max all", justify="right")
-        table.add_column("coverage", justify="right")
-        table.add_column(f"p50 last {SPARK_S}s")
+        table.add_column("container", no_wrap=True, overflow="ellipsis", max_width=28)
+        table.add_column("dir", no_wrap=True)
+        table.add_column("pkt/s", justify="right", no_wrap=True)
+        for name in ("p50", "p99", "max"):
+            table.add_column(f"{name} {WINDOW_S}s", justify="right", no_wrap=True)
+        if wide:
+            for name in ("p50", "p99", "max"):
+                table.add_column(f"{name} all", justify="right", no_wrap=True)
+        table.add_column("cover", justify="right", no_wrap=True)
+        table.add_column("p50/s", no_wrap=True, overflow="crop")
         for c, label in enumerate(self.labels):
             for d, name in enumerate(("egress", "ingress")):
                 k = stats["containers"][c][name]
                 win = hists[c][d].minus(old_hists[c][d])
                 cov = coverage(k)
                 style = "reverse" if c == self.selected and len(self.labels) > 1 else ""
-                table.add_row(
-                    Text(label if d == 0 else "", style=style), name,
-                    f"{win.total / span:.0f}", _us(win.percentile(50)), _us(win.percentile(99)),
-                    _us(win.max_value()), _us(hists[c][d].percentile(50)),
-                    _us(hists[c][d].percentile(99)), _us(k["max_ns"]),
-                    "-" if cov is None else f"{100 * cov:.1f}%",
-                    sparkline(list(self.spark[c][d])))
+                cells = [Text(label if d == 0 else "", style=style), name[:2] if not wide else name,
+                         f"{win.total / span:.0f}", _us(win.percentile(50)),
+                         _us(win.percentile(99)), _us(win.max_value())]
+                if wide:
+                    cells += [_us(hists[c][d].percentile(50)), _us(hists[c][d].percentile(99)),
+                              _us(k["max_ns"])]
+                cells += ["-" if cov is None else f"{100 * cov:.1f}%",
+                          sparkline(list(self.spark[c][d]))]
+                table.add_row(*cells)
         parts = [table]
         if self.plan.hops:
             parts.append(self._hops_panel())
