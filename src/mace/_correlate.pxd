@@ -101,5 +101,6 @@ cdef class Correlator(EventSink):
     cdef int64_t _lookup(self, uint64_t skb) noexcept nogil
     cdef mace_entry *_insert(self, uint64_t skb) noexcept nogil
     cdef void _delete(self, uint64_t slot) noexcept nogil
+    cdef bint _expired(self, const mace_entry *e) noexcept nogil
     cdef void _sweep(self, uint64_t n) noexcept nogil
     cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil

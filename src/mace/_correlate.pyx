@@ -313,7 +313,7 @@ cdef class Correlator(EventSink):
                 if k > self.gcount[G_MAXPROBE]:
                     self.gcount[G_MAXPROBE] = k
                 break
-            if self.now > e.t0 + self.max_age:
+            if self._expired(e):
                 rank = 0
             elif e.container < 0:
                 rank = 1
@@ -368,12 +368,17 @@ cdef class Correlator(EventSink):
             g = G_SUPERSEDED
         self.gcount[g] += 1
 
+    cdef inline bint _expired(self, const mace_entry *e) noexcept nogil:
+        # One rule wherever an entry is touched (an event, a free, a sweep, a full window):
+        # once the clock - the newest event seen - is past t0 + max_age, it expired.
+        return self.now > e.t0 + self.max_age
+
     cdef void _sweep(self, uint64_t n) noexcept nogil:
         # Expire old entries a few slots at a time, so counts stay current and the table
         # does not silt up with packets that never completed.
         cdef uint64_t mask = self.cap - 1, i = self.sweep_at, k
         for k in range(n):
-            if self.table[i].skb and self.now > self.table[i].t0 + self.max_age:
+            if self.table[i].skb and self._expired(&self.table[i]):
                 self._retire(&self.table[i], CC_EXPIRED)
                 self._delete(i)        # slot i may now hold a shifted entry: look again
             else:
@@ -466,6 +471,7 @@ cdef class Correlator(EventSink):
             return                    # cannot happen while consume() honours its headroom
         r = &self.reports[self.nreports]
         self.nreports += 1
+        memset(r, 0, sizeof(mace_report))       # padding too: reports compare byte for byte
         r.t0 = e.t0
         r.latency = <uint32_t>lat
         r.len = e.l3
@@ -489,6 +495,10 @@ cdef class Correlator(EventSink):
             return
         e = &self.table[s]
         if e.cpu != cpu or e.t0 + e.tlast != self.pend_ts[cpu] or not self._sync_wait(e):
+            return
+        if self._expired(e):
+            self._retire(e, CC_EXPIRED)
+            self._delete(<uint64_t>s)
             return
         if ev.tid == e.tid and self._neighbour_wait(e, ev, t, cls):
             # The chain went on to send an ARP request on the next device: the packet waits
@@ -588,7 +598,7 @@ cdef class Correlator(EventSink):
             self.gcount[G_FREES] += 1
             s = self._lookup(ev.skb)
             if s >= 0:
-                self._retire(&self.table[s], CC_DROPPED)
+                self._retire(&self.table[s], CC_EXPIRED if self._expired(&self.table[s]) else CC_DROPPED)
                 self._delete(<uint64_t>s)
             return 0
         if ev.cpu < self.ncpu:
@@ -601,7 +611,7 @@ cdef class Correlator(EventSink):
                 self.pend_skb[ev.cpu] = 0
             return 0
         s = self._lookup(ev.skb)
-        if s >= 0 and ev.ts > self.table[s].t0 + self.max_age:
+        if s >= 0 and self._expired(&self.table[s]):
             self._retire(&self.table[s], CC_EXPIRED)
             self._delete(<uint64_t>s)
             s = -1

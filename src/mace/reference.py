@@ -241,6 +241,10 @@ class ReferenceCorrelator:
         else:
             self._g({"expired": "stale", "evicted": "evicted"}.get(counter, "superseded"))
 
+    def _expired(self, e: Entry) -> bool:
+        """Past its age by the correlator's clock (the newest event seen)."""
+        return self.now > e.t0 + self.max_age
+
     def _sync_wait(self, e: Entry) -> bool:
         return any(st.traced and st.sync and e.step in st.prev
                    for st in self.paths[e.dir][e.step + 1:])
@@ -285,7 +289,7 @@ class ReferenceCorrelator:
             e = self.table.pop(ev.skb, None)
             if e is not None:
                 self._say(f"{ev.skb:#x} dropped (kfree_skb)")
-                self._retire(e, "dropped")
+                self._retire(e, "expired" if self._expired(e) else "dropped")
             return
         pend = self.pending.get(ev.cpu)
         adjacent = pend is not None and pend[0] == ev.skb
@@ -296,7 +300,7 @@ class ReferenceCorrelator:
             self.pending.pop(ev.cpu, None)
             return
         e = self.table.get(ev.skb)
-        if e is not None and ev.ts > e.t0 + self.max_age:
+        if e is not None and self._expired(e):
             self._say(f"{ev.skb:#x} expired")
             self._retire(e, "expired")
             del self.table[ev.skb]
@@ -344,6 +348,10 @@ class ReferenceCorrelator:
         skb, ts = self.pending.pop(cpu)
         e = self.table.get(skb)
         if e is None or e.cpu != cpu or e.t0 + e.tlast != ts or not self._sync_wait(e):
+            return
+        if self._expired(e):
+            self._retire(e, "expired")
+            del self.table[skb]
             return
         if ev.tid == e.tid:
             if e.dir == EGRESS:
@@ -402,7 +410,7 @@ class ReferenceCorrelator:
     def finish(self) -> list[list[int]]:
         """Expire what is past its age; the rest is in flight, as Correlator.finish()."""
         for skb, e in list(self.table.items()):
-            if self.now > e.t0 + self.max_age:
+            if self._expired(e):
                 self._retire(e, "expired")
                 del self.table[skb]
         out = [[0, 0] for _ in self.inner_of]

@@ -1,0 +1,1068 @@
+"""The correlator (mace._correlate.Correlator) against its pure-Python model
+(mace.reference.ReferenceCorrelator) on realistic event streams, plus hand-written scenarios
+that pin the intended behaviour (no privileges needed).
+
+The generator tells packet *stories* the way the kernel traces them for a plan, then keeps
+only what the plan's in-kernel filters let through.  A story is a list of call chains
+(segments): each runs on one CPU and thread with no other packet's event of that CPU in
+between; between segments the skb sits in a queue (backlog, qdisc, neighbour queue) and
+may continue on another CPU, interleaved with other packets.  skb addresses come from a
+small pool and are reused as soon as their packet is gone, also when it left silently.
+Where the kernel would behave so (no packet vanishes untraced from a queue), every report
+must also be a packet the generator really sent through (`check_against_truth`).
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mace import _correlate
+from mace._ring import DEV_NONE, RECORD_FORMAT, Rings
+from mace.perf import Event
+from mace.plan import FREE, QUEUE, RECV, RX, XMIT, ContainerPath, Plan
+from mace.reference import ReferenceCorrelator, ReferenceDecoder, merge
+from mace.report import Report, unpack
+from mace.synthetic import PAGE, NetEvent, RingImage, builtin_format, builtin_layout
+
+INNER, BRIDGE, UPLINK = "eth0", "br0", "up0"
+NOISE_DEVICES = ("wlan0", "docker0", "lo")      # never in a plan: filtered in the kernel
+ETH_HLEN = 14
+IP, IP6, ARP = 0x0800, 0x86DD, 0x0806
+ARP_L3 = 28
+EGRESS, INGRESS = 0, 1
+TP = {"xmit": XMIT, "recv": RECV, "rx": RX, "queue": QUEUE, "free": FREE}
+COUNTERS = _correlate.CONTAINER_COUNTERS
+GLOBALS = tuple(g for g in _correlate.GLOBAL_COUNTERS if g != "max_probe")
+DIRS = _correlate.DIRECTIONS
+BIG_TABLE = 4096
+NCPU = 8
+_RECORD = struct.Struct(RECORD_FORMAT)
+
+
+# -- the world: containers, plan, and what the kernel lets through ----------------------------
+
+
+@dataclass(frozen=True)
+class Box:
+    """A container as the host sees it.  `mon`: its index in the plan, None if unmonitored
+    (its inner device is eth0 too, so the plan's filters let its eth0 events through)."""
+
+    veth: str
+    bridge: str | None
+    mon: int | None
+    inner: str = INNER
+
+
+class Kernel:
+    """What reaches the correlator for a plan: the probes' device filters, kind numbers (index
+    in plan.probes()) and device slots (index in plan.devices)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.probes = plan.probes()
+        self.kind = {p.tracepoint: i for i, p in enumerate(self.probes)}
+        self.slot = {n: i for i, n in enumerate(plan.devices)}
+
+    def visible(self, tp: str, dev: str | None) -> bool:
+        k = self.kind.get(tp)
+        if k is None:
+            return False
+        devices = self.probes[k].devices
+        return not devices or dev in devices
+
+    def event(self, tp, dev, skb, length, proto, ts, cpu, tid) -> Event | None:
+        """The decoded event, or None when the kernel's filter drops it.  Fields the
+        tracepoint does not have read as 0 (as `Rings` decodes them)."""
+        if not self.visible(tp, dev):
+            return None
+        f = builtin_format(tp).fields
+        return Event(ts=ts, skb=skb, len=length if "len" in f else 0, tid=tid, cpu=cpu,
+                     kind=self.kind[tp], flags=0,
+                     dev=self.slot[dev] if "name" in f else DEV_NONE,
+                     proto=proto if "protocol" in f else 0)
+
+    def net_event(self, ev: Event) -> NetEvent:
+        """The synthetic sample that decodes to `ev`."""
+        tp = self.probes[ev.kind].tracepoint
+        return NetEvent(tp, ts=ev.ts, cpu=ev.cpu, tid=ev.tid, skb=ev.skb, len=ev.len,
+                        dev=self.plan.devices[ev.dev] if ev.dev >= 0 else None,
+                        protocol=ev.proto)
+
+
+@dataclass
+class World:
+    boxes: list[Box]
+    plan: Plan
+    cpus: list[int]
+    pool: list[int]
+    max_age: int
+
+    @property
+    def kernel(self) -> Kernel:
+        return Kernel(self.plan)
+
+
+def make_plan(boxes: list[Box], *, hops: bool, end_at_queue: bool) -> Plan:
+    mon = sorted((b for b in boxes if b.mon is not None), key=lambda b: b.mon)
+    return Plan([ContainerPath(f"ns{b.mon}", b.inner, b.veth, b.bridge) for b in mon], UPLINK,
+                hops=hops, end_at_queue=end_at_queue)
+
+
+# -- stories ----------------------------------------------------------------------------------
+
+
+class Act(NamedTuple):
+    """One tracepoint hit as the kernel would emit it (before filtering)."""
+
+    tp: str                 # key of TP
+    dev: str | None
+    skb: int
+    len: int
+    proto: int = 0
+    role: str | None = None     # "start", "end" (ingress end, egress xmit uplink), "endq"
+
+
+@dataclass
+class Story:
+    kind: str
+    segments: list[list[Act]]
+    skbs: tuple = ()
+    truth: tuple | None = None      # (container, dir, l3) when the packet must be reportable
+    other_tid: frozenset = frozenset()   # segments that run on another thread (neighbour queue)
+
+
+def egress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
+    """xmit inner -> netif_rx veth || receive veth -> receive bridge -> queue uplink || xmit uplink"""
+    a = [Act("xmit", box.inner, skb, L + ETH_HLEN, proto, "start"), Act("rx", box.veth, skb, L)]
+    b = [Act("recv", box.veth, skb, L)]
+    if box.bridge:
+        b.append(Act("recv", box.bridge, skb, L))
+    b.append(Act("queue", UPLINK, skb, L + ETH_HLEN, 0, "endq"))
+    return [a, b, [Act("xmit", UPLINK, skb, L + ETH_HLEN, proto, "end")]]
+
+
+def ingress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
+    """receive uplink -> xmit bridge -> xmit veth -> netif_rx inner || receive inner"""
+    a = [Act("recv", UPLINK, skb, L, 0, "start")]
+    if box.bridge:
+        a.append(Act("xmit", box.bridge, skb, L + ETH_HLEN, proto))
+    a += [Act("xmit", box.veth, skb, L + ETH_HLEN, proto), Act("rx", box.inner, skb, L)]
+    return [a, [Act("recv", box.inner, skb, L, 0, "end")]]
+
+
+def truncate(segments: list[list[Act]], keep: int, free: bool) -> list[list[Act]]:
+    """The first `keep` acts; with `free` the packet is then dropped with skb:kfree_skb in
+    the same call chain, otherwise it vanishes without a trace."""
+    out, n = [], 0
+    for seg in segments:
+        if n >= keep:
+            break
+        part = seg[:keep - n]
+        n += len(part)
+        out.append(list(part))
+    if free:
+        last = out[-1][-1]
+        out[-1].append(Act("free", None, last.skb, 0, last.proto))
+    return out
+
+
+def merge_last(segments: list[list[Act]], join: bool) -> list[list[Act]]:
+    """Optionally run the last segment straight on from the previous one (no queue)."""
+    if join and len(segments) >= 2:
+        return segments[:-2] + [segments[-2] + segments[-1]]
+    return segments
+
+
+def length(rnd) -> int:
+    # common sizes often, so that lengths collide between packets
+    return rnd.choice([84, 84, 84, 84, 52, 1500, rnd.randint(29, 1500)])
+
+
+# how often each kind of story is told: host traffic reuses addresses of container packets
+# that are over, which is where the pairing rules matter
+STORIES = {"egress": 8, "ingress": 8, "host_in": 4, "host_out": 4, "host_bound": 4, "noise": 1,
+           "noise_free": 1, "zero": 1}
+
+
+def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
+    """A random story; `take(n)` hands out n free skb addresses or None.  With `vanish`,
+    some packets disappear anywhere without a trace, also from a queue (which the kernel
+    does not do: it frees them with kfree_skb, or consumes them when delivered)."""
+    kind = rnd.choices(list(STORIES), weights=list(STORIES.values()))[0]
+    how = None
+    if kind == "egress":
+        how = rnd.choices(["full", "local", "drop", "vanish", "parked", "c2c", "arp"],
+                          weights=[8, 4, 2, vanish, 2, 2, 1])[0]
+    elif kind == "ingress":
+        how = rnd.choices(["full", "drop", "vanish", "parked", "arp"], weights=[8, 2, vanish, 2, 1])[0]
+    box = rnd.choice(w.boxes)
+    L = length(rnd)
+    dup = rnd.random() < 0.04
+    story = None
+    if kind == "zero":
+        act = rnd.choice([Act("xmit", INNER, 0, L + ETH_HLEN, IP), Act("recv", UPLINK, 0, L),
+                          Act("queue", UPLINK, 0, L + ETH_HLEN), Act("free", None, 0, 0),
+                          Act("recv", box.veth, 0, L)])
+        return Story("zero", [[act]])
+    skbs = take(2 if how == "parked" else 1)
+    if skbs is None and how == "parked":
+        how = "full"
+        skbs = take(1)
+    if skbs is None:
+        return None
+    skb = skbs[0]
+    if kind == "egress":
+        if how == "c2c" and len(w.boxes) < 2:
+            how = "full"
+        segs = egress_chains(box, skb, L, IP)
+        truth = (box.mon, EGRESS, L) if box.mon is not None else None
+        if how == "full":
+            segs = merge_last(segs, rnd.random() < 0.5)
+        elif how in ("local", "arp"):
+            if how == "arp":
+                L = ARP_L3
+                segs = egress_chains(box, skb, L, ARP)
+            segs = truncate(segs, 3 + (bool(box.bridge) and rnd.random() < 0.5), False)
+            truth = None
+        elif how in ("drop", "vanish"):      # reportable if it got as far as the end
+            total = sum(map(len, segs))
+            segs = truncate(segs, rnd.randint(1, total - 1), how == "drop")
+        elif how == "parked":
+            a, b, x = segs
+            arp = skbs[1]
+            b[-1:] = [Act("queue", UPLINK, arp, ARP_L3 + ETH_HLEN)]
+            if rnd.random() < 0.7:
+                b.append(Act("xmit", UPLINK, arp, ARP_L3 + ETH_HLEN, ARP))
+            resume = [Act("queue", UPLINK, skb, L + ETH_HLEN, 0, "endq")]
+            segs = merge_last([a, b, resume, x], rnd.random() < 0.5)
+            if rnd.random() < 0.2:       # no reply: the neighbour queue drops it
+                segs = [a, b, [Act("free", None, skb, 0, IP)]]
+            story = Story("egress-parked", segs, tuple(skbs), truth, frozenset({2}))
+        elif how == "c2c":
+            to = rnd.choice([o for o in w.boxes if o is not box])
+            a, b, _ = segs
+            b = [b[0], Act("xmit", to.veth, skb, L + ETH_HLEN, IP), Act("rx", to.inner, skb, L)]
+            segs = [a, b, [Act("recv", to.inner, skb, L)]]
+            truth = None
+        story = story or Story(f"egress-{how}", segs, tuple(skbs), truth)
+    elif kind == "ingress":
+        if how == "arp":
+            L = ARP_L3
+        segs = ingress_chains(box, skb, L, ARP if how == "arp" else IP)
+        truth = (box.mon, INGRESS, L) if box.mon is not None and how != "arp" else None
+        if how in ("drop", "vanish"):
+            total = sum(map(len, segs))
+            segs = truncate(segs, rnd.randint(1, total - 1), how == "drop")
+        elif how == "parked":
+            a, e = segs
+            arp = skbs[1]
+            req = ([Act("xmit", box.bridge, arp, ARP_L3 + ETH_HLEN, ARP)] if box.bridge else []) + [
+                Act("xmit", box.veth, arp, ARP_L3 + ETH_HLEN, ARP), Act("rx", box.inner, arp, ARP_L3)]
+            segs = [a[:1] + req, a[1:], e]
+            if rnd.random() < 0.2:
+                segs = [a[:1] + req, [Act("free", None, skb, 0, IP)]]
+            story = Story("ingress-parked", segs, tuple(skbs), truth, frozenset({1}))
+        story = story or Story(f"ingress-{how}", segs, tuple(skbs), truth)
+    elif kind == "host_in":      # the host itself sends into a container: starts at the veth
+        proto = rnd.choice([IP, IP, IP6, ARP])
+        segs = ingress_chains(box, skb, L, proto)
+        segs[0] = segs[0][1:]
+        story = Story("host-in", segs, tuple(skbs))
+    elif kind == "host_out":
+        segs = [[Act("queue", UPLINK, skb, L + ETH_HLEN), Act("xmit", UPLINK, skb, L + ETH_HLEN, IP)]]
+        if rnd.random() < 0.5:
+            segs = [segs[0][:1], segs[0][1:]]
+        story = Story("host-out", segs, tuple(skbs))
+    elif kind == "host_bound":
+        story = Story("host-bound", [[Act("recv", UPLINK, skb, rnd.choice([L, ARP_L3]))]], tuple(skbs))
+    elif kind == "noise":
+        dev, other = rnd.sample(NOISE_DEVICES, 2)
+        story = Story("noise", [[Act("recv", dev, skb, L), Act("queue", other, skb, L + ETH_HLEN),
+                                 Act("xmit", other, skb, L + ETH_HLEN, IP)]], tuple(skbs))
+    else:                         # a packet we never saw, dropped
+        story = Story("noise-free", [[Act("free", None, skb, 0, IP)]], tuple(skbs))
+    if dup:
+        segs = story.segments
+        i = rnd.randrange(len(segs))
+        j = rnd.randrange(len(segs[i]))
+        segs[i].insert(j + 1, segs[i][j])
+    return story
+
+
+class Emitted(NamedTuple):
+    act: Act
+    cpu: int
+    tid: int
+    story: int
+
+
+@dataclass
+class Stream:
+    world: World
+    events: list[Event]                 # what the correlator sees, in time order
+    stories: list[Story]
+    emitted: list[Emitted] = field(repr=False, default_factory=list)
+    ts: list[int] = field(repr=False, default_factory=list)   # per emitted act
+    realistic: bool = True      # no packet vanished untraced from a queue
+
+    def truths(self) -> list[tuple]:
+        """Per reportable packet: (container, dir, l3, start times, end times, all times)."""
+        by_story: dict[int, list[tuple[Act, int]]] = {}
+        for em, ts in zip(self.emitted, self.ts):
+            by_story.setdefault(em.story, []).append((em, ts))
+        out = []
+        eaq = self.world.plan.end_at_queue
+        for i, story in enumerate(self.stories):
+            if story.truth is None:
+                continue
+            c, d, L = story.truth
+            mine = [(em, ts) for em, ts in by_story.get(i, []) if em.act.skb == story.skbs[0]]
+            end_role = "endq" if d == EGRESS and eaq else "end"
+            starts = {ts for em, ts in mine if em.act.role == "start"}
+            ends = {ts: em.cpu for em, ts in mine if em.act.role == end_role}
+            out.append((c, d, L, starts, ends, {ts for _, ts in mine}))
+        return out
+
+
+def tids_of(cpu: int) -> list[int]:
+    return [1000 * (cpu + 1) + k for k in range(3)]
+
+
+def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float = 0.02) -> Stream:
+    """Run n_stories stories over the world's CPUs; returns the stream after filtering."""
+    k = w.kernel
+    free = list(w.pool)
+    # Where a packet ended, its address is not reused before that CPU visibly moved on to
+    # another packet: the new packet's events would continue the old call chain there.
+    # (Any other CPU may reuse it at once.)
+    held: dict[int, set[int]] = {c: set() for c in w.cpus}
+    running: dict[int, list | None] = {c: None for c in w.cpus}   # [story, seg, pos, tid]
+    ready: list[tuple[int, int]] = []        # (story, next segment)
+    last_tid: dict[int, int] = {}
+    last_cpu: dict[int, int] = {}            # story -> CPU of its last visible event
+    stories: list[Story] = []
+    emitted: list[Emitted] = []
+
+    def taker(cpu):
+        def take(n):
+            usable = [a for a in free if a not in held[cpu]]
+            if len(usable) < n:
+                return None
+            # like a slab allocator, mostly hand out what was freed last
+            got = usable[-n:] if rnd.random() < 0.7 else rnd.sample(usable, n)
+            for a in got:
+                free.remove(a)
+            return got
+        return take
+
+    def start(si, seg, cpu, other_tid=False):
+        choices = tids_of(cpu)
+        if other_tid and si in last_tid:
+            choices = [t for t in choices if t != last_tid[si]]
+        running[cpu] = [si, seg, 0, rnd.choice(choices)]
+
+    budget = n_stories
+    while True:
+        idle = [c for c in w.cpus if running[c] is None]
+        opts = [("run", c) for c in w.cpus if running[c] is not None]
+        if idle and ready:
+            opts.append(("resume", None))
+        if idle and budget > 0:
+            opts.append(("new", None))
+        if not opts:
+            break
+        what, cpu = rnd.choice(opts)
+        if what == "new":
+            budget -= 1
+            cpu = rnd.choice(idle)
+            story = new_story(w, rnd, taker(cpu), vanish)
+            if story is None:
+                continue
+            stories.append(story)
+            start(len(stories) - 1, 0, cpu)
+        elif what == "resume":
+            si, seg = ready.pop(rnd.randrange(len(ready)))
+            start(si, seg, rnd.choice(idle), seg in stories[si].other_tid)
+        else:
+            si, seg, pos, tid = running[cpu]
+            story = stories[si]
+            act = story.segments[seg][pos]
+            emitted.append(Emitted(act, cpu, tid, si))
+            last_tid[si] = tid
+            if act.skb and act.tp != "free" and k.visible(TP[act.tp], act.dev):
+                last_cpu[si] = cpu
+                held[cpu] &= {act.skb}         # the CPU moved on
+            pos += 1
+            if pos < len(story.segments[seg]):
+                running[cpu][2] = pos
+                continue
+            running[cpu] = None
+            if seg + 1 < len(story.segments):
+                ready.append((si, seg + 1))
+                continue
+            owned = [a for a in story.skbs if a]
+            free.extend(owned)
+            if si in last_cpu:
+                held[last_cpu[si]].update(owned)
+    # time: strictly increasing, mostly short gaps, sometimes one past max_age
+    ts, t, events = [], 1_000_000, []
+    for em in emitted:
+        r = rnd.random()
+        if r < big_gap:
+            t += rnd.randint(w.max_age // 2, w.max_age * 2)
+        else:
+            t += rnd.randint(1, 300) if r < 0.6 else rnd.randint(1, 5000)
+        ts.append(t)
+        a = em.act
+        ev = k.event(TP[a.tp], a.dev, a.skb, a.len, a.proto, t, em.cpu, em.tid)
+        if ev is not None:
+            events.append(ev)
+    return Stream(w, events, stories, emitted, ts, realistic=not vanish)
+
+
+MAX_AGES = [1_000_000_000, 100_000, 20_000]
+
+
+@st.composite
+def worlds(draw, max_cpus: int = 4) -> World:
+    n_mon = draw(st.integers(1, 3))
+    n_unmon = draw(st.integers(0, 2))
+    bridged = draw(st.booleans())
+    boxes = []
+    for i in range(n_mon + n_unmon):
+        on_bridge = bridged and draw(st.integers(0, 4)) > 0
+        mon = i if i < n_mon else None
+        boxes.append(Box(f"m{i}v0" if mon is not None else f"u{i}v0", BRIDGE if on_bridge else None, mon))
+    plan = make_plan(boxes, hops=draw(st.booleans()), end_at_queue=draw(st.booleans()))
+    cpus = sorted(draw(st.permutations(range(NCPU)))[:draw(st.integers(1, max_cpus))])
+    npool = draw(st.integers(4, 16))
+    slots = random.Random(draw(st.integers(0, 2**32 - 1))).sample(range(256), npool)
+    pool = [0xFFFF888104000000 + 0x100 * k for k in sorted(slots)]
+    return World(boxes, plan, cpus, pool, draw(st.sampled_from(MAX_AGES)))
+
+
+@st.composite
+def streams(draw, max_stories: int = 120, max_cpus: int = 4) -> Stream:
+    # The stories come from a seeded generator: hypothesis draws are slow, and its small
+    # integers would make most streams tiny.
+    w = draw(worlds(max_cpus))
+    rnd = random.Random(draw(st.integers(0, 2**32 - 1)))
+    n = rnd.randint(1, 10) if rnd.random() < 0.2 else rnd.randint(max_stories // 3, max_stories)
+    return tell(w, rnd, n, vanish=rnd.random() < 0.5)
+
+
+# -- running both correlators -----------------------------------------------------------------
+
+
+def pack(events) -> bytes:
+    return b"".join(_RECORD.pack(*ev) for ev in events)
+
+
+@dataclass
+class Outcome:
+    reports: list[Report]
+    counts: list[dict]                  # per container, per direction name: COUNTERS
+    in_flight: list[list[int]]
+    glob: dict
+    used: int                           # table entries after finish(), attributed or not
+    corr: object = field(default=None, repr=False)   # the Cython correlator, if it was one
+
+    def identity_holds(self) -> bool:
+        for c, per in enumerate(self.counts):
+            for d, name in enumerate(DIRS):
+                k = per[name]
+                if k["crossed"] != sum(k[n] for n in COUNTERS[1:]) + self.in_flight[c][d]:
+                    return False
+        return True
+
+
+def cython_outcome(corr) -> Outcome:
+    in_flight = corr.finish()
+    reports = list(unpack(corr.take_reports()))
+    c = corr.counters()
+    counts = [{d: {n: per[d][n] for n in COUNTERS} for d in DIRS} for per in c["containers"]]
+    return Outcome(reports, counts, in_flight, {g: c["global"][g] for g in GLOBALS},
+                   c["global"]["table_used"], corr)
+
+
+def run_cython(plan: Plan, events, *, max_age: int, table_size: int = BIG_TABLE,
+               chunks: list[int] | None = None) -> Outcome:
+    corr = plan.correlator(plan.probes(), table_size=table_size, max_age_ns=max_age, ncpu=NCPU)
+    data = pack(events)
+    if chunks is None:
+        corr.feed_bytes(data)
+    else:
+        at = 0
+        for n in chunks + [len(events)]:
+            corr.feed_bytes(data[at * _RECORD.size:(at + n) * _RECORD.size])
+            at += n
+    return cython_outcome(corr)
+
+
+def reference(plan: Plan, *, max_age: int, explain=None) -> ReferenceCorrelator:
+    classes, owner = plan.device_classes()
+    kinds = [_correlate.TYPES.get(p.tracepoint, 0) for p in plan.probes()]
+    return ReferenceCorrelator(kinds, classes, owner, plan.inner_slots(), max_age_ns=max_age,
+                               hops=plan.hops, bridge=bool(plan.bridges),
+                               end_at_queue=plan.end_at_queue, explain=explain)
+
+
+def run_reference(plan: Plan, events, *, max_age: int, explain=None) -> Outcome:
+    ref = reference(plan, max_age=max_age, explain=explain)
+    ref.feed(events)
+    in_flight = ref.finish()
+    reports = [Report(r.container, r.dir, r.seq, r.t0, r.latency, r.len, r.cpu,
+                      tuple(h or None for h in r.hops[:4 if r.dir == EGRESS else 3]))
+               for r in ref.reports]
+    counts = [{DIRS[d]: dict(per[d]) for d in (0, 1)} for per in ref.count]
+    return Outcome(reports, counts, in_flight, {g: ref.glob.get(g, 0) for g in GLOBALS},
+                   len(ref.table))
+
+
+def without_seq(r: Report) -> Report:
+    return r._replace(seq=0)
+
+
+def check_latency_stats(out: Outcome) -> None:
+    """The correlator's per-container latency summaries and histograms agree with its reports."""
+    per = out.corr.counters()["containers"]
+    for c in range(len(per)):
+        for d, name in enumerate(DIRS):
+            lats = [r.latency for r in out.reports if (r.container, r.dir) == (c, d)]
+            k = per[c][name]
+            assert (k["min_ns"], k["max_ns"], k["sum_ns"]) == \
+                (min(lats, default=None), max(lats, default=None), sum(lats))
+            want = Counter(_correlate.bucket_of(v) for v in lats)
+            hist = out.corr.histogram(c, d)
+            assert {i: n for i, n in enumerate(hist) if n} == dict(want)
+            for i in want:
+                lo, hi = _correlate.bucket_bounds(i)
+                assert all(lo <= v < hi for v in lats if _correlate.bucket_of(v) == i)
+
+
+def check_against_truth(stream: Stream, reports: list[Report]) -> None:
+    """Every report is a packet that really crossed: its start, end and hop times are
+    events of one story of that container, direction and length."""
+    truths = stream.truths()
+    for r in reports:
+        fits = [t for t in truths if t[:3] == (r.container, r.dir, r.len) and r.t0 in t[3]
+                and r.t0 + r.latency in t[4] and t[4][r.t0 + r.latency] == r.cpu
+                and all(h is None or r.t0 + h in t[5] for h in r.hops)]
+        assert fits, f"report pairs events of different packets: {r}"
+
+
+# -- the same as the reference, event for event -----------------------------------------------
+
+MAIN = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@MAIN
+@given(streams())
+def test_same_reports_and_counters_as_the_reference(stream):
+    plan, age = stream.world.plan, stream.world.max_age
+    cy = run_cython(plan, stream.events, max_age=age)
+    ref = run_reference(plan, stream.events, max_age=age)
+    assert cy.reports == ref.reports
+    assert cy.counts == ref.counts
+    assert cy.in_flight == ref.in_flight
+    assert (cy.glob, cy.used) == (ref.glob, ref.used)
+    assert cy.identity_holds(), (cy.counts, cy.in_flight)
+    check_latency_stats(cy)
+    if stream.realistic:
+        check_against_truth(stream, ref.reports)
+
+
+# -- a tiny table gives fewer reports, never a wrong pairing ----------------------------------
+
+
+@settings(MAIN, max_examples=150)
+@given(streams(), st.sampled_from([2, 4, 8]))
+def test_tiny_table_never_pairs_wrongly(stream, table_size):
+    plan, age = stream.world.plan, stream.world.max_age
+    cy = run_cython(plan, stream.events, max_age=age, table_size=table_size)
+    ref = run_reference(plan, stream.events, max_age=age)
+    missing = Counter(map(without_seq, cy.reports)) - Counter(map(without_seq, ref.reports))
+    assert not missing, f"reports the reference does not make: {list(missing)}"
+    assert all(0 < r.latency <= age for r in cy.reports)
+    assert cy.identity_holds(), (cy.counts, cy.in_flight)
+    if stream.realistic:
+        check_against_truth(stream, cy.reports)
+    # sequence numbers still count each container's reports from 1
+    for c in range(len(plan.containers)):
+        for d in (EGRESS, INGRESS):
+            assert [r.seq for r in cy.reports if (r.container, r.dir) == (c, d)] == \
+                list(range(1, cy.counts[c][DIRS[d]]["reports"] + 1))
+
+
+# -- the whole pipeline: ring images -> Rings -> Correlator -----------------------------------
+
+
+def run_pipeline(stream: Stream, *, max_age: int) -> tuple[Outcome, list[list[Event]], Rings]:
+    w, k = stream.world, stream.world.kernel
+    per_ring = [[ev for ev in stream.events if ev.cpu == c] for c in w.cpus]
+    biggest = max(sum(len(k.net_event(ev).encode()) for ev in evs) for evs in per_ring)
+    pages = 1
+    while pages * PAGE < biggest:
+        pages *= 2
+    rings = Rings(cpus=w.cpus, ring_pages=pages, reorder_ns=0)
+    layouts = [builtin_layout(p.tracepoint) for p in k.probes]
+    for i, layout in enumerate(layouts):
+        assert rings.add_kind(**layout) == i
+    rings.set_devices(w.plan.devices)
+    decoder = ReferenceDecoder(layouts, w.plan.devices)
+    for i, evs in enumerate(per_ring):
+        img = RingImage(pages)
+        assert img.write(*(k.net_event(ev).encode() for ev in evs)) == len(evs)
+        assert decoder.decode(img.data())[0] == evs      # the images say what we meant
+        rings.attach(i, img.buf)
+    corr = w.plan.correlator(k.probes, table_size=BIG_TABLE, max_age_ns=max_age, ncpu=NCPU,
+                             max_batch=rings.max_batch)
+    rings.feed(corr, final=True)
+    return cython_outcome(corr), per_ring, rings
+
+
+@settings(MAIN, max_examples=60)
+@given(streams(max_stories=40, max_cpus=3))
+def test_pipeline_from_ring_images_matches_the_reference(stream):
+    age = stream.world.max_age
+    cy, per_ring, rings = run_pipeline(stream, max_age=age)
+    merged, kept = merge(per_ring)
+    assert kept == [[] for _ in per_ring]
+    assert merged == stream.events
+    s = rings.stats()
+    assert (s["samples"], s["lost"], s["errors"], s["unknown"], s["late"]) == (len(merged), 0, 0, 0, 0)
+    ref = run_reference(stream.world.plan, merged, max_age=age)
+    assert cy.reports == ref.reports
+    assert cy.counts == ref.counts
+    assert cy.in_flight == ref.in_flight
+    assert (cy.glob, cy.used) == (ref.glob, ref.used)
+
+
+# -- batching ---------------------------------------------------------------------------------
+
+
+@settings(MAIN, max_examples=60)
+@given(streams(), st.sampled_from([1, 2, 3, 8, 64]))
+def test_batch_boundaries_change_no_report(stream, max_batch):
+    """Rings.feed hands the correlator batches of any size; the sweep that runs after each
+    one must not change what is reported."""
+    w = stream.world
+    corr = w.plan.correlator(w.plan.probes(), table_size=BIG_TABLE, max_age_ns=w.max_age,
+                             ncpu=NCPU, max_batch=max_batch)
+    corr.feed_bytes(pack(stream.events))
+    cy = cython_outcome(corr)
+    ref = run_reference(w.plan, stream.events, max_age=w.max_age)
+    assert cy.reports == ref.reports
+    assert cy.identity_holds(), (cy.counts, cy.in_flight)
+
+
+# -- hand-written scenarios -------------------------------------------------------------------
+
+A, B, C, D = (0xFFFF888104000000 + 0x100 * k for k in (1, 2, 3, 4))
+R = 0xFFFF888104000F00          # an ARP request
+M0, M1, U = Box("m0v0", BRIDGE, 0), Box("m1v0", BRIDGE, 1), Box("u2v0", BRIDGE, None)
+
+
+class Script:
+    """A hand-written stream: each call adds one event `dt` ns after the previous one and
+    returns its time.  Events the plan's filters would drop are refused."""
+
+    def __init__(self, plan: Plan, t: int = 1000):
+        self.plan, self.kernel, self.events, self.t = plan, Kernel(plan), [], t
+
+    def __call__(self, tp, dev, skb, length, *, proto=IP, cpu=0, tid=1, dt=100, at=None) -> int:
+        self.t = at if at is not None else self.t + dt
+        ev = self.kernel.event(TP[tp], dev, skb, length, proto, self.t, cpu, tid)
+        assert ev is not None, f"{tp} on {dev} does not pass this plan's filters"
+        self.events.append(ev)
+        return self.t
+
+
+def correlate(s: Script, *, max_age: int = 1_000_000_000) -> Outcome:
+    """Run both correlators on the script; they must agree on everything."""
+    cy = run_cython(s.plan, s.events, max_age=max_age)
+    ref = run_reference(s.plan, s.events, max_age=max_age)
+    assert cy.reports == ref.reports
+    assert (cy.counts, cy.in_flight, cy.glob, cy.used) == (ref.counts, ref.in_flight, ref.glob, ref.used)
+    assert cy.identity_holds()
+    return cy
+
+
+def counts(out: Outcome, container: int, direction: str, *names) -> tuple:
+    return tuple(out.counts[container][direction][n] for n in names)
+
+
+def egress(s: Script, skb, L, *, veth="m0v0", bridge=BRIDGE, cpu=0, tid=1, cpu2=None, tid2=None):
+    """A complete egress packet; returns its start and end times."""
+    cpu2 = cpu if cpu2 is None else cpu2
+    tid2 = tid + 1 if tid2 is None else tid2
+    t0 = s("xmit", INNER, skb, L + ETH_HLEN, cpu=cpu, tid=tid)
+    if s.plan.hops:
+        s("rx", veth, skb, L, cpu=cpu, tid=tid)
+    s("recv", veth, skb, L, cpu=cpu2, tid=tid2)
+    if s.plan.hops and bridge:
+        s("recv", bridge, skb, L, cpu=cpu2, tid=tid2)
+    t1 = s("queue", UPLINK, skb, L + ETH_HLEN, cpu=cpu2, tid=tid2)
+    if not s.plan.end_at_queue:
+        t1 = s("xmit", UPLINK, skb, L + ETH_HLEN, cpu=cpu2, tid=tid2)
+    return t0, t1
+
+
+def ingress(s: Script, skb, L, *, veth="m0v0", bridge=BRIDGE, cpu=0, tid=1, cpu2=None, tid2=None):
+    cpu2 = cpu if cpu2 is None else cpu2
+    tid2 = tid + 1 if tid2 is None else tid2
+    t0 = s("recv", UPLINK, skb, L, cpu=cpu, tid=tid)
+    if s.plan.hops and bridge:
+        s("xmit", bridge, skb, L + ETH_HLEN, cpu=cpu, tid=tid)
+    s("xmit", veth, skb, L + ETH_HLEN, cpu=cpu, tid=tid)
+    if s.plan.hops:
+        s("rx", INNER, skb, L, cpu=cpu, tid=tid)
+    t1 = s("recv", INNER, skb, L, cpu=cpu2, tid=tid2)
+    return t0, t1
+
+
+@pytest.mark.parametrize("hops", [False, True], ids=["boundary", "hops"])
+def test_plain_egress_and_ingress_reports_with_hops(hops):
+    s = Script(make_plan([M0], hops=hops, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1, at=1000)
+    if hops:
+        s("rx", "m0v0", A, 84, cpu=0, tid=1, at=1100)
+    s("recv", "m0v0", A, 84, cpu=1, tid=7, at=1500)      # from the backlog, elsewhere
+    if hops:
+        s("recv", BRIDGE, A, 84, cpu=1, tid=7, at=1600)
+    s("queue", UPLINK, A, 98, cpu=1, tid=7, at=1700)
+    s("xmit", UPLINK, A, 98, cpu=2, tid=9, at=2500)      # from the qdisc, elsewhere
+    s("recv", UPLINK, B, 84, cpu=1, tid=7, at=3000)
+    if hops:
+        s("xmit", BRIDGE, B, 98, cpu=1, tid=7, at=3050)
+    s("xmit", "m0v0", B, 98, cpu=1, tid=7, at=3100)
+    if hops:
+        s("rx", INNER, B, 84, cpu=1, tid=7, at=3150)
+    s("recv", INNER, B, 84, cpu=3, tid=11, at=4000)
+    out = correlate(s)
+    eg_hops = (100, 500, 600, 700) if hops else (None, 500, None, 700)
+    in_hops = (50, 100, 150) if hops else (None, 100, None)
+    assert out.reports == [Report(0, EGRESS, 1, 1000, 1500, 84, 2, eg_hops),
+                           Report(0, INGRESS, 1, 3000, 1000, 84, 3, in_hops)]
+    for d in DIRS:
+        assert counts(out, 0, d, "crossed", "reports") == (1, 1)
+    assert out.in_flight == [[0, 0]]
+    assert out.glob["inserts"] == 2
+
+
+def test_end_at_queue_ends_egress_at_the_queue_event():
+    plan = make_plan([M0], hops=False, end_at_queue=True)
+    assert not Kernel(plan).visible(XMIT, UPLINK)        # not even traced
+    s = Script(plan)
+    s("xmit", INNER, A, 98, at=1000)
+    s("recv", "m0v0", A, 84, tid=2, at=1500)
+    s("queue", UPLINK, A, 98, tid=2, at=1600)
+    out = correlate(s)
+    assert out.reports == [Report(0, EGRESS, 1, 1000, 600, 84, 0, (None, 500, None, None))]
+    assert out.in_flight == [[0, 0]]
+
+
+def test_reuse_after_silent_local_delivery_never_completes_the_old_entry():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1)
+    s("recv", "m0v0", A, 84, cpu=0, tid=2)      # delivered to the host, freed untraced
+    s("recv", UPLINK, B, 60, cpu=0, tid=2)      # the CPU moves on to another packet
+    t0, t1 = egress(s, A, 84, cpu=1, tid=5)      # the address again, same length
+    out = correlate(s)
+    assert out.reports == [Report(0, EGRESS, 1, t0, t1 - t0, 84, 1, (None, 100, None, 200))]
+    assert counts(out, 0, "egress", "crossed", "reports", "local") == (2, 1, 1)
+
+
+def test_reuse_by_the_host_before_the_cpu_moved_on_is_not_paired():
+    # the old packet still waits for its (synchronous) uplink step; the host sends a packet
+    # of the same length from that address on another CPU: not the same call chain
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1)
+    s("recv", "m0v0", A, 84, cpu=0, tid=2)
+    s("queue", UPLINK, A, 98, cpu=1, tid=5)
+    s("xmit", UPLINK, A, 98, cpu=1, tid=5)
+    out = correlate(s)
+    assert out.reports == []
+    assert counts(out, 0, "egress", "crossed", "reports", "rejected") == (1, 0, 1)
+
+
+def test_stale_host_bound_ingress_entry_is_not_matched_by_host_to_container_packet():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=1)      # for the host; cpu 0 then stays idle
+    s("xmit", "m0v0", A, 98, cpu=1, tid=5)      # the host sends into the container, same size
+    s("recv", INNER, A, 84, cpu=2, tid=6)
+    out = correlate(s)
+    assert out.reports == []
+    assert counts(out, 0, "ingress", "crossed", "local", "reports") == (1, 1, 0)
+    assert out.glob["superseded"] == 1
+    assert out.in_flight == [[0, 0]]
+
+
+@pytest.mark.parametrize("hops", [False, True], ids=["boundary", "hops"])
+def test_containers_sharing_eth0_are_told_apart_by_their_veth(hops):
+    plan = make_plan([M0, M1], hops=hops, end_at_queue=False)
+    assert plan.inner_slots() == [0, 0]
+    s = Script(plan)
+    # container 1 sends A while container 0 sends B on another CPU, interleaved
+    s("xmit", INNER, A, 114, cpu=0, tid=1)
+    s("xmit", INNER, B, 98, cpu=1, tid=3)
+    if hops:
+        s("rx", "m1v0", A, 100, cpu=0, tid=1)
+        s("rx", "m0v0", B, 84, cpu=1, tid=3)
+    s("recv", "m1v0", A, 100, cpu=0, tid=2)
+    s("recv", "m0v0", B, 84, cpu=1, tid=4)
+    if hops:
+        s("recv", BRIDGE, B, 84, cpu=1, tid=4)
+        s("recv", BRIDGE, A, 100, cpu=0, tid=2)
+    s("queue", UPLINK, B, 98, cpu=1, tid=4)
+    s("queue", UPLINK, A, 114, cpu=0, tid=2)
+    s("xmit", UPLINK, A, 114, cpu=0, tid=2)
+    s("xmit", UPLINK, B, 98, cpu=1, tid=4)
+    ingress(s, C, 200, veth="m1v0", bridge=BRIDGE, cpu=2, tid=8)
+    out = correlate(s)
+    assert [(r.container, r.dir, r.len) for r in out.reports] == \
+        [(1, EGRESS, 100), (0, EGRESS, 84), (1, INGRESS, 200)]
+    assert counts(out, 0, "egress", "crossed", "reports") == (1, 1)
+    assert counts(out, 1, "egress", "crossed", "reports") == (1, 1)
+    assert counts(out, 1, "ingress", "crossed", "reports") == (1, 1)
+    assert counts(out, 0, "ingress", "crossed") == (0,)
+
+
+@pytest.mark.parametrize("hops", [False, True], ids=["boundary", "hops"])
+def test_unmonitored_container_is_never_reported(hops):
+    plan = make_plan([M0, U], hops=hops, end_at_queue=False)
+    k = Kernel(plan)
+    assert not k.visible(RECV, "u2v0") and not k.visible(XMIT, "u2v0")
+    s = Script(plan)
+    # U sends: its eth0 passes the filter, its veth does not
+    s("xmit", INNER, A, 98, cpu=0, tid=1)
+    if hops:
+        s("recv", BRIDGE, A, 84, cpu=1, tid=2)
+    s("queue", UPLINK, A, 98, cpu=1, tid=2)
+    s("xmit", UPLINK, A, 98, cpu=1, tid=2)
+    # U receives, same length as everything else
+    s("recv", UPLINK, B, 84, cpu=2, tid=3)
+    if hops:
+        s("xmit", BRIDGE, B, 98, cpu=2, tid=3)
+        s("rx", INNER, B, 84, cpu=2, tid=3)
+    s("recv", INNER, B, 84, cpu=3, tid=4)
+    out = correlate(s)
+    assert out.reports == []
+    assert out.counts == [{d: dict.fromkeys(COUNTERS, 0) for d in DIRS}]
+    assert out.in_flight == [[0, 0]]
+
+
+def test_kfree_skb_midway_counts_dropped():
+    s = Script(make_plan([M0], hops=True, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1)
+    s("rx", "m0v0", A, 84, cpu=0, tid=1)
+    s("free", None, A, 0, cpu=0, tid=1)        # backlog full
+    s("recv", UPLINK, B, 84, cpu=1, tid=2)
+    s("xmit", BRIDGE, B, 98, cpu=1, tid=2)
+    s("xmit", "m0v0", B, 98, cpu=1, tid=2)
+    s("free", None, C, 0, cpu=1, tid=2)        # another packet's free inside the chain
+    s("rx", INNER, B, 84, cpu=1, tid=2)
+    s("free", None, B, 0, cpu=3, tid=4)        # dropped in the container's backlog
+    out = correlate(s)
+    assert out.reports == []
+    assert counts(out, 0, "egress", "crossed", "dropped") == (1, 1)
+    assert counts(out, 0, "ingress", "crossed", "dropped", "rejected") == (1, 1, 0)
+    assert out.glob["frees"] == 3
+
+
+def test_arp_parked_egress_is_reported_with_its_full_latency():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1, at=1000)
+    s("recv", "m0v0", A, 84, cpu=0, tid=2, at=1500)
+    s("queue", UPLINK, R, 42, cpu=0, tid=2, at=1600)    # the neighbour sends an ARP request
+    s("xmit", UPLINK, R, 42, proto=ARP, cpu=0, tid=2, at=1700)
+    s("recv", UPLINK, D, 28, cpu=1, tid=3, at=40_000)   # the reply, for the host
+    s("queue", UPLINK, A, 98, cpu=1, tid=3, at=41_000)   # the parked packet leaves
+    s("xmit", UPLINK, A, 98, cpu=1, tid=3, at=41_500)
+    out = correlate(s)
+    assert out.reports == [Report(0, EGRESS, 1, 1000, 40_500, 84, 1, (None, 500, None, 40_000))]
+    assert out.glob["parked"] == 1
+    assert out.glob["unclaimed"] == 1
+
+
+def test_an_arp_request_from_another_thread_does_not_park_the_packet():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1, at=1000)
+    s("recv", "m0v0", A, 84, cpu=0, tid=2, at=1500)
+    s("queue", UPLINK, R, 42, cpu=0, tid=3, at=1600)    # not A's call chain
+    s("queue", UPLINK, A, 98, cpu=1, tid=4, at=41_000)
+    s("xmit", UPLINK, A, 98, cpu=1, tid=4, at=41_500)
+    out = correlate(s)
+    assert out.reports == []
+    assert out.glob["parked"] == 0
+    assert counts(out, 0, "egress", "crossed", "local") == (1, 1)
+
+
+def test_arp_parked_ingress_is_reported_with_its_full_latency():
+    s = Script(make_plan([M0], hops=True, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=1, at=1000)
+    s("xmit", BRIDGE, R, 42, proto=ARP, cpu=0, tid=1, at=1100)   # who has the container?
+    s("xmit", "m0v0", R, 42, proto=ARP, cpu=0, tid=1, at=1150)
+    s("rx", INNER, R, 28, cpu=0, tid=1, at=1200)
+    s("xmit", BRIDGE, A, 98, cpu=2, tid=5, at=30_000)            # resolved: sent on
+    s("xmit", "m0v0", A, 98, cpu=2, tid=5, at=30_100)
+    s("rx", INNER, A, 84, cpu=2, tid=5, at=30_200)
+    s("recv", INNER, A, 84, cpu=3, tid=6, at=31_000)
+    out = correlate(s)
+    assert out.reports == [Report(0, INGRESS, 1, 1000, 30_000, 84, 3, (29_000, 29_100, 29_200))]
+    assert out.glob["parked"] == 1
+
+
+def test_an_event_after_max_age_expires_the_entry():
+    age = 10_000
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    t0, t1 = egress(s, A, 84, tid=1)
+    assert t1 - t0 < age
+    s("xmit", INNER, B, 98, at=100_000)
+    s("recv", "m0v0", B, 84, tid=2, at=100_500)
+    s("queue", UPLINK, B, 98, tid=2, at=100_600)
+    s("xmit", UPLINK, B, 98, tid=2, at=100_000 + age + 1)     # 1 ns too late
+    s("xmit", INNER, C, 98, at=200_000)
+    s("recv", "m0v0", C, 84, tid=2, at=200_500)
+    s("queue", UPLINK, C, 98, tid=2, at=200_600)
+    s("xmit", UPLINK, C, 98, tid=2, at=200_000 + age)         # just in time
+    out = correlate(s, max_age=age)
+    assert [(r.t0, r.latency) for r in out.reports] == [(t0, t1 - t0), (200_000, age)]
+    assert counts(out, 0, "egress", "crossed", "reports", "expired") == (3, 2, 1)
+
+
+def test_entries_older_than_max_age_expire_at_finish():
+    age = 10_000
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98, at=1000)
+    s("recv", "m0v0", A, 84, cpu=1, tid=2, at=1500)      # cpu 1 then stays idle
+    s("recv", UPLINK, B, 84, cpu=2, tid=3, at=50_000)
+    s("xmit", "m0v0", B, 98, cpu=2, tid=3, at=50_100)     # B still in the container's backlog
+    out = correlate(s, max_age=age)
+    assert counts(out, 0, "egress", "crossed", "expired") == (1, 1)
+    assert out.in_flight == [[0, 1]]
+
+
+def test_container_to_container_counts_local_on_both_sides():
+    s = Script(make_plan([M0, M1], hops=True, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1)
+    s("rx", "m0v0", A, 84, cpu=0, tid=1)
+    s("recv", "m0v0", A, 84, cpu=0, tid=2)
+    s("xmit", "m1v0", A, 98, cpu=0, tid=2)      # the bridge forwards it to container 1
+    s("rx", INNER, A, 84, cpu=0, tid=2)
+    s("recv", INNER, A, 84, cpu=1, tid=3)
+    out = correlate(s)
+    assert out.reports == []
+    assert counts(out, 0, "egress", "crossed", "local") == (1, 1)
+    assert counts(out, 1, "ingress", "crossed", "local") == (1, 1)
+    assert counts(out, 0, "ingress", "crossed") == counts(out, 1, "egress", "crossed") == (0,)
+    assert out.in_flight == [[0, 0], [0, 0]]
+
+
+def test_skb_zero_and_other_frees_do_not_break_a_call_chain():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98, at=1000)
+    s("recv", "m0v0", A, 84, tid=2, at=1500)
+    s("recv", UPLINK, 0, 60, tid=2, at=1510)       # skb 0: ignored
+    s("free", None, B, 0, tid=2, at=1520)          # some other packet freed on the way
+    s("queue", UPLINK, A, 98, tid=2, at=1600)
+    s("xmit", UPLINK, A, 98, tid=2, at=1700)
+    out = correlate(s)
+    assert [(r.t0, r.latency) for r in out.reports] == [(1000, 700)]
+    assert out.glob["ignored"] == 1
+
+
+def test_a_duplicated_event_ends_the_packet():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98)
+    s("recv", "m0v0", A, 84, tid=2)
+    s("recv", "m0v0", A, 84, tid=2)                # once more: not a next step
+    s("queue", UPLINK, A, 98, tid=2)
+    s("xmit", UPLINK, A, 98, tid=2)
+    out = correlate(s)
+    assert out.reports == []
+    assert counts(out, 0, "egress", "crossed", "rejected", "orphans") == (2, 1, 1)
+
+
+def test_an_address_reused_with_another_length_is_not_paired():
+    # Container 0's packet vanishes untraced from its backlog; the host then sends a packet
+    # with the same address into an unmonitored container, whose inner device is eth0 too.
+    plan = make_plan([M0, U], hops=False, end_at_queue=False)
+    s = Script(plan)
+    s("recv", UPLINK, A, 84, cpu=0, tid=1)
+    s("xmit", "m0v0", A, 98, cpu=0, tid=1)
+    s("recv", UPLINK, B, 60, cpu=0, tid=1)       # cpu 0 moves on
+    s("recv", INNER, A, 100, cpu=1, tid=2)       # (xmit u2v0 is filtered out)
+    out = correlate(s)
+    assert out.reports == []
+    assert counts(out, 0, "ingress", "crossed", "rejected") == (1, 1)
+
+
+def test_an_ingress_entry_the_table_gave_up_makes_an_orphan_not_host_traffic():
+    plan = make_plan([M0], hops=False, end_at_queue=False)
+    s = Script(plan)
+    s("recv", UPLINK, A, 84, cpu=0, tid=1)
+    s("recv", UPLINK, B, 84, cpu=1, tid=2)
+    s("recv", UPLINK, C, 84, cpu=2, tid=3)       # a table of 2: A, the oldest, must go
+    s("xmit", "m0v0", A, 98, cpu=0, tid=1)
+    s("recv", INNER, A, 84, cpu=3, tid=4)
+    corr = plan.correlator(plan.probes(), table_size=2, ncpu=NCPU)
+    corr.feed_bytes(pack(s.events))
+    out = cython_outcome(corr)
+    assert out.reports == []
+    assert counts(out, 0, "ingress", "crossed", "orphans", "local") == (1, 1, 0)
+    assert out.glob["evicted"] == 1
+    assert out.identity_holds()
+    # the reference never gives an entry up: there, A is reported
+    assert [r.t0 for r in run_reference(plan, s.events, max_age=10**9).reports] == [1100]
+
+
+def test_reports_beyond_the_buffer_wait_for_take_reports():
+    # max_batch 2: the report buffer holds 2 * 2 + 1024 reports; feed_bytes spills the rest
+    plan = make_plan([M0], hops=False, end_at_queue=False)
+    s = Script(plan)
+    n = 1500
+    for i in range(n):
+        egress(s, A if i % 2 else B, 84 + i % 7, cpu=i % 3, tid=1)
+    corr = plan.correlator(plan.probes(), table_size=64, ncpu=NCPU, max_batch=2)
+    assert corr.feed_bytes(pack(s.events)) == len(s.events)
+    assert corr.finish() == [[0, 0]]
+    reports = list(unpack(corr.take_reports()))
+    assert [r.seq for r in reports] == list(range(1, n + 1))
+    assert [r.len for r in reports] == [84 + i % 7 for i in range(n)]
+    assert run_reference(plan, s.events, max_age=1_000_000_000).reports == reports
+    assert corr.take_reports() == b""
+
+
+# -- batch boundaries -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["cpu-moves-on", "kfree"])
+def test_counters_do_not_depend_on_batch_boundaries(end):
+    age = 10_000
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("xmit", INNER, A, 98, cpu=0, tid=1, at=1000)
+    s("recv", "m0v0", A, 84, cpu=0, tid=2, at=1500)   # delivered locally (or about to drop)
+    s("recv", UPLINK, B, 60, cpu=1, tid=3, at=20_000)  # another CPU: the clock passes A's age
+    if end == "kfree":
+        s("free", None, A, 0, cpu=0, tid=2, at=20_100)
+    else:
+        s("recv", UPLINK, C, 60, cpu=0, tid=2, at=20_100)   # cpu 0 moves on
+    ref = run_reference(s.plan, s.events, max_age=age)
+    whole = run_cython(s.plan, s.events, max_age=age, table_size=64)
+    assert whole.counts == ref.counts
+    # The clock passed A's age before anything ended A: expired, however the events are batched
+    # (the sweep after a batch and the per-event rules apply the same test).
+    name = "local" if end == "cpu-moves-on" else "dropped"
+    assert counts(whole, 0, "egress", name, "expired") == (0, 1)
+    split = run_cython(s.plan, s.events, max_age=age, table_size=64, chunks=[3])
+    assert split.counts == whole.counts
