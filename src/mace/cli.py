@@ -22,6 +22,7 @@ NET_EVENTS = ("net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit",
 
 EXAMPLES = """\
 examples:
+  mace demo                                 container ping: raw, mace's expense, corrected, native
   mace trace --netns 1234                   per-packet expense of the container of PID 1234
   mace trace --netns web --netns db -f jsonl -o lat.jsonl --duration 60
   mace trace --netns /run/netns/c1 --hops --format csv | head
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--no-tui", dest="tui", action="store_false", help="stream reports even on a terminal")
     tr.add_argument("-q", "--quiet", action="store_true", help="no discovery lines, no summary")
     tr.set_defaults(func=cmd_trace)
+
+    dm = sub.add_parser("demo", help="measure and correct a container's ping RTT on a throwaway testbed",
+                        epilog="Builds network namespaces (198.18.0.0/15 only), removes them after.")
+    dm.add_argument("--count", type=int, default=200, metavar="N", help="pings (default 200)")
+    dm.add_argument("--interval", type=float, default=0.02, metavar="SEC",
+                    help="seconds between pings (default 0.02)")
+    dm.add_argument("--co-located", type=int, default=0, metavar="K", dest="colocated",
+                    help="containers flooding the same target meanwhile (default 0)")
+    dm.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("events", help="print decoded tracepoint events (the capture engine, raw)",
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,9 +161,6 @@ def cmd_trace(args) -> int:
     err = sys.stderr
     targets = [resolve(spec) for spec in args.netns]
     topo = discover(targets, args.uplink)
-    if not args.quiet:
-        for line in topo.describe():
-            print(line, file=err)
     plan = topo.plan(hops=args.hops, end_at_queue=args.end_at_queue)
     labels = [t.label for t in targets]
     inodes = [t.inode for t in targets]
@@ -165,11 +172,11 @@ def cmd_trace(args) -> int:
     with ExitStack() as stack:
         stop = _Stop()
         stop.install(stack)
+        # files are opened before tracing starts: a bad path must not cost the run
         if args.output:
-            try:
-                out = stack.enter_context(open(args.output, "w"))
-            except OSError as e:
-                raise UsageError(f"cannot write {args.output}: {e.strerror}") from None
+            out = stack.enter_context(_open_for_writing(args.output, "--output"))
+        summary_file = (stack.enter_context(_open_for_writing(args.summary_json, "--summary-json"))
+                        if args.summary_json else None)
         tracer = stack.enter_context(Tracer(plan, table_size=args.table_size,
                                             max_age_ns=int(args.max_age * 1e6),
                                             ring_pages=args.ring_pages))
@@ -180,6 +187,10 @@ def cmd_trace(args) -> int:
             from mace.tui import LiveView
             live = stack.enter_context(LiveView(tracer, labels, plan))
         tracer.start()
+        if not args.quiet:
+            # after start: once these lines are out, every packet is traced
+            for line in topo.describe():
+                print(line, file=err, flush=True)
         deadline = time.monotonic() + args.duration if args.duration else None
         alive = [True] * len(targets)
         next_check = time.monotonic() + 1.0
@@ -233,10 +244,18 @@ def cmd_trace(args) -> int:
             summary = build(tracer, labels, inodes)
             if not args.quiet:
                 print(format_text(summary), file=err)
-            if args.summary_json:
-                with open(args.summary_json, "w") as f:
-                    json.dump(summary, f, indent=2)
+            if summary_file is not None:
+                json.dump(summary, summary_file, indent=2)
+                summary_file.write("\n")
     return 0
+
+
+def _open_for_writing(path: str, option: str):
+    try:
+        return open(path, "w")
+    except OSError as e:
+        raise UsageError(f"cannot write {path} ({option}): {e.strerror}",
+                         hint="give a path in a directory you can write to") from None
 
 
 def _have_tui() -> bool:
@@ -245,6 +264,20 @@ def _have_tui() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cmd_demo(args) -> int:
+    from mace import demo
+
+    _check_positive("--count", args.count)
+    _check_positive("--interval", args.interval)
+    _check_positive("--co-located", args.colocated, allow_zero=True)
+    if args.interval < 0.002:
+        raise UsageError("--interval below 0.002 s would flood", hint="use 0.002 or more")
+    if args.colocated > 64:
+        raise UsageError("--co-located is limited to 64 containers")
+    _check_privileges()
+    return demo.main(args.count, args.interval, args.colocated)
 
 
 def cmd_events(args) -> int:

@@ -52,8 +52,10 @@ def _us(ns) -> str:
 
 
 def format_text(summary: dict) -> str:
-    """A fixed-width table, one line per container and direction, then the totals."""
-    head = (f"{'target':<22} {'dir':<7} {'count':>7} {'cover':>7} {'min':>8} {'p50':>8} "
+    """A table, one line per container and direction, then the totals.  Targets are shown
+    whole (container runtimes' netns paths share long prefixes)."""
+    w = max([6] + [len(c["target"]) for c in summary["containers"]])
+    head = (f"{'target':<{w}} {'dir':<7} {'count':>7} {'cover':>7} {'min':>8} {'p50':>8} "
             f"{'p90':>8} {'p99':>8} {'max':>8}  (us)   lost-to: orphan expired evicted rejected")
     lines = [head]
     for c in summary["containers"]:
@@ -61,7 +63,7 @@ def format_text(summary: dict) -> str:
             r = c[d]
             cov = "-" if r["coverage"] is None else f"{100 * r['coverage']:.1f}%"
             lines.append(
-                f"{c['target'][:22]:<22} {d:<7} {r['count']:>7} {cov:>7} {_us(r['min_ns']):>8} "
+                f"{c['target']:<{w}} {d:<7} {r['count']:>7} {cov:>7} {_us(r['min_ns']):>8} "
                 f"{_us(r['p50_ns']):>8} {_us(r['p90_ns']):>8} {_us(r['p99_ns']):>8} "
                 f"{_us(r['max_ns']):>8}          {r['orphans']:>6} {r['expired']:>7} "
                 f"{r['evicted']:>7} {r['rejected']:>8}")

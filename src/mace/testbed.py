@@ -119,6 +119,10 @@ class Testbed:
             _up(host, "lo")
             host.link("add", ifname=self.bridge, kind="bridge")
             br = _index(host, self.bridge)
+            # A bridge takes the lowest MAC of its ports unless given one, and changes it when
+            # that port leaves: the containers' ARP entries for the gateway would go stale.
+            host.link("set", index=br, address=f"02:6d:{int(self.tag, 16) >> 12 & 0xff:02x}:"
+                                                 f"{int(self.tag, 16) >> 4 & 0xff:02x}:00:01")
             host.addr("add", index=br, address=self.gateway, prefixlen=HOST_NET.prefixlen)
             host.link("set", index=br, state="up")
             host.link("add", ifname=self.uplink, kind="veth",
