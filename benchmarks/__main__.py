@@ -18,6 +18,7 @@ from benchmarks.report import write_results_md
 # name -> module; each has run(quick) -> dict, plot(result, path), summary(result) -> rows
 SUITE = {
     "ring": "benchmarks.ring",
+    "correlate": "benchmarks.correlate",
 }
 
 
