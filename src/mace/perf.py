@@ -34,6 +34,9 @@ DEV_NONE = _ring.DEV_NONE
 DEV_OTHER = _ring.DEV_OTHER
 FILTER_MAX = 4000       # the kernel copies at most a page of filter text
 MAX_RING_PAGES = 65536
+# 2 MiB per CPU: at half a million events a second the reader may be late by ~40 ms
+# (other work on the same CPUs) before a record is lost
+DEFAULT_RING_PAGES = 512
 TRACEPOINT_RE = re.compile(r"^[A-Za-z0-9_]+:[A-Za-z0-9_]+$")
 # what the kernel's dev_valid_name accepts, minus quotes (they would end the filter string)
 DEVICE_RE = re.compile(r"^[^\s/:\"'\\]{1,15}$")
@@ -147,7 +150,7 @@ class Capture:
     """
 
     def __init__(self, probes: Sequence[Probe], devices: Sequence[str] = (), *,
-                 cpus: Sequence[int] | None = None, ring_pages: int = 256, watermark: int = 0,
+                 cpus: Sequence[int] | None = None, ring_pages: int = DEFAULT_RING_PAGES, watermark: int = 0,
                  reorder_us: int = 2000):
         if not probes:
             raise UsageError("nothing to trace: no probes")

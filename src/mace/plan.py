@@ -79,8 +79,12 @@ class Plan:
     def inner_names(self) -> list[str]:
         return list(dict.fromkeys(c.inner for c in self.containers))
 
-    def probes(self) -> list[Probe]:
-        """The tracepoints and in-kernel device filters this plan needs, nothing more."""
+    def probes(self, formats: dict | None = None) -> list[Probe]:
+        """The tracepoints and in-kernel device filters this plan needs, nothing more.
+
+        With the tracepoints' `formats`, kfree_skb is also filtered in the kernel: frees for
+        want of a socket end every locally delivered datagram's life (each ping reply), and
+        never a packet on its way through the host."""
         veths = tuple(c.veth for c in self.containers)
         inner = tuple(self.inner_names)
         bridges = tuple(self.bridges) if self.hops else ()
@@ -89,7 +93,7 @@ class Plan:
             Probe(XMIT, devices=_unique(inner + veths + bridges + uplink)),
             Probe(RECV, devices=_unique((self.uplink,) + veths + inner + bridges)),
             Probe(QUEUE, devices=(self.uplink,)),
-            Probe(FREE),
+            Probe(FREE, condition=_free_condition(formats)),
         ]
         if self.hops:
             probes.append(Probe(RX, devices=_unique(veths + inner)))
@@ -123,6 +127,17 @@ class Plan:
             kinds, classes, owner, self.inner_slots(), table_size=table_size,
             max_age_ns=max_age_ns, hops=self.hops, bridge=bool(self.bridges),
             end_at_queue=self.end_at_queue, ncpu=ncpu, max_batch=max_batch)
+
+
+def _free_condition(formats: dict | None) -> str | None:
+    fmt = (formats or {}).get(FREE)
+    no_socket = fmt.symbol("reason", "NO_SOCKET") if fmt is not None else None
+    return None if no_socket is None else f"reason != {no_socket}"
+
+
+def tracepoints(hops: bool) -> list[str]:
+    """Every tracepoint a plan may open."""
+    return [XMIT, RECV, QUEUE, FREE] + ([RX] if hops else [])
 
 
 def _unique(names) -> tuple[str, ...]:

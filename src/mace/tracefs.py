@@ -51,10 +51,23 @@ class EventFormat:
     name: str
     id: int
     fields: dict[str, Field] = field(default_factory=dict)
+    print_fmt: str = ""
 
     @property
     def qualified(self) -> str:
         return f"{self.system}:{self.name}"
+
+    def symbol(self, fieldname: str, symbol: str) -> int | None:
+        """The value __print_symbolic gives `symbol` for `fieldname` (enum values such as
+        kfree_skb's drop reasons differ between kernels), or None."""
+        m = re.search(r"__print_symbolic\(REC->" + re.escape(fieldname) + r",(.*?)\)\s*(,|$)",
+                      self.print_fmt)
+        if not m:
+            return None
+        for value, name in re.findall(r'\{\s*(-?\w+)\s*,\s*"([^"]*)"\s*\}', m.group(1)):
+            if name == symbol:
+                return int(value, 0)
+        return None
 
     @property
     def size(self) -> int:
@@ -85,9 +98,12 @@ def parse_format(text: str, system: str = "") -> EventFormat:
     """
     name = None
     ev_id = None
+    print_fmt = ""
     fields: dict[str, Field] = {}
     for line in text.splitlines():
-        if line.startswith("name:"):
+        if line.startswith("print fmt:"):
+            print_fmt = line.split(":", 1)[1].strip()
+        elif line.startswith("name:"):
             name = line.split(":", 1)[1].strip()
         elif line.startswith("ID:"):
             ev_id = int(line.split(":", 1)[1])
@@ -107,7 +123,7 @@ def parse_format(text: str, system: str = "") -> EventFormat:
                                   m["signed"] == "1", data_loc)
     if name is None or ev_id is None:
         raise ValueError("not a tracepoint format file (no name: or ID: line)")
-    return EventFormat(system, name, ev_id, fields)
+    return EventFormat(system, name, ev_id, fields, print_fmt)
 
 
 def _mounted_tracefs() -> Path | None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
-from mace.perf import Capture
-from mace.plan import Plan
+from mace.perf import DEFAULT_RING_PAGES, Capture
+from mace.plan import Plan, tracepoints
+from mace.tracefs import read_formats
 from mace.report import Report, unpack
 
 DEFAULT_TABLE_SIZE = 1 << 16
@@ -34,20 +35,23 @@ class Tracer:
     """
 
     def __init__(self, plan: Plan, *, table_size: int = DEFAULT_TABLE_SIZE,
-                 max_age_ns: int = DEFAULT_MAX_AGE_NS, ring_pages: int = 256,
+                 max_age_ns: int = DEFAULT_MAX_AGE_NS, ring_pages: int = DEFAULT_RING_PAGES,
                  watermark: int = 0, reorder_us: int = 2000, cpus: Iterable[int] | None = None):
         self.plan = plan
         self.table_size = table_size
         self.max_age_ns = max_age_ns
-        self.capture = Capture(plan.probes(), plan.devices, cpus=cpus, ring_pages=ring_pages,
-                               watermark=watermark, reorder_us=reorder_us)
+        self._capture_kw = dict(cpus=cpus, ring_pages=ring_pages, watermark=watermark,
+                                reorder_us=reorder_us)
+        self.capture: Capture | None = None
         self.correlator = None
         self.in_flight: list[list[int]] | None = None
         self.started_at: float | None = None
         self.stopped_at: float | None = None
 
     def open(self) -> "Tracer":
-        cap = self.capture.open()
+        formats = read_formats(tracepoints(self.plan.hops))
+        self.capture = Capture(self.plan.probes(formats), self.plan.devices, **self._capture_kw)
+        cap = self.capture.open(formats)
         try:
             self.correlator = self.plan.correlator(
                 cap.probes, table_size=self.table_size, max_age_ns=self.max_age_ns,
@@ -65,7 +69,8 @@ class Tracer:
         return False
 
     def close(self) -> None:
-        self.capture.close()
+        if self.capture is not None:
+            self.capture.close()
 
     def start(self) -> None:
         self.capture.start()
