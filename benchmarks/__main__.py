@@ -18,7 +18,10 @@ from benchmarks.report import write_results_md
 # name -> module; each has run(quick) -> dict, plot(result, path), summary(result) -> rows
 SUITE = {
     "ring": "benchmarks.ring",
+    "accuracy": "benchmarks.accuracy",
     "correlate": "benchmarks.correlate",
+    "perturbation": "benchmarks.perturbation",
+    "throughput": "benchmarks.throughput",
 }
 
 

@@ -4,6 +4,8 @@ assertions: these machines are shared)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +30,45 @@ def test_ring_benchmark_quick(tmp_path):
     runs = res["live"]["runs"]
     assert runs and all(r["sent"] > 0 and r["events"] > 0 for r in runs)
     assert all(r["errors"] == 0 for r in runs)
+
+
+def test_accuracy_benchmark_quick(tmp_path):
+    res = run_quick("accuracy", tmp_path)
+    levels = res["levels"]
+    assert [lv["colocated"] for lv in levels] == [0, 2]
+    for lv in levels:
+        assert lv["matched"] >= 0.9 * lv["probes"] > 0
+        # sane magnitudes: expenses are positive and smaller than the RTT they came from
+        assert all(0 < e < r for e, r in zip(lv["egress"], lv["raw"]))
+        assert 0 < min(lv["native"]) and 0 < min(lv["corrected"])
+        assert lv["coverage"]["egress"] > 0.9 and lv["coverage"]["ingress"] > 0.9
+
+
+def test_correlate_benchmark_quick(tmp_path):
+    res = run_quick("correlate", tmp_path)
+    syn = res["synthetic"]
+    assert syn["same_count"] and syn["identical"] and syn["records"] > 1000
+    assert syn["full"]["events_per_s"] > syn["reference"]["events_per_s"] > 0
+    assert res["live"]["runs"], res["live"]
+
+
+def test_throughput_benchmark_quick(tmp_path):
+    res = run_quick("throughput", tmp_path)
+    assert len(res["steps"]) == 2
+    for s in res["steps"]:
+        assert s["packets_per_s"] > 1000 and s["events_per_s"] > s["packets_per_s"]
+        assert s["coverage_min"] is None or s["coverage_min"] > 0.9
+
+
+def test_mace_demo_prints_the_table_and_cleans_up():
+    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    r = subprocess.run([sys.executable, "-m", "mace", "demo", "--count", "40", "--interval", "0.01"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "120"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("container RTT (raw)", "mace egress expense", "mace ingress expense",
+                "corrected RTT", "native RTT (host)", "remaining bias"):
+        assert row in r.stdout, r.stdout
+    m = re.search(r"(\d+) of (\d+) probes matched", r.stdout)
+    assert m and int(m.group(1)) >= 0.9 * int(m.group(2)) > 0, r.stdout
+    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert after <= before
