@@ -22,6 +22,7 @@ cdef extern from "mace_corr.h" nogil:
         uint8_t dir
         uint8_t step
         uint8_t flags
+        uint8_t ctx
 
     ctypedef struct mace_report:
         uint64_t t0
@@ -72,13 +73,15 @@ cdef class Correlator(EventSink):
     cdef uint64_t *lat_max
     cdef uint64_t *lat_sum
     cdef uint32_t *seq              # container x direction: last sequence number
-    cdef uint64_t *pend_skb         # per CPU: skb whose synchronous step may come next
-    cdef uint64_t *pend_ts          # per CPU: when that skb's entry last moved
+    cdef uint64_t *pq_skb           # per CPU, oldest first: skbs whose synchronous step may
+    cdef uint64_t *pq_ts            #   come next (a batch of receives), and when each moved
+    cdef int *pq_n
+    cdef bint adjacent              # the current event continues a pending call chain
+    cdef bint front                 # ... and its entry goes back to the head of the queue
     cdef int ncpu
     cdef mace_report *reports
     cdef size_t nreports
     cdef size_t report_cap
-    cdef size_t headroom            # a batch can add up to this many reports
     cdef uint64_t max_age
     cdef uint64_t now               # newest event time seen: the correlator's clock
     cdef bytearray spill            # reports feed_bytes() could not leave in the buffer
@@ -90,11 +93,16 @@ cdef class Correlator(EventSink):
     cdef bytes _take(self)
 
     cdef int _event(self, const mace_event *ev) noexcept nogil
+    cdef void _pending(self, const mace_entry *e, const mace_event *ev, bint front) noexcept nogil
     cdef int _advance(self, mace_entry *e, const mace_event *ev, int j) noexcept nogil
     cdef int _match(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _conflict(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _fresh(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
-    cdef void _resolve_pending(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _resolve(self, int cpu, uint64_t skb, uint64_t ts, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _pq_settle(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _pq_drop(self, int cpu, int k) noexcept nogil
+    cdef void _pq_push(self, int cpu, uint64_t skb, uint64_t ts, bint front) noexcept nogil
+    cdef bint _sibling(self, int cpu, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _retire(self, mace_entry *e, int counter) noexcept nogil
     cdef bint _sync_wait(self, const mace_entry *e) noexcept nogil

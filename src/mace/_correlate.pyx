@@ -31,7 +31,7 @@ event chain from start to end.
 
 from libc.stdint cimport INT16_MAX, UINT64_MAX, int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 
 from mace._abi cimport mace_event
 from mace._ring cimport EventSink
@@ -81,12 +81,16 @@ cdef enum:
     G_IGNORED = 9
     G_MAXPROBE = 10
     G_PARKED = 11
-    NG = 12
+    G_PQ_OVERFLOW = 12
+    NG = 13
 
     F_ACCOUNTED = 1     # entry flag: _conflict accounted for the event itself
     F_PARKED = 2        # entry flag: waiting for neighbour resolution (ARP)
     ARP_L3 = 28         # an ARP request for IPv4 over Ethernet, without the Ethernet header
     ETH_P_ARP = 0x0806
+    CTX_BITS = 0x58     # common_flags: NMI 0x40, softirq 0x10, hardirq 0x08
+    PQ = 64             # a CPU's pending call chains: NAPI handles up to 64 packets a batch
+    SYNC_MAX = 20000000 # ns: a call chain longer than this is not one (a parked packet may wait)
 
 TYPES = {"net:net_dev_start_xmit": T_XMIT, "net:netif_receive_skb": T_RECV,
          "net:netif_rx": T_RX, "net:net_dev_queue": T_QUEUE, "skb:kfree_skb": T_FREE}
@@ -94,7 +98,10 @@ CLASSES = {"inner": C_INNER, "veth": C_VETH, "bridge": C_BRIDGE, "uplink": C_UPL
 CONTAINER_COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired",
                       "evicted", "rejected")
 GLOBAL_COUNTERS = ("events", "frees", "unclaimed", "foreign", "stale", "evicted",
-                   "nonip", "superseded", "inserts", "ignored", "max_probe", "parked")
+                   "nonip", "superseded", "inserts", "ignored", "max_probe", "parked",
+                   "pending_overflow")
+SYNC_MAX_NS = SYNC_MAX
+REPORT_CAP = 65536
 DIRECTIONS = ("egress", "ingress")
 REPORT_FORMAT = "=QIIIHBBHH4I4x"   # mace_report, padding included
 REPORT_SIZE = sizeof(mace_report)
@@ -160,8 +167,9 @@ cdef class Correlator(EventSink):
         self.lat_max = NULL
         self.lat_sum = NULL
         self.seq = NULL
-        self.pend_skb = NULL
-        self.pend_ts = NULL
+        self.pq_skb = NULL
+        self.pq_ts = NULL
+        self.pq_n = NULL
         self.reports = NULL
         self.ghost = NULL
         self.spill = bytearray()
@@ -177,6 +185,15 @@ cdef class Correlator(EventSink):
             raise ValueError("max age must be between 1 ns and 4 s")
         if len(dev_classes) != len(dev_containers):
             raise ValueError("dev_classes and dev_containers differ in length")
+        if probe_limit < 1 or ncpu < 1:
+            raise ValueError("probe_limit and ncpu must be at least 1")
+        for i, (c, owner) in enumerate(zip(dev_classes, dev_containers)):
+            # the hot loop indexes counters by these: a veth must name its container
+            if not -1 <= owner < len(inner_slots) or bool(c & C_VETH) != (owner >= 0):
+                raise ValueError(f"device slot {i}: class {c} and container {owner} disagree")
+        for t in kind_types:
+            if not 0 <= t <= T_FREE:
+                raise ValueError(f"unknown event type {t}")
         self.cap = table_size
         self.bits = table_size.bit_length() - 1
         self.probe_limit = <uint32_t>min(probe_limit, table_size)
@@ -187,8 +204,7 @@ cdef class Correlator(EventSink):
         self.ncpu = ncpu
         if self.ncont > INT16_MAX:
             raise ValueError("too many containers")
-        self.headroom = max_batch // 2 + 1     # every report consumes at least 2 events
-        self.report_cap = 2 * self.headroom + 1024
+        self.report_cap = REPORT_CAP        # consume() stops before it would overflow
         self.table = <mace_entry *>calloc(self.cap, sizeof(mace_entry))
         self.kind_type = <uint8_t *>calloc(max(self.nkinds, 1), 1)
         self.dev_class = <uint8_t *>calloc(max(self.ndevs, 1), 1)
@@ -201,8 +217,9 @@ cdef class Correlator(EventSink):
         self.lat_max = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
         self.lat_sum = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
         self.seq = <uint32_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint32_t))
-        self.pend_skb = <uint64_t *>calloc(ncpu, sizeof(uint64_t))
-        self.pend_ts = <uint64_t *>calloc(ncpu, sizeof(uint64_t))
+        self.pq_skb = <uint64_t *>calloc(ncpu * PQ, sizeof(uint64_t))
+        self.pq_ts = <uint64_t *>calloc(ncpu * PQ, sizeof(uint64_t))
+        self.pq_n = <int *>calloc(ncpu, sizeof(int))
         self.reports = <mace_report *>malloc(self.report_cap * sizeof(mace_report))
         self.ghost_mask = max(64, self.cap // 4) - 1
         self.ghost = <uint64_t *>calloc(self.ghost_mask + 1, sizeof(uint64_t))
@@ -210,7 +227,8 @@ cdef class Correlator(EventSink):
                 or self.dev_container == NULL or self.inner_of == NULL or self.ccount == NULL
                 or self.gcount == NULL or self.hist == NULL or self.lat_min == NULL
                 or self.lat_max == NULL or self.lat_sum == NULL or self.seq == NULL
-                or self.pend_skb == NULL or self.pend_ts == NULL or self.reports == NULL
+                or self.pq_skb == NULL or self.pq_ts == NULL or self.pq_n == NULL
+                or self.reports == NULL
                 or self.ghost == NULL):
             raise MemoryError()
         for i, t in enumerate(kind_types):
@@ -242,8 +260,9 @@ cdef class Correlator(EventSink):
         free(self.lat_max)
         free(self.lat_sum)
         free(self.seq)
-        free(self.pend_skb)
-        free(self.pend_ts)
+        free(self.pq_skb)
+        free(self.pq_ts)
+        free(self.pq_n)
         free(self.reports)
         free(self.ghost)
 
@@ -376,13 +395,14 @@ cdef class Correlator(EventSink):
     cdef void _sweep(self, uint64_t n) noexcept nogil:
         # Expire old entries a few slots at a time, so counts stay current and the table
         # does not silt up with packets that never completed.
-        cdef uint64_t mask = self.cap - 1, i = self.sweep_at, k
-        for k in range(n):
+        cdef uint64_t mask = self.cap - 1, i = self.sweep_at, k = 0
+        while k < n:
             if self.table[i].skb and self._expired(&self.table[i]):
                 self._retire(&self.table[i], CC_EXPIRED)
                 self._delete(i)        # slot i may now hold a shifted entry: look again
             else:
                 i = (i + 1) & mask
+                k += 1
         self.sweep_at = i
 
     # -- paths ------------------------------------------------------------------------------
@@ -401,8 +421,11 @@ cdef class Correlator(EventSink):
         cdef int j, x
         cdef const step_t *st
         cdef uint32_t l3
-        cdef bint adjacent = (ev.cpu < self.ncpu and self.pend_skb[ev.cpu] == ev.skb
-                              and e.cpu == ev.cpu and e.tid == ev.tid)
+        # A synchronous step runs in the call chain of the previous one: same CPU, thread and
+        # interrupt context (softirq work runs on top of whatever task it interrupted), soon.
+        cdef bint adjacent = (self.adjacent and e.cpu == ev.cpu and e.tid == ev.tid
+                              and e.ctx == (ev.flags & CTX_BITS)
+                              and ev.ts - (e.t0 + e.tlast) <= SYNC_MAX)
         l3 = ev.len - ETH_HLEN if (t == T_XMIT or t == T_QUEUE) else ev.len
         if l3 != e.l3 or ev.ts < e.t0 + e.tlast:
             return -1
@@ -446,14 +469,17 @@ cdef class Correlator(EventSink):
         e.tlast = <uint32_t>delta
         e.cpu = ev.cpu
         e.tid = ev.tid
+        e.ctx = ev.flags & CTX_BITS
         e.flags &= ~F_PARKED
         if st.end:
             self._emit(e, ev)
             return 1
-        if ev.cpu < self.ncpu and self._sync_wait(e):
-            self.pend_skb[ev.cpu] = ev.skb
-            self.pend_ts[ev.cpu] = ev.ts
+        self._pending(e, ev, self.front)
         return 0
+
+    cdef void _pending(self, const mace_entry *e, const mace_event *ev, bint front) noexcept nogil:
+        if ev.cpu < self.ncpu and self._sync_wait(e):
+            self._pq_push(ev.cpu, ev.skb, ev.ts, front)
 
     cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil:
         cdef int cd = e.container * 2 + e.dir
@@ -468,7 +494,7 @@ cdef class Correlator(EventSink):
         if lat > self.lat_max[cd]:
             self.lat_max[cd] = lat
         if self.nreports == self.report_cap:
-            return                    # cannot happen while consume() honours its headroom
+            return                    # cannot happen: consume() stops while one slot is free
         r = &self.reports[self.nreports]
         self.nreports += 1
         memset(r, 0, sizeof(mace_report))       # padding too: reports compare byte for byte
@@ -482,25 +508,23 @@ cdef class Correlator(EventSink):
         r.cpu = ev.cpu
         memcpy(r.hop, e.hop, sizeof(r.hop))
 
-    cdef void _resolve_pending(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
-        # The CPU moved on to another packet (ev) while this one awaited a synchronous step:
-        # its call chain ended without reaching the next device.
-        cdef int cpu = ev.cpu
-        cdef uint64_t skb = self.pend_skb[cpu]
-        cdef int64_t s
+    cdef void _resolve(self, int cpu, uint64_t skb, uint64_t ts, const mace_event *ev,
+                       uint8_t t, uint8_t cls) noexcept nogil:
+        # The CPU moved on (to ev) while this packet awaited a synchronous step: its call
+        # chain ended without reaching the next device.
+        cdef int64_t s = self._lookup(skb)
         cdef mace_entry *e
-        self.pend_skb[cpu] = 0
-        s = self._lookup(skb)
         if s < 0:
             return
         e = &self.table[s]
-        if e.cpu != cpu or e.t0 + e.tlast != self.pend_ts[cpu] or not self._sync_wait(e):
+        if e.cpu != cpu or e.t0 + e.tlast != ts or not self._sync_wait(e):
             return
         if self._expired(e):
             self._retire(e, CC_EXPIRED)
             self._delete(<uint64_t>s)
             return
-        if ev.tid == e.tid and self._neighbour_wait(e, ev, t, cls):
+        if (ev.tid == e.tid and (ev.flags & CTX_BITS) == e.ctx
+                and self._neighbour_wait(e, ev, t, cls)):
             # The chain went on to send an ARP request on the next device: the packet waits
             # in the neighbour queue, and leaves it by that device or by a traced drop.
             e.flags |= F_PARKED
@@ -515,6 +539,75 @@ cdef class Correlator(EventSink):
         else:
             self.gcount[G_UNCLAIMED] += 1     # received for the host or an unmonitored container
         self._delete(<uint64_t>s)
+
+    cdef void _pq_drop(self, int cpu, int k) noexcept nogil:
+        # forget the k oldest pending skbs of a CPU
+        cdef uint64_t *q = &self.pq_skb[cpu * PQ]
+        cdef uint64_t *qt = &self.pq_ts[cpu * PQ]
+        cdef int n = self.pq_n[cpu] - k
+        if n > 0:
+            memmove(q, q + k, n * sizeof(uint64_t))
+            memmove(qt, qt + k, n * sizeof(uint64_t))
+        self.pq_n[cpu] = n if n > 0 else 0
+
+    cdef void _pq_push(self, int cpu, uint64_t skb, uint64_t ts, bint front) noexcept nogil:
+        cdef uint64_t *q = &self.pq_skb[cpu * PQ]
+        cdef uint64_t *qt = &self.pq_ts[cpu * PQ]
+        cdef int n = self.pq_n[cpu]
+        if n == PQ:
+            self.gcount[G_PQ_OVERFLOW] += 1   # no wider batch exists; forget the oldest
+            self._pq_drop(cpu, 1)
+            n -= 1
+        if front:
+            memmove(q + 1, q, n * sizeof(uint64_t))
+            memmove(qt + 1, qt, n * sizeof(uint64_t))
+            q[0] = skb
+            qt[0] = ts
+        else:
+            q[n] = skb
+            qt[n] = ts
+        self.pq_n[cpu] = n + 1
+
+    cdef bint _sibling(self, int cpu, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # Is ev the next packet of the same batch as the newest pending one (a NIC's GRO
+        # list, a NAPI veth)?  Then all of the batch's receives come before any of them is
+        # forwarded, and they do not end each other's call chains.
+        cdef int n = self.pq_n[cpu]
+        cdef int64_t s = self._lookup(self.pq_skb[cpu * PQ + n - 1])
+        cdef const mace_entry *e
+        cdef const step_t *st
+        if s < 0:
+            return False
+        e = &self.table[s]
+        st = &self.steps[e.dir][e.step]
+        return (st.type == t and (st.cls & cls) != 0 and e.tid == ev.tid
+                and e.ctx == (ev.flags & CTX_BITS))
+
+    cdef void _pq_settle(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # Before ev is handled: if it continues a pending chain, the chains queued before it
+        # ended; if it starts something else (not a sibling of the batch), all of them did.
+        cdef int cpu = ev.cpu, n, i, pos = -1
+        cdef uint64_t *q
+        self.adjacent = False
+        self.front = False
+        if cpu >= self.ncpu:
+            return
+        n = self.pq_n[cpu]
+        q = &self.pq_skb[cpu * PQ]
+        for i in range(n):
+            if q[i] == ev.skb:
+                pos = i
+                break
+        if pos >= 0:
+            for i in range(pos):
+                self._resolve(cpu, self.pq_skb[cpu * PQ + i], self.pq_ts[cpu * PQ + i], ev, t, cls)
+            self._pq_drop(cpu, pos + 1)
+            self.adjacent = True
+            self.front = True
+        elif n and not self._sibling(cpu, ev, t, cls):
+            for i in range(n):
+                self._resolve(cpu, self.pq_skb[cpu * PQ + i], self.pq_ts[cpu * PQ + i], ev, t, cls)
+            self.pq_n[cpu] = 0
 
     cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
         if e.dir == EGRESS:
@@ -575,9 +668,8 @@ cdef class Correlator(EventSink):
         e.container = -1
         e.cpu = ev.cpu
         e.tid = ev.tid
-        if ev.cpu < self.ncpu and self._sync_wait(e):
-            self.pend_skb[ev.cpu] = ev.skb
-            self.pend_ts[ev.cpu] = ev.ts
+        e.ctx = ev.flags & CTX_BITS
+        self._pending(e, ev, False)
 
     cdef int _event(self, const mace_event *ev) noexcept nogil:
         cdef uint8_t t = self.kind_type[ev.kind] if ev.kind < self.nkinds else T_NONE
@@ -585,12 +677,11 @@ cdef class Correlator(EventSink):
         cdef int64_t s
         cdef mace_entry *e
         cdef int j
-        cdef uint64_t pending = 0
         self.gcount[G_EVENTS] += 1
         if ev.ts > self.now:
             self.now = ev.ts
         if ev.skb == 0:
-            self.gcount[G_IGNORED] += 1
+            self.gcount[G_IGNORED] += 1     # (not a network event: no chain ends for it)
             return 0
         if t == T_FREE:
             # A traced drop: the packet will not go further.  (It does not break a call
@@ -601,15 +692,12 @@ cdef class Correlator(EventSink):
                 self._retire(&self.table[s], CC_EXPIRED if self._expired(&self.table[s]) else CC_DROPPED)
                 self._delete(<uint64_t>s)
             return 0
-        if ev.cpu < self.ncpu:
-            pending = self.pend_skb[ev.cpu]
-            if pending != 0 and pending != ev.skb:
-                self._resolve_pending(ev, t, cls)
         if t == T_NONE or cls == 0:
+            # nothing mace follows: conservatively, whatever was pending on this CPU ended
             self.gcount[G_IGNORED] += 1
-            if ev.cpu < self.ncpu:
-                self.pend_skb[ev.cpu] = 0
+            self._pq_settle(ev, t, cls)
             return 0
+        self._pq_settle(ev, t, cls)
         s = self._lookup(ev.skb)
         if s >= 0 and self._expired(&self.table[s]):
             self._retire(&self.table[s], CC_EXPIRED)
@@ -618,8 +706,6 @@ cdef class Correlator(EventSink):
         if s >= 0:
             e = &self.table[s]
             j = self._match(e, ev, t, cls)
-            if ev.cpu < self.ncpu:
-                self.pend_skb[ev.cpu] = 0
             if j >= 0:
                 if self._advance(e, ev, j):
                     self._delete(<uint64_t>s)
@@ -629,19 +715,20 @@ cdef class Correlator(EventSink):
             self._delete(<uint64_t>s)
             if j:
                 return 0
-        elif ev.cpu < self.ncpu:
-            self.pend_skb[ev.cpu] = 0
         self._fresh(ev, t, cls)
         return 0
 
     # -- EventSink --------------------------------------------------------------------------
 
-    cdef int consume(self, const mace_event *ev, size_t n) noexcept nogil:
-        cdef size_t i
-        for i in range(n):
+    cdef size_t consume(self, const mace_event *ev, size_t n) noexcept nogil:
+        # Stops early, rather than overflow, when the report buffer is full: one event makes
+        # at most one report.  Rings.feed hands the rest over once Python took the reports.
+        cdef size_t i = 0
+        while i < n and self.nreports < self.report_cap:
             self._event(&ev[i])
-        self._sweep(64 + n // 4)
-        return 1 if self.report_cap - self.nreports < self.headroom else 0
+            i += 1
+        self._sweep(64 + i // 4)
+        return i
 
     # -- Python side ------------------------------------------------------------------------
 
@@ -652,14 +739,12 @@ cdef class Correlator(EventSink):
         if n == 0:
             return 0
         cdef const mace_event *ev = <const mace_event *>&data[0]
-        cdef size_t done = 0, chunk
-        cdef int full
+        cdef size_t done = 0, k
         while done < n:
-            chunk = min(n - done, self.headroom)
             with nogil:
-                full = self.consume(ev + done, chunk)
-            done += chunk
-            if full:
+                k = self.consume(ev + done, n - done)
+            done += k
+            if done < n:
                 self.spill += self._take()
         return n
 

@@ -44,7 +44,7 @@ cdef struct devkey_t:
 
 cdef class EventSink:
     # Receives time-ordered events straight from the drain loop, without the GIL.
-    cdef int consume(self, const mace_event *ev, size_t n) noexcept nogil
+    cdef size_t consume(self, const mace_event *ev, size_t n) noexcept nogil
 
 
 cdef class Rings:
@@ -60,6 +60,7 @@ cdef class Rings:
     cdef size_t stage_cap       # events each ring's stage holds
     cdef mace_event *out        # the batch handed to the consumer
     cdef size_t nout
+    cdef size_t out_pos         # events of `out` a sink has taken
     cdef size_t *cut            # per-ring scratch for the merge
     cdef int *heap
     cdef size_t *pos

@@ -35,11 +35,12 @@ cdef enum:
 cdef class EventSink:
     """Base class of consumers fed by `Rings.feed` without the GIL (see _correlate).
 
-    `consume` takes the whole batch and returns 0, or 1 when it wants to be drained by
-    Python before it can take another batch of up to `Rings.max_batch` events."""
+    `consume` returns how many of the n events it took; fewer than n means it is full and
+    wants Python to drain it: `Rings.feed` then returns, and hands the rest over first on
+    the next call."""
 
-    cdef int consume(self, const mace_event *ev, size_t n) noexcept nogil:
-        return 0
+    cdef size_t consume(self, const mace_event *ev, size_t n) noexcept nogil:
+        return n
 
 
 cdef inline void _stage_push(ring_t *r, const mace_event *ev) noexcept nogil:
@@ -691,6 +692,7 @@ cdef class Rings:
         cdef bint stalled = False
         cdef uint64_t now = monotonic_ns(), forced = 0
         self.nout = 0
+        self.out_pos = 0
         for i in range(self.nrings):
             if self._read_ring(&self.rings[i]):
                 stalled = True
@@ -714,12 +716,14 @@ cdef class Rings:
     def drain(self, bint final=False, uint64_t horizon=0):
         """Read every ring and release the events that are safe to order into the batch
         (all of them when `final`).  `horizon` overrides the release time (tests).  Returns
-        the batch size; `more` is then true if a ring still holds events."""
+        the batch size; `more` is then true if a ring still holds events.  Not to be mixed
+        with feed() on the same rings: a batch a sink left unfinished would be replaced."""
         cdef size_t n
         self._enter()
         try:
             with nogil:
                 n = self._drain(final, horizon)
+                self.out_pos = n            # the batch is the caller's now
         finally:
             self._leave()
         return n
@@ -727,17 +731,23 @@ cdef class Rings:
     def feed(self, EventSink sink, bint final=False, uint64_t horizon=0):
         """Drain into `sink` until no ring stalls or the sink asks to be drained; returns the
         number of events fed (check `more` to know whether events are still waiting)."""
-        cdef size_t n, total = 0
-        cdef int full = 0
+        cdef size_t k, total = 0
+        cdef bint drained = False
         self._enter()
         try:
             with nogil:
                 while True:
-                    n = self._drain(final, horizon)
-                    if n:
-                        full = sink.consume(self.out, n)
-                        total += n
-                    if not self.more or full:
+                    if self.out_pos < self.nout:
+                        k = sink.consume(self.out + self.out_pos, self.nout - self.out_pos)
+                        self.out_pos += k
+                        total += k
+                        if self.out_pos < self.nout:
+                            break               # the sink is full: Python empties it first
+                    if drained and not self.more:
+                        break
+                    self._drain(final, horizon)
+                    drained = True
+                    if self.nout == 0 and not self.more:
                         break
         finally:
             self._leave()
@@ -750,7 +760,8 @@ cdef class Rings:
 
     @property
     def more(self):
-        return self.more
+        """A ring still holds events, or a sink has not taken all of the last batch."""
+        return self.more or self.out_pos < self.nout
 
     def batch(self):
         """The last batch as a list of tuples in RECORD_FORMAT order (tests, small tools)."""

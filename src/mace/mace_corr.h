@@ -22,7 +22,8 @@ typedef struct mace_entry {
     uint8_t dir;              /* 0 egress, 1 ingress */
     uint8_t step;             /* last matched step of that direction's path */
     uint8_t flags;
-    uint8_t pad[5];
+    uint8_t ctx;              /* hardirq/softirq/NMI bits of the last matched event */
+    uint8_t pad[4];
 } mace_entry;
 _Static_assert(sizeof(mace_entry) == 64, "a table entry is one cache line");
 

@@ -135,6 +135,9 @@ T_NONE, T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE = range(6)
 C_INNER, C_VETH, C_BRIDGE, C_UPLINK = 1, 2, 4, 8
 EGRESS, INGRESS = 0, 1
 ETH_HLEN = 14
+CTX_BITS = 0x58            # common_flags: NMI, softirq, hardirq
+PQ = 64                    # pending call chains per CPU
+SYNC_MAX_NS = 20_000_000
 COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired", "evicted", "rejected")
 
 
@@ -183,6 +186,7 @@ class Entry:
     step: int = 0
     tlast: int = 0
     container: int = -1
+    ctx: int = 0             # interrupt context of the last matched event
     parked: bool = False     # waiting in a neighbour queue (ARP)
     hops: list = field(default_factory=lambda: [0, 0, 0, 0])
 
@@ -217,7 +221,9 @@ class ReferenceCorrelator:
         self.paths = paths(hops, bridge, end_at_queue)
         self.boundary = (1 if hops else 2, 2)
         self.table: dict[int, Entry] = {}
-        self.pending: dict[int, tuple[int, int]] = {}     # cpu -> (skb, ts of its last move)
+        # cpu -> [(skb, ts of its entry's last move)], oldest first: call chains awaiting
+        # their next synchronous step (several when a batch of receives precedes forwarding)
+        self.pending: dict[int, list[tuple[int, int]]] = {}
         self.count = [[dict.fromkeys(COUNTERS, 0) for _ in range(2)] for _ in self.inner_of]
         self.glob: dict[str, int] = {}
         self.seq = [[0, 0] for _ in self.inner_of]
@@ -250,6 +256,8 @@ class ReferenceCorrelator:
                    for st in self.paths[e.dir][e.step + 1:])
 
     def _match(self, e: Entry, ev, t: int, cls: int, adjacent: bool) -> int:
+        adjacent = (adjacent and e.cpu == ev.cpu and e.tid == ev.tid
+                    and e.ctx == ev.flags & CTX_BITS and ev.ts - (e.t0 + e.tlast) <= SYNC_MAX_NS)
         l3 = ev.len - ETH_HLEN if t in (T_XMIT, T_QUEUE) else ev.len
         if l3 != e.l3 or ev.ts < e.t0 + e.tlast:
             return -1
@@ -291,32 +299,60 @@ class ReferenceCorrelator:
                 self._say(f"{ev.skb:#x} dropped (kfree_skb)")
                 self._retire(e, "expired" if self._expired(e) else "dropped")
             return
-        pend = self.pending.get(ev.cpu)
-        adjacent = pend is not None and pend[0] == ev.skb
-        if pend is not None and pend[0] != ev.skb:
-            self._resolve(ev, t, cls)
         if t == T_NONE or cls == 0:
             self._g("ignored")
-            self.pending.pop(ev.cpu, None)
+            self._settle(ev, t, cls)
             return
+        adjacent, front = self._settle(ev, t, cls)
         e = self.table.get(ev.skb)
         if e is not None and self._expired(e):
             self._say(f"{ev.skb:#x} expired")
             self._retire(e, "expired")
             del self.table[ev.skb]
             e = None
-        self.pending.pop(ev.cpu, None)
         if e is not None:
-            adj = adjacent and e.cpu == ev.cpu and e.tid == ev.tid
-            j = self._match(e, ev, t, cls, adj)
+            j = self._match(e, ev, t, cls, adjacent)
             if j >= 0:
-                self._advance(e, ev, j)
+                self._advance(e, ev, j, front)
                 return
             if self._conflict(e, ev, t, cls):
                 return
         self._fresh(ev, t, cls)
 
-    def _advance(self, e: Entry, ev, j: int) -> None:
+    def _settle(self, ev, t: int, cls: int) -> tuple[bool, bool]:
+        """Before ev: the chains queued before it (if it continues one) or all of them (if
+        it starts something else than the batch) ended.  Returns (adjacent, front)."""
+        q = self.pending.setdefault(ev.cpu, [])
+        skbs = [skb for skb, _ in q]
+        if ev.skb in skbs:
+            pos = skbs.index(ev.skb)
+            for skb, ts in q[:pos]:
+                self._resolve(ev.cpu, skb, ts, ev, t, cls)
+            del q[:pos + 1]
+            return True, True
+        if q and not self._sibling(q[-1][0], ev, t, cls):
+            for skb, ts in q:
+                self._resolve(ev.cpu, skb, ts, ev, t, cls)
+            q.clear()
+        return False, False
+
+    def _sibling(self, skb: int, ev, t: int, cls: int) -> bool:
+        e = self.table.get(skb)
+        if e is None:
+            return False
+        st = self.paths[e.dir][e.step]
+        return st.type == t and bool(st.cls & cls) and e.tid == ev.tid and e.ctx == ev.flags & CTX_BITS
+
+    def _push(self, e: Entry, ev, front: bool) -> None:
+        if not self._sync_wait(e):
+            return
+        q = self.pending.setdefault(ev.cpu, [])
+        if len(q) == PQ:
+            self._g("pending_overflow")
+            del q[0]
+        q.insert(0 if front else len(q), (ev.skb, ev.ts))
+
+    def _advance(self, e: Entry, ev, j: int, front: bool) -> None:
         st = self.paths[e.dir][j]
         delta = ev.ts - e.t0
         if st.attr and e.container < 0:
@@ -331,6 +367,7 @@ class ReferenceCorrelator:
         if st.hop >= 0:
             e.hops[st.hop] = delta
         e.step, e.tlast, e.cpu, e.tid, e.parked = j, delta, ev.cpu, ev.tid, False
+        e.ctx = ev.flags & CTX_BITS
         self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} step {j}")
         if st.end:
             c, d = e.container, e.dir
@@ -340,12 +377,9 @@ class ReferenceCorrelator:
                                           tuple(e.hops)))
             del self.table[ev.skb]
             return
-        if self._sync_wait(e):
-            self.pending[ev.cpu] = (ev.skb, ev.ts)
+        self._push(e, ev, front)
 
-    def _resolve(self, ev, t: int, cls: int) -> None:
-        cpu = ev.cpu
-        skb, ts = self.pending.pop(cpu)
+    def _resolve(self, cpu: int, skb: int, ts: int, ev, t: int, cls: int) -> None:
         e = self.table.get(skb)
         if e is None or e.cpu != cpu or e.t0 + e.tlast != ts or not self._sync_wait(e):
             return
@@ -353,7 +387,7 @@ class ReferenceCorrelator:
             self._retire(e, "expired")
             del self.table[skb]
             return
-        if ev.tid == e.tid:
+        if ev.tid == e.tid and ev.flags & CTX_BITS == e.ctx:
             if e.dir == EGRESS:
                 arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == 28
             else:
@@ -387,9 +421,10 @@ class ReferenceCorrelator:
 
     def _fresh(self, ev, t: int, cls: int) -> None:
         if t == T_XMIT and cls & C_INNER:
-            e = Entry(EGRESS, ev.ts, ev.len - ETH_HLEN, ev.dev, ev.proto, ev.cpu, ev.tid)
+            e = Entry(EGRESS, ev.ts, ev.len - ETH_HLEN, ev.dev, ev.proto, ev.cpu, ev.tid,
+                      ctx=ev.flags & CTX_BITS)
         elif t == T_RECV and cls & C_UPLINK:
-            e = Entry(INGRESS, ev.ts, ev.len, ev.dev, 0, ev.cpu, ev.tid)
+            e = Entry(INGRESS, ev.ts, ev.len, ev.dev, 0, ev.cpu, ev.tid, ctx=ev.flags & CTX_BITS)
         else:
             if cls & C_VETH:
                 x = self.dev_containers[ev.dev]
@@ -404,8 +439,7 @@ class ReferenceCorrelator:
         self._g("inserts")
         self.table[ev.skb] = e
         self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} start")
-        if self._sync_wait(e):
-            self.pending[ev.cpu] = (ev.skb, ev.ts)
+        self._push(e, ev, False)
 
     def finish(self) -> list[list[int]]:
         """Expire what is past its age; the rest is in flight, as Correlator.finish()."""

@@ -78,14 +78,14 @@ class Kernel:
         devices = self.probes[k].devices
         return not devices or dev in devices
 
-    def event(self, tp, dev, skb, length, proto, ts, cpu, tid) -> Event | None:
+    def event(self, tp, dev, skb, length, proto, ts, cpu, tid, flags=0) -> Event | None:
         """The decoded event, or None when the kernel's filter drops it.  Fields the
         tracepoint does not have read as 0 (as `Rings` decodes them)."""
         if not self.visible(tp, dev):
             return None
         f = builtin_format(tp).fields
         return Event(ts=ts, skb=skb, len=length if "len" in f else 0, tid=tid, cpu=cpu,
-                     kind=self.kind[tp], flags=0,
+                     kind=self.kind[tp], flags=flags,
                      dev=self.slot[dev] if "name" in f else DEV_NONE,
                      proto=proto if "protocol" in f else 0)
 
@@ -94,7 +94,7 @@ class Kernel:
         tp = self.probes[ev.kind].tracepoint
         return NetEvent(tp, ts=ev.ts, cpu=ev.cpu, tid=ev.tid, skb=ev.skb, len=ev.len,
                         dev=self.plan.devices[ev.dev] if ev.dev >= 0 else None,
-                        protocol=ev.proto)
+                        protocol=ev.proto, flags=ev.flags)
 
 
 @dataclass
@@ -302,6 +302,7 @@ class Emitted(NamedTuple):
     cpu: int
     tid: int
     story: int
+    flags: int = 0          # common_flags of the chain: task, softirq, BH off
 
 
 @dataclass
@@ -367,7 +368,8 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
         choices = tids_of(cpu)
         if other_tid and si in last_tid:
             choices = [t for t in choices if t != last_tid[si]]
-        running[cpu] = [si, seg, 0, rnd.choice(choices)]
+        # a call chain runs in one context: a task (with or without BH off) or a softirq
+        running[cpu] = [si, seg, 0, rnd.choice(choices), rnd.choice((0x00, 0x10, 0x80, 0x90))]
 
     budget = n_stories
     while True:
@@ -392,10 +394,10 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
             si, seg = ready.pop(rnd.randrange(len(ready)))
             start(si, seg, rnd.choice(idle), seg in stories[si].other_tid)
         else:
-            si, seg, pos, tid = running[cpu]
+            si, seg, pos, tid, flags = running[cpu]
             story = stories[si]
             act = story.segments[seg][pos]
-            emitted.append(Emitted(act, cpu, tid, si))
+            emitted.append(Emitted(act, cpu, tid, si, flags))
             last_tid[si] = tid
             if act.skb and act.tp != "free" and k.visible(TP[act.tp], act.dev):
                 last_cpu[si] = cpu
@@ -422,7 +424,7 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
             t += rnd.randint(1, 300) if r < 0.6 else rnd.randint(1, 5000)
         ts.append(t)
         a = em.act
-        ev = k.event(TP[a.tp], a.dev, a.skb, a.len, a.proto, t, em.cpu, em.tid)
+        ev = k.event(TP[a.tp], a.dev, a.skb, a.len, a.proto, t, em.cpu, em.tid, em.flags)
         if ev is not None:
             events.append(ev)
     return Stream(w, events, stories, emitted, ts, realistic=not vanish)
@@ -679,9 +681,10 @@ class Script:
     def __init__(self, plan: Plan, t: int = 1000):
         self.plan, self.kernel, self.events, self.t = plan, Kernel(plan), [], t
 
-    def __call__(self, tp, dev, skb, length, *, proto=IP, cpu=0, tid=1, dt=100, at=None) -> int:
+    def __call__(self, tp, dev, skb, length, *, proto=IP, cpu=0, tid=1, dt=100, at=None,
+                 flags=0) -> int:
         self.t = at if at is not None else self.t + dt
-        ev = self.kernel.event(TP[tp], dev, skb, length, proto, self.t, cpu, tid)
+        ev = self.kernel.event(TP[tp], dev, skb, length, proto, self.t, cpu, tid, flags)
         assert ev is not None, f"{tp} on {dev} does not pass this plan's filters"
         self.events.append(ev)
         return self.t
@@ -1066,3 +1069,55 @@ def test_counters_do_not_depend_on_batch_boundaries(end):
     assert counts(whole, 0, "egress", name, "expired") == (0, 1)
     split = run_cython(s.plan, s.events, max_age=age, table_size=64, chunks=[3])
     assert split.counts == whole.counts
+
+
+# -- call chains: batches, interrupt context ------------------------------------------------
+
+
+SOFTIRQ, BH_OFF = 0x10, 0x80
+
+
+def test_a_nic_batch_receives_all_before_forwarding_any():
+    # GRO lists: netif_receive_skb fires for every packet of a batch before any is routed
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    for skb in (A, B, C):
+        s("recv", UPLINK, skb, 84, cpu=0, tid=5, flags=SOFTIRQ)
+    s("xmit", "m0v0", A, 98, cpu=0, tid=5, flags=SOFTIRQ | BH_OFF)
+    s("xmit", "m0v0", C, 98, cpu=0, tid=5, flags=SOFTIRQ | BH_OFF)      # B was for the host
+    s("recv", INNER, A, 84, cpu=1, tid=9)
+    s("recv", INNER, C, 84, cpu=1, tid=9)
+    out = correlate(s)
+    assert [(r.dir, r.len) for r in out.reports] == [(INGRESS, 84), (INGRESS, 84)]
+    assert counts(out, 0, "ingress", "crossed", "reports", "local") == (2, 2, 0)
+    assert out.glob["unclaimed"] == 1
+
+
+def test_softirq_work_on_top_of_a_proxy_is_not_the_proxys_own_send():
+    # A host-bound packet is received in a softirq that interrupted proxy P (same tid); P then
+    # sends the same size into the container from task context, reusing the address.
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=42, flags=SOFTIRQ)
+    s("xmit", "m0v0", A, 98, cpu=0, tid=42, flags=BH_OFF, dt=80_000)
+    s("recv", INNER, A, 84, cpu=1, tid=9)
+    out = correlate(s)
+    assert out.reports == []
+    assert counts(out, 0, "ingress", "crossed", "local") == (1, 1)
+
+
+def test_a_call_chain_does_not_span_a_long_gap():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=5, flags=SOFTIRQ)
+    s("xmit", "m0v0", A, 98, cpu=0, tid=5, flags=SOFTIRQ, dt=30_000_000)   # 30 ms later
+    s("recv", INNER, A, 84, cpu=1, tid=9)
+    assert correlate(s).reports == []
+
+
+def test_finish_expires_every_old_entry():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    for i in range(300):
+        s("recv", UPLINK, 0xFFFF888100000000 + i * 256, 84, cpu=i % 2, tid=5)
+        s("xmit", "m0v0", 0xFFFF888100000000 + i * 256, 98, cpu=i % 2, tid=5)
+    s("recv", UPLINK, B, 60, cpu=3, tid=1, dt=10_000_000)      # the clock passes their age
+    out = correlate(s, max_age=1_000_000)
+    assert out.in_flight == [[0, 0]]
+    assert counts(out, 0, "ingress", "crossed", "expired") == (300, 300)
