@@ -183,13 +183,17 @@ def cmd_trace(args) -> int:
                                             max_age_ns=int(args.max_age * 1e6),
                                             ring_pages=args.ring_pages))
         stop.wake = tracer.capture.wakeup
+        for f in (out if args.output else None, summary_file):
+            if f is not None:           # the tracer is ready: now the old contents go
+                f.seek(0)
+                f.truncate()
         sink = make_sink(args.format or "mace", out, labels, inodes, hops=args.hops)
         live = None
         if use_tui:
             from mace.tui import LiveView
             live = stack.enter_context(LiveView(tracer, labels, plan))
         tracer.start()
-        if not args.quiet:
+        if not args.quiet and live is None:
             # after start: once these lines are out, every packet is traced
             for line in topo.describe():
                 print(line, file=err, flush=True)
@@ -222,11 +226,15 @@ def cmd_trace(args) -> int:
                     live.refresh()
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 1.0
-                    now = present(topo)
+                    now = present(topo, alive)
                     for i, (was, still) in enumerate(zip(alive, now)):
                         if was and not still:
-                            print(f"mace: {labels[i]} stopped (its veth {plan.containers[i].veth} "
-                                  f"is gone); {sum(now)} target(s) left", file=err)
+                            msg = (f"mace: {labels[i]} stopped (its veth {plan.containers[i].veth} "
+                                   f"is gone); {sum(now)} target(s) left")
+                            if live is not None:
+                                live.message(msg)
+                            else:
+                                print(msg, file=err)
                     alive = now
                     if not any(alive):
                         break
@@ -243,18 +251,27 @@ def cmd_trace(args) -> int:
                 pass
             if live is not None:
                 live.close()
+                if not args.quiet:
+                    for line in topo.describe() + live.messages:
+                        print(line, file=err)
             summary = build(tracer, labels, inodes)
-            if not args.quiet:
-                print(format_text(summary), file=err)
             if summary_file is not None:
                 json.dump(summary, summary_file, indent=2)
                 summary_file.write("\n")
+                summary_file.flush()
+            if not args.quiet:
+                try:
+                    print(format_text(summary), file=err)
+                except BrokenPipeError:
+                    pass
     return 0
 
 
 def _open_for_writing(path: str, option: str):
+    """Opened early, so a bad path fails before tracing, but in append mode: a failure
+    before tracing starts must not wipe an existing file (truncated once it runs)."""
     try:
-        return open(path, "w")
+        return open(path, "a")
     except OSError as e:
         raise UsageError(f"cannot write {path} ({option}): {e.strerror}",
                          hint="give a path in a directory you can write to") from None

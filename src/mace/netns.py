@@ -239,8 +239,8 @@ def discover(targets: list[Target], uplink: str | None = None) -> Topology:
     for c in containers:
         if len(c.links) > 1:
             others = ", ".join(l.inner for l in c.links if l is not c.main)
-            notes.append(f"note: {c.target.spec} also has {others}; mace follows {c.main.inner}, "
-                         "which carries its default route")
+            why = "which carries its default route" if c.main.default_route else "its first veth"
+            notes.append(f"note: {c.target.spec} also has {others}; mace follows {c.main.inner}, {why}")
     with IPRoute(netns=host_path, flags=0) as host:
         if uplink is not None:
             found = host.link_lookup(ifname=uplink)
@@ -262,14 +262,20 @@ def discover(targets: list[Target], uplink: str | None = None) -> Topology:
     if uplink in veths:
         raise TopologyError(f"the uplink {uplink} is a container's veth",
                             hint="name the host's uplink with --uplink DEV")
+    if uplink in {c.main.bridge for c in containers}:
+        raise TopologyError(f"the uplink {uplink} is the containers' bridge: their packets are "
+                            "bridged, not routed through an uplink",
+                            hint="name the bridge's physical port with --uplink DEV")
     return Topology(containers, host_path, host_inode, uplink, index, notes)
 
 
-def present(topo: Topology) -> list[bool]:
-    """Which containers still have their host-side veth (a stopped container loses it)."""
+def present(topo: Topology, previous: list[bool] | None = None) -> list[bool]:
+    """Which containers still have their host-side veth (a stopped container loses it; a
+    new one may reuse the name, not the interface index).  If the host cannot be asked,
+    nothing changed."""
     try:
         with IPRoute(netns=topo.host_ns, flags=0) as host:
-            names = {l.get("ifname") for l in host.get_links()}
-    except OSError:
-        return [False] * len(topo.containers)
-    return [c.main.veth in names for c in topo.containers]
+            links = {(l.get("ifname"), l.get("index")) for l in host.get_links()}
+    except Exception:       # noqa: BLE001 - a transient netlink failure is not a stop
+        return list(previous) if previous is not None else [True] * len(topo.containers)
+    return [(c.main.veth, c.main.veth_index) in links for c in topo.containers]

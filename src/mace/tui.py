@@ -90,6 +90,7 @@ class LiveView:
         self.cpu_share = 0.0
         self.live: Live | None = None
         self.tty_state = None
+        self.messages: list[str] = []       # shown in the view, printed again after it
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -97,11 +98,19 @@ class LiveView:
         self.live = Live(console=self.console, auto_refresh=False, screen=True,
                          redirect_stderr=False, redirect_stdout=False)
         self.live.__enter__()
-        if sys.stdin.isatty():
-            fd = sys.stdin.fileno()
-            self.tty_state = termios.tcgetattr(fd)
-            tty.setcbreak(fd)
+        try:
+            if sys.stdin.isatty():
+                fd = sys.stdin.fileno()
+                self.tty_state = termios.tcgetattr(fd)
+                tty.setcbreak(fd)
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    def message(self, text: str) -> None:
+        """A line for the user (a container stopped): stderr is hidden behind the view."""
+        self.messages.append(text)
 
     def __exit__(self, *exc) -> bool:
         self.close()
@@ -208,6 +217,7 @@ class LiveView:
         if self.plan.hops:
             parts.append(self._hops_panel())
         parts.append(self._footer(span, stats, old_stats))
+        parts += [Text(m, style="yellow") for m in self.messages[-3:]]
         return Group(*parts)
 
     def _hops_panel(self):
@@ -218,7 +228,8 @@ class LiveView:
         t.add_column("segment")
         t.add_column("mean µs", justify="right")
         t.add_column("share")
-        for d, names in enumerate((EGRESS_SEGMENTS, INGRESS_SEGMENTS)):
+        egress_names = EGRESS_SEGMENTS[:-1] if self.plan.end_at_queue else EGRESS_SEGMENTS
+        for d, names in enumerate((egress_names, INGRESS_SEGMENTS)):
             means = [s / n if n else None for s, n in zip(self.hop_sums[c][d], self.hop_counts[c][d])]
             total = sum(m for m in means if m) or 1
             for i, (name, m) in enumerate(zip(names, means)):
