@@ -36,7 +36,6 @@ def _level(tb, k: int, count: int, interval: float, rounds: int) -> dict:
     """`rounds` traced and untraced measurements in turn; biases are taken per round (both
     pings of a round see the same moment of a noisy machine), then their median."""
     from mace import demo
-    from mace.report import coverage
 
     pooled = {key: [] for key in ("raw", "corrected", "native", "egress", "ingress",
                                   "plain_raw", "plain_native")}
@@ -50,14 +49,15 @@ def _level(tb, k: int, count: int, interval: float, rounds: int) -> dict:
         raw = [p.rtt_ns for p in traced.probes]
         corrected = [p.corrected_ns for p in m]
         plain_raw = [p.rtt_ns for p in plain.probes]
-        r = {}
-        for q in (50, 99):
-            nat = _q(traced.native_ns, q)
-            r[f"raw_bias_p{q}"] = _q(raw, q) - nat
-            r[f"corrected_bias_p{q}"] = _q(corrected, q) - nat
-            r[f"corrected_vs_untraced_p{q}"] = _q(corrected, q) - _q(plain.native_ns, q)
-            r[f"plain_raw_bias_p{q}"] = _q(plain_raw, q) - _q(plain.native_ns, q)
-        per_round.append(r)
+        if corrected and traced.native_ns and plain.native_ns and plain_raw:
+            r = {}
+            for q in (50, 99):
+                nat = _q(traced.native_ns, q)
+                r[f"raw_bias_p{q}"] = _q(raw, q) - nat
+                r[f"corrected_bias_p{q}"] = _q(corrected, q) - nat
+                r[f"corrected_vs_untraced_p{q}"] = _q(corrected, q) - _q(plain.native_ns, q)
+                r[f"plain_raw_bias_p{q}"] = _q(plain_raw, q) - _q(plain.native_ns, q)
+            per_round.append(r)
         pooled["raw"] += raw
         pooled["corrected"] += corrected
         pooled["native"] += traced.native_ns
@@ -69,15 +69,16 @@ def _level(tb, k: int, count: int, interval: float, rounds: int) -> dict:
         matched += len(m)
         k0 = traced.counters["containers"][0]
         for d in crossing:
-            cov = coverage(k0[d])
-            if cov is not None:
-                crossing[d][0] += k0[d]["reports"]
-                crossing[d][1] += round(k0[d]["reports"] / cov)
+            missed = sum(k0[d][n] for n in ("orphans", "expired", "evicted", "rejected"))
+            crossing[d][0] += k0[d]["reports"]
+            crossing[d][1] += k0[d]["reports"] + missed
         dropped += traced.counters["rings"].get("kernel_dropped", 0)
         lost += traced.counters["rings"].get("lost", 0)
     out = {"colocated": k, "rounds": per_round, "probes": probes, "matched": matched,
            "kernel_dropped": dropped, "lost": lost,
            "coverage": {d: (a / b if b else None) for d, (a, b) in crossing.items()}, **pooled}
+    if not per_round:
+        raise RuntimeError(f"{k} co-located: no round matched any probe")
     for key in per_round[0]:
         out[key] = statistics.median(r[key] for r in per_round)
     return out

@@ -2,7 +2,7 @@
 
 Floods of rising intensity cross the boundary of two traced containers (ping floods with
 more and more packets in flight, then UDP blasts of small datagrams from each container to
-the peer) while the whole mace pipeline runs with its defaults: perf rings of 256 pages per
+the peer) while the whole mace pipeline runs with its defaults: perf rings of 512 pages per
 CPU, the Cython drain, the correlator, reports taken into Python.  For each step: packets
 per second that crossed the boundary, events drained per second, records lost, samples
 the kernel dropped without notice, coverage, and mace's own CPU use.  The synthetic
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -56,7 +57,7 @@ def _step(tb, plan, name: str, argv_for, seconds: float) -> dict:
         tr.start()
         cpu0 = os.times()
         t0 = time.monotonic()
-        procs = [tb.popen(c.ns, argv_for(c), stdout=-3, stderr=-3) for c in tb.containers[:2]]
+        procs = [tb.popen(c.ns, argv_for(c), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in tb.containers[:2]]
         limit = t0 + seconds + 10
         while any(p.poll() is None for p in procs) and time.monotonic() < limit:
             reports += len(tr.poll(50))
@@ -91,7 +92,7 @@ def run(quick: bool) -> dict:
     steps = []
     with Testbed(containers_n=2, masquerade=True) as tb:
         sink = tb.popen(tb.peer_ns, [sys.executable, "-c", SINK, str(len(ladder) * (seconds + 12) + 30)],
-                        stdout=-3, stderr=-3)
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for c in tb.containers:
             tb.run(c.ns, ["ping", "-n", "-c", "2", "-i", "0.2", tb.peer_ip], timeout=10)
         plan = discover([resolve(tb.ns_path(c.ns)) for c in tb.containers]).plan()

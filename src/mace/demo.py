@@ -64,7 +64,7 @@ def parse_ping(text: str) -> list[tuple[int, float, int]]:
     out = []
     for line in text.splitlines():
         m = PING_LINE.match(line)
-        if m:
+        if m and "(DUP!)" not in line:
             out.append((int(m.group(2)), float(m.group(1)), round(float(m.group(3)) * 1e6)))
     return out
 
@@ -76,15 +76,17 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
     ping stamps it; the request leaves (egress t0) shortly after the send time that
     receive time minus RTT gives.  Matching by time, not by order, keeps one missed
     report from shifting all the others."""
-    eg = sorted((r.t0 + wall_offset_ns, r) for r in reports if r.dir == 0)
-    ing = sorted((r.t0 + r.latency + wall_offset_ns, r) for r in reports if r.dir == 1)
+    slack = 2_000_000      # ping stamps the reply a little after it reached the device
+    eg = sorted(((r.t0 + wall_offset_ns, r) for r in reports if r.dir == 0), key=lambda x: x[0])
+    ing = sorted(((r.t0 + r.latency + wall_offset_ns, r) for r in reports if r.dir == 1),
+                 key=lambda x: x[0])
     used_e, used_i = set(), set()
     for p in probes:
         recv = int(p.received * 1e9)
         sent = recv - p.rtt_ns
         best = None
         for i, (t, r) in enumerate(ing):
-            if i in used_i or not sent < t <= recv + 50_000:
+            if i in used_i or not sent < t <= recv + slack:
                 continue
             if best is None or abs(recv - t) < abs(recv - ing[best][0]):
                 best = i
@@ -93,7 +95,7 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
             p.ingress_ns = ing[best][1].latency
         best = None
         for i, (t, r) in enumerate(eg):
-            if i in used_e or not sent - 50_000 <= t < recv:
+            if i in used_e or not sent - slack <= t < recv:
                 continue
             if best is None or abs(t - sent) < abs(eg[best][0] - sent):
                 best = i
