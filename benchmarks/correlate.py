@@ -468,7 +468,7 @@ def synthetic(quick: bool) -> dict:
 
     def correlator():
         return plan.correlator(probes, table_size=DEFAULT_TABLE_SIZE, max_age_ns=DEFAULT_MAX_AGE_NS,
-                               ncpu=SYN_CPUS, max_batch=rings.max_batch)
+                               ncpu=SYN_CPUS)
 
     busy = _wait_quiet()
     gc_was = gc.isenabled()

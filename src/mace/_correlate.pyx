@@ -151,7 +151,8 @@ cdef class Correlator(EventSink):
     inner device.  table_size: entries, a power of two.  max_age_ns: a packet older than
     this is given up (at most 4 s).  hops/bridge: whether the intermediate steps are traced.
     end_at_queue: end egress at net_dev_queue on the uplink (for uplinks that segment).
-    ncpu: highest CPU number + 1.  max_batch: the largest batch `consume` will be given.
+    ncpu: highest CPU number + 1.  report_cap: reports held until take_reports() (consume()
+    stops taking events while the buffer is full).
     """
 
     def __cinit__(self):
@@ -176,7 +177,7 @@ cdef class Correlator(EventSink):
 
     def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
                  uint64_t table_size=65536, uint64_t max_age_ns=1_000_000_000, bint hops=False,
-                 bint bridge=True, bint end_at_queue=False, int ncpu=256, size_t max_batch=65536,
+                 bint bridge=True, bint end_at_queue=False, int ncpu=256, size_t report_cap=REPORT_CAP,
                  int probe_limit=32):
         cdef int i, d
         if table_size < 2 or table_size & (table_size - 1):
@@ -204,7 +205,9 @@ cdef class Correlator(EventSink):
         self.ncpu = ncpu
         if self.ncont > INT16_MAX:
             raise ValueError("too many containers")
-        self.report_cap = REPORT_CAP        # consume() stops before it would overflow
+        if report_cap < 1:
+            raise ValueError("report_cap must be at least 1")
+        self.report_cap = report_cap        # consume() stops before it would overflow
         self.table = <mace_entry *>calloc(self.cap, sizeof(mace_entry))
         self.kind_type = <uint8_t *>calloc(max(self.nkinds, 1), 1)
         self.dev_class = <uint8_t *>calloc(max(self.ndevs, 1), 1)

@@ -754,11 +754,6 @@ cdef class Rings:
         return total
 
     @property
-    def max_batch(self):
-        """Most events one drain can release (a sink must be able to take that many)."""
-        return self.nrings * self.stage_cap
-
-    @property
     def more(self):
         """A ring still holds events, or a sink has not taken all of the last batch."""
         return self.more or self.out_pos < self.nout

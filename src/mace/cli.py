@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -184,8 +185,8 @@ def cmd_trace(args) -> int:
                                             ring_pages=args.ring_pages))
         stop.wake = tracer.capture.wakeup
         for f in (out if args.output else None, summary_file):
-            if f is not None:           # the tracer is ready: now the old contents go
-                f.seek(0)
+            if f is not None and stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                f.seek(0)               # the tracer is ready: now the old contents go
                 f.truncate()
         sink = make_sink(args.format or "mace", out, labels, inodes, hops=args.hops)
         live = None

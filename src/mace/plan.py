@@ -119,14 +119,14 @@ class Plan:
 
     def correlator(self, probes: list[Probe], *, table_size: int = 65536,
                    max_age_ns: int = 1_000_000_000, ncpu: int = 256,
-                   max_batch: int = 65536) -> _correlate.Correlator:
+                   report_cap: int = _correlate.REPORT_CAP) -> _correlate.Correlator:
         """A correlator reading events of `probes` (in that kind order) for this plan."""
         classes, owner = self.device_classes()
         kinds = [_correlate.TYPES.get(p.tracepoint, 0) for p in probes]
         return _correlate.Correlator(
             kinds, classes, owner, self.inner_slots(), table_size=table_size,
             max_age_ns=max_age_ns, hops=self.hops, bridge=bool(self.bridges),
-            end_at_queue=self.end_at_queue, ncpu=ncpu, max_batch=max_batch)
+            end_at_queue=self.end_at_queue, ncpu=ncpu, report_cap=report_cap)
 
 
 def _free_condition(formats: dict | None) -> str | None:

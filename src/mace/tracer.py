@@ -14,7 +14,9 @@ Example::
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from typing import Callable, Iterable
 
 from mace.perf import DEFAULT_RING_PAGES, Capture
@@ -55,7 +57,7 @@ class Tracer:
         try:
             self.correlator = self.plan.correlator(
                 cap.probes, table_size=self.table_size, max_age_ns=self.max_age_ns,
-                ncpu=max(cap.cpus) + 1, max_batch=cap.rings.max_batch)
+                ncpu=max(cap.cpus) + 1)
         except BaseException:
             cap.close()
             raise
@@ -69,34 +71,75 @@ class Tracer:
         return False
 
     def close(self) -> None:
+        self._join()
         if self.capture is not None:
             self.capture.close()
 
     def start(self) -> None:
+        """Enable the events and start the drain thread: it empties the rings into the
+        correlator (without the GIL) however long the caller takes over each batch of
+        reports, so a slow consumer delays reports instead of losing records."""
+        self._reports: deque[bytes] = deque()
+        self._ready = threading.Event()
+        self._halt = threading.Event()
+        self._error: BaseException | None = None
         self.capture.start()
         self.started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._drain_loop, name="mace-drain", daemon=True)
+        self._thread.start()
 
-    def poll(self, timeout_ms: int = 100) -> list[Report]:
-        """Wait for the rings (GIL released), correlate what arrived, return new reports."""
-        self.capture.wait(timeout_ms)
-        return self.drain()
+    def _drain_loop(self) -> None:
+        try:
+            while not self._halt.is_set():
+                self.capture.wait(50)
+                self._pull(final=False)
+        except BaseException as e:      # noqa: BLE001 - handed to the caller's next poll
+            self._error = e
+            self._ready.set()
 
-    def drain(self, final: bool = False) -> list[Report]:
-        """Correlate everything the rings hold that is safe to order (all when final)."""
-        out: list[Report] = []
+    def _pull(self, final: bool) -> None:
+        # Only one thread at a time feeds the correlator: the drain thread while it runs,
+        # the caller once it has stopped.
         while True:
             self.capture.feed(self.correlator, final)
-            out.extend(unpack(self.correlator.take_reports()))
+            raw = self.correlator.take_reports()
+            if raw:
+                self._reports.append(raw)
+                self._ready.set()
             if not self.capture.rings.more:
-                return out
+                return
+
+    def _take(self) -> list[Report]:
+        out: list[Report] = []
+        while self._reports:
+            out.extend(unpack(self._reports.popleft()))
+        return out
+
+    def poll(self, timeout_ms: int = 100) -> list[Report]:
+        """The reports correlated since the last call, waiting up to timeout_ms for some."""
+        self._ready.wait(timeout_ms / 1000)
+        self._ready.clear()
+        if self._error is not None:
+            raise self._error
+        return self._take()
+
+    def _join(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.is_alive():
+            self._halt.set()
+            self.capture.wakeup()
+            thread.join()
 
     def stop(self) -> list[Report]:
         """Stop the events, correlate what is left, and settle the counters."""
+        self._join()
         self.capture.stop()
         self.stopped_at = time.monotonic()
-        out = self.drain(final=True)
+        self._pull(final=True)
         self.in_flight = self.correlator.finish()
-        return out
+        if self._error is not None:
+            raise self._error
+        return self._take()
 
     def run(self, until: Callable[[], bool], on_reports: Callable[[list[Report]], None] | None = None,
             timeout_ms: int = 50) -> None:

@@ -64,7 +64,7 @@ def test_live_view_shows_both_containers_and_quits_on_q(testbed_factory):
                      stdout=-1)
         # live view without a format option on a terminal: rows with numbers for both
         screen, ok = read_until(fd, rf"(?s){re.escape(c0.ns[-8:])}.*{re.escape(c1.ns[-8:])}.*"
-                                    r"where the time goes.*events [\d,]+/s", 20)
+                                    r"100\.0%.*where the time goes.*events [\d,]+/s", 20)
         text = ANSI.sub("", screen)
         assert ok, text[-3000:]
         assert "where the time goes" in text and "uplink qdisc" in text

@@ -626,8 +626,7 @@ def run_pipeline(stream: Stream, *, max_age: int) -> tuple[Outcome, list[list[Ev
         assert img.write(*(k.net_event(ev).encode() for ev in evs)) == len(evs)
         assert decoder.decode(img.data())[0] == evs      # the images say what we meant
         rings.attach(i, img.buf)
-    corr = w.plan.correlator(k.probes, table_size=BIG_TABLE, max_age_ns=max_age, ncpu=NCPU,
-                             max_batch=rings.max_batch)
+    corr = w.plan.correlator(k.probes, table_size=BIG_TABLE, max_age_ns=max_age, ncpu=NCPU)
     rings.feed(corr, final=True)
     return cython_outcome(corr), per_ring, rings
 
@@ -654,12 +653,12 @@ def test_pipeline_from_ring_images_matches_the_reference(stream):
 
 @settings(MAIN, max_examples=60)
 @given(streams(), st.sampled_from([1, 2, 3, 8, 64]))
-def test_batch_boundaries_change_no_report(stream, max_batch):
-    """Rings.feed hands the correlator batches of any size; the sweep that runs after each
-    one must not change what is reported."""
+def test_batch_boundaries_change_no_report(stream, report_cap):
+    """A small report buffer makes consume() stop early, again and again, and the sweep run
+    after each short batch: neither may change what is reported."""
     w = stream.world
     corr = w.plan.correlator(w.plan.probes(), table_size=BIG_TABLE, max_age_ns=w.max_age,
-                             ncpu=NCPU, max_batch=max_batch)
+                             ncpu=NCPU, report_cap=report_cap)
     corr.feed_bytes(pack(stream.events))
     cy = cython_outcome(corr)
     ref = run_reference(w.plan, stream.events, max_age=w.max_age)
@@ -1030,13 +1029,13 @@ def test_an_ingress_entry_the_table_gave_up_makes_an_orphan_not_host_traffic():
 
 
 def test_reports_beyond_the_buffer_wait_for_take_reports():
-    # max_batch 2: the report buffer holds 2 * 2 + 1024 reports; feed_bytes spills the rest
+    # a report buffer of 4: consume() stops every 4 reports; feed_bytes spills and goes on
     plan = make_plan([M0], hops=False, end_at_queue=False)
     s = Script(plan)
     n = 1500
     for i in range(n):
         egress(s, A if i % 2 else B, 84 + i % 7, cpu=i % 3, tid=1)
-    corr = plan.correlator(plan.probes(), table_size=64, ncpu=NCPU, max_batch=2)
+    corr = plan.correlator(plan.probes(), table_size=64, ncpu=NCPU, report_cap=4)
     assert corr.feed_bytes(pack(s.events)) == len(s.events)
     assert corr.finish() == [[0, 0]]
     reports = list(unpack(corr.take_reports()))
