@@ -2,8 +2,8 @@
 
 Floods of rising intensity cross the boundary of two traced containers (ping floods with
 more and more packets in flight, then UDP blasts of small datagrams from each container to
-the peer) while the whole mace pipeline runs with its defaults: perf rings of 512 pages per
-CPU, the Cython drain, the correlator, reports taken into Python.  For each step: packets
+the peer) while the whole mace pipeline runs with its defaults: perf rings of 8 MiB per
+CPU on this 2-CPU machine, the Cython drain, the correlator, reports taken into Python.  For each step: packets
 per second that crossed the boundary, events drained per second, records lost, samples
 the kernel dropped without notice, coverage, and mace's own CPU use.  The synthetic
 hot-loop numbers of the ring and correlate benchmarks are repeated here when present.
@@ -179,7 +179,7 @@ def summary(result: dict) -> list[dict]:
 
 
 def notes(result: dict) -> list[str]:
-    return [f"Each step runs {result['seconds']:g} s with mace's defaults (512-page rings, 65,536-entry "
+    return [f"Each step runs {result['seconds']:g} s with mace's defaults (8 MiB rings per CPU here, 65,536-entry "
             "table) tracing both containers of a testbed; packets/s counts boundary crossings "
             "(both directions, both containers) that left or entered through the uplink.",
             "The UDP blast sends 64-byte datagrams without waiting (non-blocking), to a sink in the "

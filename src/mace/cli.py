@@ -16,7 +16,6 @@ from contextlib import ExitStack
 from mace import __version__
 from mace.errors import MaceError, PermissionProblem, UsageError
 from mace.sinks import FORMATS
-from mace.perf import DEFAULT_RING_PAGES
 from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
 
 NET_EVENTS = ("net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit",
@@ -64,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
     tr.add_argument("--table-size", type=int, default=DEFAULT_TABLE_SIZE, metavar="N",
                     help=f"correlation table entries, a power of two; 64 bytes each (default {DEFAULT_TABLE_SIZE})")
-    tr.add_argument("--ring-pages", type=int, default=DEFAULT_RING_PAGES, metavar="N",
-                    help=f"perf ring data pages per CPU, a power of two (default {DEFAULT_RING_PAGES}"
-                         f" = {DEFAULT_RING_PAGES * 4 // 1024} MiB)")
+    tr.add_argument("--ring-pages", type=int, metavar="N",
+                    help="perf ring data pages per CPU, a power of two (default: 2048 = 8 MiB, "
+                         "fewer on hosts with more than 8 CPUs: 64 MiB in all)")
     tr.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_NS / 1e6, metavar="MS",
                     help="give up on a packet not through after MS milliseconds (default 1000, at most 4000)")
     tr.add_argument("--hops", action="store_true",
@@ -157,7 +156,8 @@ def cmd_trace(args) -> int:
     _check_positive("--duration", args.duration)
     _check_positive("--count", args.count)
     _check_power_of_two("--table-size", args.table_size, 2, 1 << 26)
-    _check_power_of_two("--ring-pages", args.ring_pages, 1, 65536)
+    if args.ring_pages is not None:
+        _check_power_of_two("--ring-pages", args.ring_pages, 1, 65536)
     if not 0 < args.max_age <= 4000:
         raise UsageError(f"--max-age {args.max_age} must be between 0 and 4000 ms")
     _check_privileges()

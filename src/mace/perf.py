@@ -34,9 +34,16 @@ DEV_NONE = _ring.DEV_NONE
 DEV_OTHER = _ring.DEV_OTHER
 FILTER_MAX = 4000       # the kernel copies at most a page of filter text
 MAX_RING_PAGES = 65536
-# 2 MiB per CPU: at half a million events a second the reader may be late by ~40 ms
-# (other work on the same CPUs) before a record is lost
-DEFAULT_RING_PAGES = 512
+RING_BUDGET_PAGES = 16384      # 64 MiB of rings in all by default ...
+RING_MAX_DEFAULT_PAGES = 2048  # ... and at most 8 MiB per CPU
+
+
+def default_ring_pages(ncpus: int) -> int:
+    """Pages per CPU ring when not chosen: with 8 MiB a reader that other work on the same
+    CPUs holds off for ~200 ms at half a million events a second loses nothing (measured:
+    benchmarks/throughput.py); many-CPU hosts share a 64 MiB budget."""
+    pages = max(256, RING_BUDGET_PAGES // max(ncpus, 1))
+    return min(RING_MAX_DEFAULT_PAGES, 1 << (pages.bit_length() - 1))
 TRACEPOINT_RE = re.compile(r"^[A-Za-z0-9_]+:[A-Za-z0-9_]+$")
 # what the kernel's dev_valid_name accepts, minus quotes (they would end the filter string)
 DEVICE_RE = re.compile(r"^[^\s/:\"'\\]{1,15}$")
@@ -145,15 +152,18 @@ class Capture:
 
     probes: what to open.  devices: names to resolve into slots (those named by the probes
     are added).  cpus: CPU numbers (default: all online).  ring_pages: data pages per ring,
-    a power of two.  watermark: bytes before the kernel wakes us (0: a quarter ring).
+    a power of two (default: default_ring_pages()).  watermark: bytes before the kernel wakes us (0: a quarter ring).
     reorder_us: how long an event waits for earlier events of other CPUs.
     """
 
     def __init__(self, probes: Sequence[Probe], devices: Sequence[str] = (), *,
-                 cpus: Sequence[int] | None = None, ring_pages: int = DEFAULT_RING_PAGES, watermark: int = 0,
+                 cpus: Sequence[int] | None = None, ring_pages: int | None = None, watermark: int = 0,
                  reorder_us: int = 2000):
         if not probes:
             raise UsageError("nothing to trace: no probes")
+        self.cpus = list(cpus) if cpus is not None else online_cpus()
+        if ring_pages is None:
+            ring_pages = default_ring_pages(len(self.cpus))
         if ring_pages <= 0 or ring_pages & (ring_pages - 1) or ring_pages > MAX_RING_PAGES:
             raise UsageError(f"ring size of {ring_pages} pages is invalid",
                              hint=f"use a power of two from 1 to {MAX_RING_PAGES}, e.g. 256")
@@ -170,7 +180,6 @@ class Capture:
                 raise UsageError(f"{name!r} is not a network device name",
                                  hint="device names are 1 to 15 characters, without spaces, '/', ':' or quotes")
         self.devices = names
-        self.cpus = list(cpus) if cpus is not None else online_cpus()
         self.ring_pages = ring_pages
         self.watermark = watermark
         self.reorder_us = reorder_us

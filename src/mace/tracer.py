@@ -19,7 +19,7 @@ import time
 from collections import deque
 from typing import Callable, Iterable
 
-from mace.perf import DEFAULT_RING_PAGES, Capture
+from mace.perf import Capture
 from mace.plan import Plan, tracepoints
 from mace.tracefs import read_formats
 from mace.report import Report, unpack
@@ -37,7 +37,7 @@ class Tracer:
     """
 
     def __init__(self, plan: Plan, *, table_size: int = DEFAULT_TABLE_SIZE,
-                 max_age_ns: int = DEFAULT_MAX_AGE_NS, ring_pages: int = DEFAULT_RING_PAGES,
+                 max_age_ns: int = DEFAULT_MAX_AGE_NS, ring_pages: int | None = None,
                  watermark: int = 0, reorder_us: int = 2000, cpus: Iterable[int] | None = None):
         self.plan = plan
         self.table_size = table_size
