@@ -72,3 +72,13 @@ def test_mace_demo_prints_the_table_and_cleans_up():
     assert m and int(m.group(1)) >= 0.9 * int(m.group(2)) > 0, r.stdout
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert after <= before
+
+
+def test_perturbation_benchmark_quick(tmp_path):
+    res = run_quick("perturbation", tmp_path)
+    assert res["errors"] == [] and res["cleanup"]["clean"]
+    assert {"none", "mace", "ftrace"} <= set(res["configs"])
+    added = res["phases"][0]["added"]
+    # sane magnitudes only: a tracer adds something, and less than a millisecond
+    for name in ("mace", "ftrace"):
+        assert -200 < added[name]["median_us"] < 1000, added[name]
