@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.common import pyplot
+from benchmarks.common import pyplot, save
 
 LOADS = (0, 2, 4, 8)
 TARGET_MEDIAN_US = 2.0
@@ -133,10 +133,7 @@ def plot(result: dict, path: Path) -> None:
     hi = _q([_us(n) for n in lv["raw"]], 99) or 1
     a2.set_xlim(0, hi * 1.2)
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def summary(result: dict) -> list[dict]:

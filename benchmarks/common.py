@@ -62,6 +62,14 @@ def pyplot():
     return plt
 
 
+def save(fig, path) -> None:
+    """Write a benchmark's figure and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system

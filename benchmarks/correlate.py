@@ -39,7 +39,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.common import pyplot
+from benchmarks.common import pyplot, save
 
 TARGET_RATE = 10e6
 RING_PAGES = 256
@@ -311,7 +311,7 @@ class KernelModel:
 
 def build_images(plan, probes, pages: int = RING_PAGES, seed: int = 11):
     """Two RingImages cut at one instant, as full as the busier ring allows."""
-    from mace.synthetic import RingImage, builtin_format, raw_record, sample
+    from mace.synthetic import RingImage, builtin_format, net_values, raw_record, sample
 
     fmts = {p.tracepoint: builtin_format(p.tracepoint) for p in probes}
     rng = random.Random(seed)
@@ -320,13 +320,7 @@ def build_images(plan, probes, pages: int = RING_PAGES, seed: int = 11):
     def record(cpu, ev) -> bytes:
         ts, tp, tid, flags, skb, length, dev, proto, reason = ev
         fmt = fmts[tp]
-        values: dict = {"skbaddr": skb}
-        if "len" in fmt.fields:
-            values["len"] = length
-        if "name" in fmt.fields:
-            values["name"] = dev
-        if "protocol" in fmt.fields:
-            values["protocol"] = proto
+        values = net_values(fmt, skb, length, dev, proto)
         if "reason" in fmt.fields:
             values["reason"] = reason
             values["location"] = 0xFFFFFFFF_81C0_0000 + 0x1F0 * reason
@@ -975,10 +969,7 @@ def plot(result: dict, path: Path) -> None:
     a2.set_title(f"synthetic: 2 x {syn['ring_pages']}-page rings, {syn['records']:,} events\n"
                  f"full pipeline is {syn['ratio']:.0f}x the reference; "
                  f"reports {'identical' if syn['identical'] else 'DIFFER'}", fontsize=9.5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def summary(result: dict) -> list[dict]:

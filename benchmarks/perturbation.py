@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import pyplot
+from benchmarks.common import pyplot, save
 
 CONFIGS = ["none", "mace", "ftrace", "perf", "bpftrace"]
 QUICK_CONFIGS = ["none", "mace", "ftrace"]
@@ -802,9 +802,7 @@ def plot(result: dict, path: Path) -> None:
         ax.axis("off")
         ax.text(0.5, 0.5, "perturbation not measured:\n"
                 + str(result.get("skipped") or result.get("errors")), ha="center", va="center")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save(fig, path)
         return
     configs = result["configs"]
     fig, axes = plt.subplots(len(phases), 2, figsize=(14, 4.6 * len(phases)), squeeze=False,
@@ -859,10 +857,7 @@ def plot(result: dict, path: Path) -> None:
                      "drift", fontsize=9.5)
         a2.legend(fontsize=8, ncol=len(configs))
         a2.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def summary(result: dict) -> list[dict]:

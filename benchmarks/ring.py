@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import pyplot
+from benchmarks.common import pyplot, save
 
 SYNTH_TRACEPOINTS = ["net:net_dev_start_xmit", "net:netif_receive_skb", "net:netif_rx",
                      "net:net_dev_queue", "skb:kfree_skb"]
@@ -99,7 +99,7 @@ def _event_stream(rng: random.Random, cpu: int, mean_gap_ns: int = 300):
 def build_images(pages: int = RING_PAGES, seed: int = 7):
     """Two RingImages filled as full as the records allow; returns (images, samples per
     image, how many samples are older than one written before them in their ring)."""
-    from mace.synthetic import RingImage, builtin_format, raw_record, sample
+    from mace.synthetic import RingImage, builtin_format, net_values, raw_record, sample
 
     fmts = {tp: builtin_format(tp) for tp in SYNTH_TRACEPOINTS}
     images, counts, disorder = [], [], 0
@@ -111,13 +111,7 @@ def build_images(pages: int = RING_PAGES, seed: int = 7):
         newest = 0
         for tp, dev, skb, length, proto, ts, tid in _event_stream(rng, cpu):
             fmt = fmts[tp]
-            values: dict = {"skbaddr": skb}
-            if "len" in fmt.fields:
-                values["len"] = length
-            if "protocol" in fmt.fields:
-                values["protocol"] = proto
-            if "name" in fmt.fields:
-                values["name"] = dev
+            values = net_values(fmt, skb, length, dev, proto)
             rec = sample(ts, cpu, tid, raw_record(fmt, values, flags=rng.choice((0, 1, 8))))
             if img.write(rec):
                 n += 1
@@ -484,10 +478,7 @@ def plot(result: dict, path: Path) -> None:
         a2.axis("off")
         a2.text(0.5, 0.5, "live run skipped:\n" + str(lv.get("skipped") or lv.get("error")),
                 ha="center", va="center", wrap=True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def summary(result: dict) -> list[dict]:

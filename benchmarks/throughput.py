@@ -19,7 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, pyplot
+from benchmarks.common import RESULTS, pyplot, save
 
 BLAST = textwrap.dedent("""
     import socket, sys, time
@@ -143,10 +143,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("packets crossing the boundary (thousands / s)")
     ax.set_ylim(0, max(s["packets_per_s"] for s in steps) / 1000 * 1.45)
     ax.set_title("two traced containers flooding (green: no record lost)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def summary(result: dict) -> list[dict]:

@@ -98,16 +98,23 @@ class NetEvent:
 
     def encode(self) -> bytes:
         fmt = builtin_format(self.tracepoint)
-        values: dict = {}
-        if "skbaddr" in fmt.fields:
-            values["skbaddr"] = self.skb
-        if "len" in fmt.fields:
-            values["len"] = self.len
-        if "protocol" in fmt.fields and self.protocol is not None:
-            values["protocol"] = self.protocol
-        if "name" in fmt.fields:
-            values["name"] = self.dev or ""
+        values = net_values(fmt, self.skb, self.len, self.dev, self.protocol)
         return sample(self.ts, self.cpu, self.tid, raw_record(fmt, values, flags=self.flags))
+
+
+def net_values(fmt: EventFormat, skb: int, length: int, dev: str | None,
+               protocol: int | None) -> dict:
+    """raw_record values for the fields a net/skb tracepoint has of these."""
+    values: dict = {}
+    if "skbaddr" in fmt.fields:
+        values["skbaddr"] = skb
+    if "len" in fmt.fields:
+        values["len"] = length
+    if "protocol" in fmt.fields and protocol is not None:
+        values["protocol"] = protocol
+    if "name" in fmt.fields:
+        values["name"] = dev or ""
+    return values
 
 
 class RingImage:
