@@ -6,9 +6,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -62,42 +59,29 @@ def pyplot():
     return plt
 
 
+def fmt_rate(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.1f} M/s"
+    if x >= 1e3:
+        return f"{x / 1e3:.0f} k/s"
+    return f"{x:.0f} /s"
+
+
+def rate_bars(ax, names, vals, colors, target: float, headroom: float) -> None:
+    """Log-scale bars of rates, each labelled, with the target as a dashed line."""
+    bars = ax.bar(names, vals, color=colors)
+    ax.set_yscale("log")
+    ax.axhline(target, color="tab:red", ls="--", lw=1)
+    ax.text(len(vals) - 0.55, target * 1.12, f"target {fmt_rate(target)}", color="tab:red",
+            ha="right", fontsize=8)
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v * 1.15, fmt_rate(v), ha="center", fontsize=9)
+    ax.set_ylim(min(vals) / 3, max(max(vals), target) * headroom)
+
+
 def save(fig, path) -> None:
     """Write a benchmark's figure and free it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
-
-
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def timed(fn, *args, repeat: int = 5, **kw):
-    """Run fn `repeat` times; returns (median seconds, last result)."""
-    times = []
-    result = None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn(*args, **kw)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
-
-
-def median(xs):
-    xs = list(xs)
-    return statistics.median(xs) if xs else float("nan")
-
-
-def percentile(xs, q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[k]
-
-
-def have(cmd: str) -> bool:
-    return subprocess.run(["sh", "-c", f"command -v {cmd}"], capture_output=True).returncode == 0

@@ -39,7 +39,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.common import pyplot, save
+from benchmarks.common import fmt_rate, pyplot, rate_bars, save
 
 TARGET_RATE = 10e6
 RING_PAGES = 256
@@ -781,14 +781,6 @@ def run(quick: bool) -> dict:
             "synthetic": synthetic(quick), "live": live(quick)}
 
 
-def _fmt_rate(x: float) -> str:
-    if x >= 1e6:
-        return f"{x / 1e6:.1f} M/s"
-    if x >= 1e3:
-        return f"{x / 1e3:.0f} k/s"
-    return f"{x:.0f} /s"
-
-
 def _mem(n: int) -> str:
     if n >= 1 << 20:
         return f"{n / 2**20:g} MiB"
@@ -957,13 +949,7 @@ def plot(result: dict, path: Path) -> None:
              "pure Python\nreference"]
     vals = [syn["full"]["events_per_s"], syn["correlate_only"]["events_per_s"],
             syn["reference"]["events_per_s"]]
-    bars = a2.bar(names, vals, color=["tab:blue", "tab:cyan", "tab:gray"])
-    a2.set_yscale("log")
-    a2.axhline(TARGET_RATE, color="tab:red", ls="--", lw=1)
-    a2.text(2.45, TARGET_RATE * 1.12, "target 10 M/s", color="tab:red", ha="right", fontsize=8)
-    for b, v in zip(bars, vals):
-        a2.text(b.get_x() + b.get_width() / 2, v * 1.15, _fmt_rate(v), ha="center", fontsize=9)
-    a2.set_ylim(min(vals) / 3, max(max(vals), TARGET_RATE) * 5)
+    rate_bars(a2, names, vals, ["tab:blue", "tab:cyan", "tab:gray"], TARGET_RATE, 5)
     a2.set_ylabel("events / s, one core (log)")
     a2.tick_params(axis="x", labelsize=8)
     a2.set_title(f"synthetic: 2 x {syn['ring_pages']}-page rings, {syn['records']:,} events\n"
@@ -979,9 +965,9 @@ def summary(result: dict) -> list[dict]:
     default = result.get("default_table_size", 1 << 16)
     rows = [
         {"metric": "events/s, full pipeline (decode + merge + correlate, Cython, one core, median)",
-         "value": _fmt_rate(rate), "target": ">= 10 M/s", "met": rate >= TARGET_RATE},
+         "value": fmt_rate(rate), "target": ">= 10 M/s", "met": rate >= TARGET_RATE},
         {"metric": "events/s, correlation alone (Correlator.feed_bytes, median)",
-         "value": _fmt_rate(syn["correlate_only"]["events_per_s"]), "target": "", "met": None},
+         "value": fmt_rate(syn["correlate_only"]["events_per_s"]), "target": "", "met": None},
         {"metric": "full pipeline vs the pure-Python reference (decoder + merge + correlator)",
          "value": f"{syn['ratio']:.0f}x", "target": "", "met": None},
         {"metric": "Cython and reference reports (synthetic)",
@@ -1060,7 +1046,7 @@ def notes(result: dict) -> list[str]:
         "repetitions after one warm-up; images restored byte for byte and a fresh correlator with "
         f"the default {syn['table_size']:,}-entry table before each): median "
         f"{full['median_s'] * 1e3:.2f} ms, {full['ns_per_event']:.1f} ns/event (fastest "
-        f"repetition {_fmt_rate(full['best_events_per_s'])}, p90 {full['p90_s'] * 1e3:.2f} ms). "
+        f"repetition {fmt_rate(full['best_events_per_s'])}, p90 {full['p90_s'] * 1e3:.2f} ms). "
         f"`Correlator.feed_bytes` on the decoded, merged events: {only['ns_per_event']:.1f} "
         f"ns/event, so decode + merge cost ~{full['ns_per_event'] - only['ns_per_event']:.1f} "
         "ns/event. Images and table are warm in cache. Before timing, the benchmark waited "
@@ -1068,7 +1054,7 @@ def notes(result: dict) -> list[str]:
         + ("?" if syn.get("others_busy_before") is None else
            f"{syn['others_busy_before'] * 100:.0f}%")
         + "); the thread's own CPU time gives "
-        + (f"{_fmt_rate(full['cpu_events_per_s'])}" if "cpu_events_per_s" in full else "?")
+        + (f"{fmt_rate(full['cpu_events_per_s'])}" if "cpu_events_per_s" in full else "?")
         + " for the full pipeline.",
         f"Reference: `ReferenceDecoder` + `merge` + `ReferenceCorrelator` on the unwrapped bytes, "
         f"{ref['reps']} repetition(s), median {ref['median_s'] * 1e3:.0f} ms. Reports: "

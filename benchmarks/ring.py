@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import pyplot, save
+from benchmarks.common import fmt_rate, pyplot, rate_bars, save
 
 SYNTH_TRACEPOINTS = ["net:net_dev_start_xmit", "net:netif_receive_skb", "net:netif_rx",
                      "net:net_dev_queue", "skb:kfree_skb"]
@@ -390,14 +390,6 @@ def run(quick: bool) -> dict:
     return {"synthetic": synthetic(quick), "live": live(quick)}
 
 
-def _fmt_rate(x: float) -> str:
-    if x >= 1e6:
-        return f"{x / 1e6:.1f} M/s"
-    if x >= 1e3:
-        return f"{x / 1e3:.0f} k/s"
-    return f"{x:.0f} /s"
-
-
 def _live_label(r: dict, sep: str = ", ") -> str:
     parts = ["ping -f -l 8" if r.get("preload") else "ping -f"]
     if r.get("reader") == "feed":
@@ -432,13 +424,7 @@ def plot(result: dict, path: Path) -> None:
 
     names = ["Cython\n(Rings.drain)", "pure Python\n(reference)"]
     vals = [syn["cython"]["records_per_s"], syn["reference"]["records_per_s"]]
-    bars = a1.bar(names, vals, color=["tab:blue", "tab:gray"])
-    a1.set_yscale("log")
-    a1.axhline(TARGET_RATE, color="tab:red", ls="--", lw=1)
-    a1.text(1.45, TARGET_RATE * 1.12, "target 10 M/s", color="tab:red", ha="right", fontsize=8)
-    for b, v in zip(bars, vals):
-        a1.text(b.get_x() + b.get_width() / 2, v * 1.15, _fmt_rate(v), ha="center", fontsize=9)
-    a1.set_ylim(min(vals) / 3, max(max(vals), TARGET_RATE) * 4)
+    rate_bars(a1, names, vals, ["tab:blue", "tab:gray"], TARGET_RATE, 4)
     a1.set_ylabel("records / s (log)")
     a1.set_title(f"decode + merge, 2 x {syn['ring_pages']}-page rings "
                  f"({syn['records']:,} records)\nCython is {syn['ratio']:.0f}x the reference",
@@ -455,7 +441,7 @@ def plot(result: dict, path: Path) -> None:
         for b, r in zip(b2, runs):
             cpu = r.get("reader_cpu_s_per_M")
             a2.text(b.get_x() + b.get_width() / 2, b.get_height() + max(ev) * 0.02,
-                    f"{_fmt_rate(r['events_per_s'])}\nlost {r['lost']:,}\n({_lost_pct(r):.2f}%)"
+                    f"{fmt_rate(r['events_per_s'])}\nlost {r['lost']:,}\n({_lost_pct(r):.2f}%)"
                     + (f"\n{cpu:.2f} CPU-s/M ev" if cpu is not None else ""),
                     ha="center", va="bottom", fontsize=7.5)
         a2.set_xticks(list(x))
@@ -486,7 +472,7 @@ def summary(result: dict) -> list[dict]:
     rate = syn["cython"]["records_per_s"]
     rows = [
         {"metric": "decode + merge, records/s (Cython, 2 rings, median)",
-         "value": _fmt_rate(rate), "target": ">= 10 M/s", "met": rate >= TARGET_RATE},
+         "value": fmt_rate(rate), "target": ">= 10 M/s", "met": rate >= TARGET_RATE},
         {"metric": "speedup over the pure-Python reference",
          "value": f"{syn['ratio']:.0f}x", "target": ">= 50x",
          "met": syn["ratio"] >= TARGET_RATIO and syn["same_count"]},
@@ -506,12 +492,12 @@ def summary(result: dict) -> list[dict]:
         cpu_s = "-" if cpu is None else f"{cpu:.2f} s"
         if r.get("role") == "diagnostic":
             rows.append({"metric": f"diagnostic: {lab}",
-                         "value": f"{_fmt_rate(r['events_per_s'])}, {r['lost']:,} lost, "
+                         "value": f"{fmt_rate(r['events_per_s'])}, {r['lost']:,} lost, "
                                   f"{cpu_s} reader CPU per M events", "target": "", "met": None})
             continue
         rows += [
             {"metric": f"live events/s ({lab}, {r['sent']:,} pings)",
-             "value": _fmt_rate(r["events_per_s"]), "target": "", "met": None},
+             "value": fmt_rate(r["events_per_s"]), "target": "", "met": None},
             {"metric": f"live events lost ({lab})",
              "value": f"{r['lost']:,} ({_lost_pct(r):.2f}% of events)",
              "target": "0", "met": r["lost"] == 0 and "error" not in r},
@@ -587,5 +573,5 @@ def notes(result: dict) -> list[str]:
             out.append(f"The busiest CPU's ring took {lo:.0f}-{hi:.0f}% of a run's events "
                        "(ping, the veth softirqs and the reply all run on the CPU ping runs on), "
                        f"and a 256-page ring holds ~{cap_ev // 1000}k events: ~{slack_ms:.0f} ms "
-                       f"of slack for the reader at {_fmt_rate(rd['events_per_s'])}.")
+                       f"of slack for the reader at {fmt_rate(rd['events_per_s'])}.")
     return out
