@@ -291,12 +291,3 @@ class Capture:
         # LOST records do not say which event they were: charge them proportionally
         scale = (total - lost) / total
         return {tp: round(n * scale) for tp, n in missing.items() if round(n * scale)}
-
-    def kind_of(self, tracepoint: str) -> int:
-        for i, p in enumerate(self.probes):
-            if p.tracepoint == tracepoint:
-                return i
-        raise KeyError(tracepoint)
-
-    def fds(self) -> list[int]:
-        return self.rings.fds_open if self.rings is not None else []

@@ -14,10 +14,8 @@ import errno
 import json
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from mace.errors import TracefsError, TracepointMissing
 
@@ -202,16 +200,6 @@ def _child_mount_and_read(names: list[str]) -> dict[str, str | None]:
     return out
 
 
-@contextmanager
-def tracefs() -> Iterator[Path]:
-    """Yield the root of a mounted tracefs (for tools that need the files themselves)."""
-    found = _mounted_tracefs()
-    if found is None:
-        raise TracefsError("tracefs is not mounted",
-                           hint="mount it: mount -t tracefs nodev /sys/kernel/tracing")
-    yield found
-
-
 def read_format(root: Path, qualified: str) -> EventFormat:
     """Read `system:name` from a tracefs root."""
     system, _, name = qualified.partition(":")
@@ -245,4 +233,4 @@ def _missing(qualified: str) -> TracepointMissing:
                              hint="mace needs the net and skb tracepoints (CONFIG_TRACEPOINTS, Linux >= 4.x)")
 
 
-__all__ = ["Field", "EventFormat", "parse_format", "tracefs", "read_format", "read_formats"]
+__all__ = ["Field", "EventFormat", "parse_format", "read_format", "read_formats"]
