@@ -26,10 +26,9 @@ TARGET_RATIO = 5.0
 
 
 def _q(values, q):
-    v = sorted(values)
-    if not v:
-        return None
-    return statistics.median(v) if q == 50 else v[min(len(v) - 1, round(q / 100 * (len(v) - 1)))]
+    """Median (q=50) or p99 (q=99), by the rule mace demo reports them with."""
+    from mace.demo import quantiles
+    return quantiles(values)["median" if q == 50 else "p99"]
 
 
 def _level(tb, k: int, count: int, interval: float, rounds: int) -> dict:
