@@ -19,7 +19,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, pyplot, save
+from benchmarks import common
+from benchmarks.common import pyplot, save
 
 BLAST = textwrap.dedent("""
     import socket, sys, time
@@ -103,7 +104,7 @@ def run(quick: bool) -> dict:
     best = max(clean, key=lambda s: s["packets_per_s"]) if clean else None
     synthetic = {}
     for bench in ("ring", "correlate"):
-        p = RESULTS / f"{bench}.json"
+        p = common.RESULTS / f"{bench}.json"     # --out moves it after import
         if p.exists():
             synthetic[bench] = json.loads(p.read_text())
     return {"seconds": seconds, "steps": steps,
