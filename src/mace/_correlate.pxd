@@ -89,6 +89,8 @@ cdef class Correlator(EventSink):
     cdef uint64_t ghost_mask
 
     cdef int _plan(self, bint hops, bint bridge, bint end_at_queue) except -1
+    cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1
+    cdef void _zero(self, int cd) noexcept
     cdef uint64_t _home(self, uint64_t skb) noexcept nogil
     cdef bytes _take(self)
 

@@ -128,6 +128,17 @@ cdef inline uint32_t _bucket(uint64_t v) noexcept nogil:
     return 128 + (k - 1) * 64 + <uint32_t>((v >> k) - 64)
 
 
+cdef void *_grow(void *p, size_t old, size_t n, size_t size) except NULL:
+    # realloc that zeroes the new part and leaves `p` alone on failure
+    cdef void *q = calloc(max(n, 1), size)
+    if q == NULL:
+        raise MemoryError()
+    if p != NULL:
+        memcpy(q, p, old * size)
+        free(p)
+    return q
+
+
 def bucket_of(v):
     """Histogram bucket of a latency in ns."""
     return _bucket(v)
@@ -179,76 +190,159 @@ cdef class Correlator(EventSink):
                  uint64_t table_size=65536, uint64_t max_age_ns=1_000_000_000, bint hops=False,
                  bint bridge=True, bint end_at_queue=False, int ncpu=256, size_t report_cap=REPORT_CAP,
                  int probe_limit=32):
-        cdef int i, d
+        cdef int i
         if table_size < 2 or table_size & (table_size - 1):
             raise ValueError(f"table size must be a power of two >= 2, not {table_size}")
         if not 0 < max_age_ns <= 4_000_000_000:
             raise ValueError("max age must be between 1 ns and 4 s")
-        if len(dev_classes) != len(dev_containers):
-            raise ValueError("dev_classes and dev_containers differ in length")
         if probe_limit < 1 or ncpu < 1:
             raise ValueError("probe_limit and ncpu must be at least 1")
-        for i, (c, owner) in enumerate(zip(dev_classes, dev_containers)):
-            # the hot loop indexes counters by these: a veth must name its container
-            if not -1 <= owner < len(inner_slots) or bool(c & C_VETH) != (owner >= 0):
-                raise ValueError(f"device slot {i}: class {c} and container {owner} disagree")
         for t in kind_types:
             if not 0 <= t <= T_FREE:
                 raise ValueError(f"unknown event type {t}")
+        if report_cap < 1:
+            raise ValueError("report_cap must be at least 1")
         self.cap = table_size
         self.bits = table_size.bit_length() - 1
         self.probe_limit = <uint32_t>min(probe_limit, table_size)
         self.max_age = max_age_ns
         self.nkinds = len(kind_types)
-        self.ndevs = len(dev_classes)
-        self.ncont = len(inner_slots)
         self.ncpu = ncpu
-        if self.ncont > INT16_MAX:
-            raise ValueError("too many containers")
-        if report_cap < 1:
-            raise ValueError("report_cap must be at least 1")
         self.report_cap = report_cap        # consume() stops before it would overflow
         self.table = <mace_entry *>calloc(self.cap, sizeof(mace_entry))
         self.kind_type = <uint8_t *>calloc(max(self.nkinds, 1), 1)
-        self.dev_class = <uint8_t *>calloc(max(self.ndevs, 1), 1)
-        self.dev_container = <int16_t *>calloc(max(self.ndevs, 1), sizeof(int16_t))
-        self.inner_of = <int16_t *>calloc(max(self.ncont, 1), sizeof(int16_t))
-        self.ccount = <uint64_t *>calloc(max(self.ncont, 1) * 2 * NCC, sizeof(uint64_t))
         self.gcount = <uint64_t *>calloc(NG, sizeof(uint64_t))
-        self.hist = <uint64_t *>calloc(max(self.ncont, 1) * 2 * NB, sizeof(uint64_t))
-        self.lat_min = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
-        self.lat_max = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
-        self.lat_sum = <uint64_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint64_t))
-        self.seq = <uint32_t *>calloc(max(self.ncont, 1) * 2, sizeof(uint32_t))
         self.pq_skb = <uint64_t *>calloc(ncpu * PQ, sizeof(uint64_t))
         self.pq_ts = <uint64_t *>calloc(ncpu * PQ, sizeof(uint64_t))
         self.pq_n = <int *>calloc(ncpu, sizeof(int))
         self.reports = <mace_report *>malloc(self.report_cap * sizeof(mace_report))
         self.ghost_mask = max(64, self.cap // 4) - 1
         self.ghost = <uint64_t *>calloc(self.ghost_mask + 1, sizeof(uint64_t))
-        if (self.table == NULL or self.kind_type == NULL or self.dev_class == NULL
-                or self.dev_container == NULL or self.inner_of == NULL or self.ccount == NULL
-                or self.gcount == NULL or self.hist == NULL or self.lat_min == NULL
-                or self.lat_max == NULL or self.lat_sum == NULL or self.seq == NULL
+        if (self.table == NULL or self.kind_type == NULL or self.gcount == NULL
                 or self.pq_skb == NULL or self.pq_ts == NULL or self.pq_n == NULL
-                or self.reports == NULL
-                or self.ghost == NULL):
+                or self.reports == NULL or self.ghost == NULL):
             raise MemoryError()
         for i, t in enumerate(kind_types):
             self.kind_type[i] = t
-        for i, c in enumerate(dev_classes):
-            self.dev_class[i] = c
-        for i, c in enumerate(dev_containers):
-            if c >= self.ncont:
-                raise ValueError(f"device slot {i} names container {c} of {self.ncont}")
-            self.dev_container[i] = c
-        for i, s in enumerate(inner_slots):
-            if not 0 <= s < self.ndevs:
-                raise ValueError(f"container {i} has no inner device slot")
-            self.inner_of[i] = s
-        for i in range(self.ncont * 2):
-            self.lat_min[i] = UINT64_MAX
+        self._configure(dev_classes, dev_containers, inner_slots)
         self._plan(hops, bridge, end_at_queue)
+
+    def reconfigure(self, dev_classes, dev_containers, inner_slots, reset=()):
+        """Change the devices and containers between two events (no thread may be feeding).
+
+        Same arguments as the constructor; a container whose inner slot is -1 is unused.
+        Containers in `reset` start afresh: their packets still in the table are forgotten
+        and their counters, histograms and sequence numbers return to zero.  Device slots
+        and container indexes may grow, never shrink.  Returns the entries forgotten."""
+        cdef uint64_t i, k, mask = self.cap - 1, forgotten = 0
+        cdef int c, d
+        cdef uint8_t *old_class = self.dev_class
+        cdef int nold = self.ndevs
+        cdef uint8_t *gone
+        if len(dev_classes) < self.ndevs or len(inner_slots) < self.ncont:
+            raise ValueError("device slots and containers can grow, never shrink")
+        for c in reset:
+            if not 0 <= c < len(inner_slots):
+                raise ValueError(f"cannot reset container {c} of {len(inner_slots)}")
+        # a slot whose class changed may be a start device that now means another thing:
+        # entries that began there belong to the old configuration
+        gone = <uint8_t *>calloc(max(nold, 1), 1)
+        if gone == NULL:
+            raise MemoryError()
+        try:
+            for c in range(nold):
+                gone[c] = old_class[c]
+            self.dev_class = NULL             # _configure allocates afresh
+            try:
+                self._configure(dev_classes, dev_containers, inner_slots)
+            except BaseException:
+                free(self.dev_class)
+                self.dev_class = old_class
+                raise
+            free(old_class)
+            for c in range(nold):
+                gone[c] = gone[c] != self.dev_class[c]
+            resets = set(reset)
+            i = 0
+            k = 0
+            while k < self.cap:
+                if self.table[i].skb and (
+                        (self.table[i].container >= 0 and self.table[i].container in resets)
+                        or (0 <= self.table[i].start_dev < nold and gone[self.table[i].start_dev])):
+                    self._delete(i)             # slot i may now hold a shifted entry
+                    forgotten += 1
+                else:
+                    i = (i + 1) & mask
+                    k += 1
+        finally:
+            free(gone)
+        for c in reset:
+            for d in range(2):
+                self._zero(c * 2 + d)
+        return forgotten
+
+    cdef void _zero(self, int cd) noexcept:
+        memset(&self.ccount[cd * NCC], 0, NCC * sizeof(uint64_t))
+        memset(&self.hist[cd * NB], 0, NB * sizeof(uint64_t))
+        self.lat_min[cd] = UINT64_MAX
+        self.lat_max[cd] = 0
+        self.lat_sum[cd] = 0
+        self.seq[cd] = 0
+
+    cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1:
+        # (Re)builds the per-device tables and grows the per-container ones, keeping counts.
+        cdef int i, n = len(inner_slots), old = self.ncont, nd = len(dev_classes)
+        if len(dev_classes) != len(dev_containers):
+            raise ValueError("dev_classes and dev_containers differ in length")
+        if n > INT16_MAX or nd > INT16_MAX:
+            raise ValueError("too many containers or devices")
+        for i, (c, owner) in enumerate(zip(dev_classes, dev_containers)):
+            # the hot loop indexes counters by these: a veth must name its container
+            if not -1 <= owner < n or bool(c & C_VETH) != (owner >= 0):
+                raise ValueError(f"device slot {i}: class {c} and container {owner} disagree")
+            if owner >= 0 and not 0 <= inner_slots[owner] < nd:
+                raise ValueError(f"container {owner} has no inner device slot")
+        for i, s in enumerate(inner_slots):
+            if not -1 <= s < nd:
+                raise ValueError(f"container {i} has no inner device slot")
+        cdef uint8_t *cls = <uint8_t *>calloc(max(nd, 1), 1)
+        cdef int16_t *owner_of = <int16_t *>calloc(max(nd, 1), sizeof(int16_t))
+        cdef int16_t *inner = <int16_t *>calloc(max(n, 1), sizeof(int16_t))
+        if cls == NULL or owner_of == NULL or inner == NULL:
+            free(cls)
+            free(owner_of)
+            free(inner)
+            raise MemoryError()
+        if n > old:
+            try:
+                self.ccount = <uint64_t *>_grow(self.ccount, old * 2 * NCC, n * 2 * NCC, sizeof(uint64_t))
+                self.hist = <uint64_t *>_grow(self.hist, old * 2 * NB, n * 2 * NB, sizeof(uint64_t))
+                self.lat_min = <uint64_t *>_grow(self.lat_min, old * 2, n * 2, sizeof(uint64_t))
+                self.lat_max = <uint64_t *>_grow(self.lat_max, old * 2, n * 2, sizeof(uint64_t))
+                self.lat_sum = <uint64_t *>_grow(self.lat_sum, old * 2, n * 2, sizeof(uint64_t))
+                self.seq = <uint32_t *>_grow(self.seq, old * 2, n * 2, sizeof(uint32_t))
+            except MemoryError:
+                free(cls)
+                free(owner_of)
+                free(inner)
+                raise
+            for i in range(old * 2, n * 2):
+                self.lat_min[i] = UINT64_MAX
+            self.ncont = n
+        for i, c in enumerate(dev_classes):
+            cls[i] = c
+        for i, c in enumerate(dev_containers):
+            owner_of[i] = c
+        for i, s in enumerate(inner_slots):
+            inner[i] = s
+        free(self.dev_class)
+        free(self.dev_container)
+        free(self.inner_of)
+        self.dev_class = cls
+        self.dev_container = owner_of
+        self.inner_of = inner
+        self.ndevs = nd
+        return 0
 
     def __dealloc__(self):
         free(self.table)

@@ -22,6 +22,7 @@ cdef struct ring_stats_t:
     uint64_t errors     # malformed records and fields
     uint64_t late       # samples older than events already released (beyond the reorder delay)
     uint64_t forced     # releases forced early because the stage was full
+    uint64_t cut        # events discarded by cut_at(): a newer capture delivered them
 
 
 cdef struct ring_t:
@@ -56,7 +57,9 @@ cdef class Rings:
     cdef uint8_t *kind_of_tp    # common_type -> kind + 1 (0: not ours), 65536 entries
     cdef devkey_t *devs         # open-addressed device name table
     cdef uint32_t devmask
-    cdef list devnames          # slot -> name
+    cdef list devnames          # slot -> name (None: unused)
+    cdef uint64_t until         # cut_at(): events from this time on are discarded (0: none)
+    cdef int decoding           # threads inside drain()/feed(): the device table is in use
     cdef size_t stage_cap       # events each ring's stage holds
     cdef mace_event *out        # the batch handed to the consumer
     cdef size_t nout

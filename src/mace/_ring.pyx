@@ -216,10 +216,14 @@ cdef class Rings:
         return self.nkinds - 1
 
     def set_devices(self, names):
-        """Device names to resolve into slots (slot = position in `names`)."""
+        """Device names to resolve into slots (slot = position in `names`; None leaves a
+        slot unused).  May be called while the events are enabled, but not while another
+        thread drains: the decoder reads the table without a lock."""
         cdef uint32_t cap = 16, h
         cdef uint64_t key[2]
         cdef bytes raw
+        if self.decoding:
+            raise RuntimeError("set_devices() while another thread drains the rings")
         names = list(names)
         if len(names) > INT16_MAX:
             raise ValueError("too many devices")
@@ -231,6 +235,8 @@ cdef class Rings:
         for h in range(cap):
             devs[h].slot = -1
         for slot, name in enumerate(names):
+            if name is None:
+                continue
             raw = name.encode() if isinstance(name, str) else bytes(name)
             if not 0 < len(raw) < 16 or b"\0" in raw:
                 free(devs)
@@ -688,18 +694,26 @@ cdef class Rings:
         return total
 
     cdef size_t _drain(self, bint final, uint64_t horizon) noexcept nogil:
-        cdef int i
+        cdef int i, full
+        cdef size_t k
         cdef bint stalled = False
         cdef uint64_t now = monotonic_ns(), forced = 0
         self.nout = 0
         self.out_pos = 0
         for i in range(self.nrings):
-            if self._read_ring(&self.rings[i]):
+            full = self._read_ring(&self.rings[i])
+            if self.until:
+                # a newer capture has everything from `until` on (see cut_at)
+                k = _upper_bound(self.rings[i].stage, self.rings[i].nstage, self.until - 1)
+                self.rings[i].st.cut += self.rings[i].nstage - k
+                self.rings[i].nstage = k
+            if full:
                 stalled = True
                 # release everything this ring holds so its stage can take the rest
-                if self.rings[i].stage[self.rings[i].nstage - 1].ts > forced:
-                    forced = self.rings[i].stage[self.rings[i].nstage - 1].ts
-                self.rings[i].st.forced += 1
+                if self.rings[i].nstage:
+                    if self.rings[i].stage[self.rings[i].nstage - 1].ts > forced:
+                        forced = self.rings[i].stage[self.rings[i].nstage - 1].ts
+                    self.rings[i].st.forced += 1
         if final:
             horizon = UINT64_MAX
         elif horizon == 0:
@@ -720,11 +734,13 @@ cdef class Rings:
         with feed() on the same rings: a batch a sink left unfinished would be replaced."""
         cdef size_t n
         self._enter()
+        self.decoding += 1
         try:
             with nogil:
                 n = self._drain(final, horizon)
                 self.out_pos = n            # the batch is the caller's now
         finally:
+            self.decoding -= 1
             self._leave()
         return n
 
@@ -734,6 +750,7 @@ cdef class Rings:
         cdef size_t k, total = 0
         cdef bint drained = False
         self._enter()
+        self.decoding += 1
         try:
             with nogil:
                 while True:
@@ -750,8 +767,17 @@ cdef class Rings:
                     if self.nout == 0 and not self.more:
                         break
         finally:
+            self.decoding -= 1
             self._leave()
         return total
+
+    def cut_at(self, uint64_t ts):
+        """From now on, discard events stamped at or after `ts` (counted as `cut`).
+
+        This is how a capture hands over to its successor without a gap or a duplicate: the
+        successor is enabled first, `ts` is taken once it runs on every CPU, and the old
+        capture is then stopped and drained up to `ts` while the new one delivers from it."""
+        self.until = ts
 
     @property
     def more(self):
@@ -775,7 +801,7 @@ cdef class Rings:
     def stats(self):
         """Counters summed over the rings, plus `pending` (staged, not yet released)."""
         keys = ("records", "samples", "lost", "throttled", "unknown", "errors", "late", "forced",
-                "pending")
+                "cut", "pending")
         total = dict.fromkeys(keys, 0)
         for c in self.ring_stats():
             for k in keys:
@@ -792,7 +818,7 @@ cdef class Rings:
             r = &self.rings[i]
             out.append(dict(cpu=r.cpu, records=r.st.records, samples=r.st.samples, lost=r.st.lost,
                             throttled=r.st.throttled, unknown=r.st.unknown, errors=r.st.errors,
-                            late=r.st.late, forced=r.st.forced, pending=r.nstage))
+                            late=r.st.late, forced=r.st.forced, cut=r.st.cut, pending=r.nstage))
         return out
 
 

@@ -150,8 +150,8 @@ def _translate(err: OSError, what: str) -> MaceError:
 class Capture:
     """Per-CPU perf rings for a list of probes; a context manager that releases everything.
 
-    probes: what to open.  devices: names to resolve into slots (those named by the probes
-    are added).  cpus: CPU numbers (default: all online).  ring_pages: data pages per ring,
+    probes: what to open.  devices: names to resolve into slots, in slot order (None: an
+    unused slot; names the probes filter on are added).  cpus: CPU numbers (default: all online).  ring_pages: data pages per ring,
     a power of two (default: default_ring_pages()).  watermark: bytes before the kernel wakes us (0: a quarter ring).
     reorder_us: how long an event waits for earlier events of other CPUs.
     """
@@ -174,9 +174,13 @@ class Capture:
             if tps.count(tp) > 1:
                 raise UsageError(f"tracepoint {tp} is listed twice",
                                  hint="give each tracepoint once, with all its devices")
-        names = list(dict.fromkeys([*devices, *(d for p in probes for d in p.devices)]))
+        # slot = position; None keeps a slot unused (see Plan.rebased)
+        names: list[str | None] = []
+        for d in (*devices, *(d for p in probes for d in p.devices)):
+            if d is None or d not in names:
+                names.append(d)
         for name in names:
-            if not DEVICE_RE.match(name):
+            if name is not None and not DEVICE_RE.match(name):
                 raise UsageError(f"{name!r} is not a network device name",
                                  hint="device names are 1 to 15 characters, without spaces, '/', ':' or quotes")
         self.devices = names

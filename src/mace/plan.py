@@ -51,33 +51,69 @@ class ContainerPath:
 
 @dataclass
 class Plan:
-    containers: list[ContainerPath]
+    """What to trace for a list of containers behind one uplink.
+
+    A container may be None: an index that is not in use (a service keeps each enabled
+    container at one index while others come and go).  `devices` are the device slots; see
+    `rebased` for keeping them stable across plans."""
+
+    containers: list[ContainerPath | None]
     uplink: str
     hops: bool = False
     end_at_queue: bool = False
-    devices: list[str] = field(init=False)
+    devices: list[str | None] = field(init=False)
 
     def __post_init__(self):
-        if not self.containers:
+        if not self.active:
             raise ValueError("a plan needs at least one container")
-        veths = [c.veth for c in self.containers]
+        veths = [c.veth for _, c in self.active]
         if len(set(veths)) != len(veths):
             raise ValueError("two containers share a host-side veth")
         if self.uplink in veths:
             raise ValueError(f"the uplink {self.uplink} is a container's veth")
+        self.devices = self._needed()
+
+    def _needed(self) -> list[str]:
         names: list[str] = []
-        for n in (*(c.inner for c in self.containers), *veths, *self.bridges, self.uplink):
+        active = [c for _, c in self.active]
+        for n in (*(c.inner for c in active), *(c.veth for c in active), *self.bridges, self.uplink):
             if n not in names:
                 names.append(n)
-        self.devices = names
+        return names
+
+    @property
+    def active(self) -> list[tuple[int, ContainerPath]]:
+        """(index, container) of the indexes in use."""
+        return [(i, c) for i, c in enumerate(self.containers) if c is not None]
 
     @property
     def bridges(self) -> list[str]:
-        return list(dict.fromkeys(c.bridge for c in self.containers if c.bridge))
+        return list(dict.fromkeys(c.bridge for _, c in self.active if c.bridge))
 
     @property
     def inner_names(self) -> list[str]:
-        return list(dict.fromkeys(c.inner for c in self.containers))
+        return list(dict.fromkeys(c.inner for _, c in self.active))
+
+    def same_shape(self, other: "Plan") -> bool:
+        """Whether `other` traces the same tracepoints the same way (only containers differ)."""
+        return (self.uplink, self.hops, self.end_at_queue) == (other.uplink, other.hops, other.end_at_queue)
+
+    def rebased(self, previous: "Plan") -> "Plan":
+        """This plan with the device slots of `previous` kept where the name is still
+        needed: a correlator reconfigured between the two then reads every slot the same way
+        before and after, except slots that changed hands (see Correlator.reconfigure)."""
+        needed = self._needed()
+        slots: list[str | None] = [n if n in needed else None for n in previous.devices]
+        for name in needed:
+            if name in slots:
+                continue
+            if None in slots:
+                slots[slots.index(None)] = name
+            else:
+                slots.append(name)
+        out = Plan(list(self.containers), self.uplink, self.hops, self.end_at_queue)
+        out.devices = slots
+        return out
 
     def probes(self, formats: dict | None = None) -> list[Probe]:
         """The tracepoints and in-kernel device filters this plan needs, nothing more.
@@ -85,7 +121,7 @@ class Plan:
         With the tracepoints' `formats`, kfree_skb is also filtered in the kernel: frees for
         want of a socket end every locally delivered datagram's life (each ping reply), and
         never a packet on its way through the host."""
-        veths = tuple(c.veth for c in self.containers)
+        veths = tuple(c.veth for _, c in self.active)
         inner = tuple(self.inner_names)
         bridges = tuple(self.bridges) if self.hops else ()
         uplink = () if self.end_at_queue else (self.uplink,)
@@ -103,9 +139,9 @@ class Plan:
         """Per device slot: class bits and the container whose veth it is (-1)."""
         classes = [0] * len(self.devices)
         owner = [-1] * len(self.devices)
-        slot = {n: i for i, n in enumerate(self.devices)}
+        slot = {n: i for i, n in enumerate(self.devices) if n is not None}
         C = _correlate.CLASSES
-        for i, c in enumerate(self.containers):
+        for i, c in self.active:
             classes[slot[c.inner]] |= C["inner"]
             classes[slot[c.veth]] |= C["veth"]
             owner[slot[c.veth]] = i
@@ -115,17 +151,23 @@ class Plan:
         return classes, owner
 
     def inner_slots(self) -> list[int]:
-        return [self.devices.index(c.inner) for c in self.containers]
+        """Per container index, the slot of its inner device (-1 for an unused index)."""
+        return [-1 if c is None else self.devices.index(c.inner) for c in self.containers]
 
     def correlator(self, probes: list[Probe], *, table_size: int = 65536,
                    max_age_ns: int = 1_000_000_000, ncpu: int = 256,
-                   report_cap: int = _correlate.REPORT_CAP) -> _correlate.Correlator:
-        """A correlator reading events of `probes` (in that kind order) for this plan."""
+                   report_cap: int = _correlate.REPORT_CAP,
+                   bridge: bool | None = None) -> _correlate.Correlator:
+        """A correlator reading events of `probes` (in that kind order) for this plan.
+
+        bridge: whether bridge steps may appear (default: some container has a bridge); a
+        plan that will gain containers later passes True, the steps are optional."""
         classes, owner = self.device_classes()
         kinds = [_correlate.TYPES.get(p.tracepoint, 0) for p in probes]
         return _correlate.Correlator(
             kinds, classes, owner, self.inner_slots(), table_size=table_size,
-            max_age_ns=max_age_ns, hops=self.hops, bridge=bool(self.bridges),
+            max_age_ns=max_age_ns, hops=self.hops,
+            bridge=bool(self.bridges) if bridge is None else bridge,
             end_at_queue=self.end_at_queue, ncpu=ncpu, report_cap=report_cap)
 
 

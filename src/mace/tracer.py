@@ -45,19 +45,24 @@ class Tracer:
         self._capture_kw = dict(cpus=cpus, ring_pages=ring_pages, watermark=watermark,
                                 reorder_us=reorder_us)
         self.capture: Capture | None = None
+        self.formats: dict = {}
         self.correlator = None
+        self._lock = threading.Lock()       # one thread at a time feeds the correlator
+        self._retired = {"rings": {}, "kernel_dropped": 0}   # captures update() replaced
+        self.updates = 0
         self.in_flight: list[list[int]] | None = None
         self.started_at: float | None = None
         self.stopped_at: float | None = None
 
-    def open(self) -> "Tracer":
-        formats = read_formats(tracepoints(self.plan.hops))
+    def open(self, *, bridge: bool | None = None) -> "Tracer":
+        """Open the events (disabled).  bridge: see Plan.correlator."""
+        self.formats = formats = read_formats(tracepoints(self.plan.hops))
         self.capture = Capture(self.plan.probes(formats), self.plan.devices, **self._capture_kw)
         cap = self.capture.open(formats)
         try:
             self.correlator = self.plan.correlator(
                 cap.probes, table_size=self.table_size, max_age_ns=self.max_age_ns,
-                ncpu=max(cap.cpus) + 1)
+                ncpu=max(cap.cpus) + 1, bridge=bridge)
         except BaseException:
             cap.close()
             raise
@@ -91,22 +96,29 @@ class Tracer:
     def _drain_loop(self) -> None:
         try:
             while not self._halt.is_set():
-                self.capture.wait(50)
-                self._pull(final=False)
+                cap = self.capture
+                try:
+                    cap.wait(50)
+                except ValueError:
+                    if cap is self.capture:
+                        raise
+                    continue                # update() replaced and closed it meanwhile
+                with self._lock:
+                    self._pull(final=False)
         except BaseException as e:      # noqa: BLE001 - handed to the caller's next poll
             self._error = e
             self._ready.set()
 
-    def _pull(self, final: bool) -> None:
-        # Only one thread at a time feeds the correlator: the drain thread while it runs,
-        # the caller once it has stopped.
+    def _pull(self, final: bool, capture: Capture | None = None) -> None:
+        # Callers hold self._lock, or the drain thread is not running.
+        capture = capture or self.capture
         while True:
-            self.capture.feed(self.correlator, final)
+            capture.feed(self.correlator, final)
             raw = self.correlator.take_reports()
             if raw:
                 self._reports.append(raw)
                 self._ready.set()
-            if not self.capture.rings.more:
+            if not capture.rings.more:
                 return
 
     def _take(self) -> list[Report]:
@@ -129,6 +141,51 @@ class Tracer:
             self._halt.set()
             self.capture.wakeup()
             thread.join()
+
+    def update(self, plan: Plan) -> Plan:
+        """Trace another set of containers from now on, without a gap or a duplicate.
+
+        A perf event's filter cannot be changed once set, so a new capture with the new
+        filters is opened and enabled first; the old one is then stopped and drained up to
+        the moment the new one ran on every CPU, and the correlator switches to the new
+        plan between the last old event and the first new one.  Containers keep their
+        index, counters and packets in flight when their index holds the same container;
+        an index whose container changed starts afresh.  Returns the plan as traced (its
+        device slots rebased on the previous plan's)."""
+        if not plan.same_shape(self.plan):
+            raise ValueError("update() changes containers only, not the uplink, hops or end point")
+        plan = plan.rebased(self.plan)
+        new = Capture(plan.probes(self.formats), plan.devices, **self._capture_kw)
+        if [p.tracepoint for p in new.probes] != [p.tracepoint for p in self.capture.probes]:
+            raise ValueError("update() cannot change the tracepoints")
+        new.open(self.formats)
+        try:
+            new.start()
+            # anything stamped from here on happened with the new events enabled everywhere
+            cut = time.monotonic_ns()
+            with self._lock:
+                old = self.capture
+                old.rings.cut_at(cut)
+                old.stop()
+                self._pull(final=True, capture=old)
+                reset = [i for i, c in enumerate(self.plan.containers)
+                         if c is not None and (i >= len(plan.containers) or plan.containers[i] != c)]
+                classes, owner = plan.device_classes()
+                self.correlator.reconfigure(classes, owner, plan.inner_slots(), reset)
+                self.capture, self.plan = new, plan
+        except BaseException:
+            if self.capture is not new:
+                new.close()
+            raise
+        self._retire(old)
+        old.close()             # wakes the drain thread if it waits on it
+        self.updates += 1
+        return plan
+
+    def _retire(self, cap: Capture) -> None:
+        for k, v in cap.stats().items():
+            self._retired["rings"][k] = self._retired["rings"].get(k, 0) + v
+        self._retired["kernel_dropped"] += sum(cap.kernel_dropped().values())
 
     def stop(self) -> list[Report]:
         """Stop the events, correlate what is left, and settle the counters."""
@@ -158,6 +215,10 @@ class Tracer:
             for d, name in enumerate(("egress", "ingress")):
                 entry[name]["in_flight"] = self.in_flight[i][d] if self.in_flight else 0
         rings = self.capture.stats()
+        for k, v in self._retired["rings"].items():
+            rings[k] = rings.get(k, 0) + v
+        rings["updates"] = self.updates
         if self.stopped_at is not None:
-            rings["kernel_dropped"] = sum(self.capture.kernel_dropped().values())
+            rings["kernel_dropped"] = (sum(self.capture.kernel_dropped().values())
+                                       + self._retired["kernel_dropped"])
         return {"rings": rings, "correlator": c["global"], "containers": per}

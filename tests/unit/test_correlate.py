@@ -1120,3 +1120,97 @@ def test_finish_expires_every_old_entry():
     out = correlate(s, max_age=1_000_000)
     assert out.in_flight == [[0, 0]]
     assert counts(out, 0, "ingress", "crossed", "expired") == (300, 300)
+
+
+# -- reconfiguring between two events (a service adds and removes containers) -----------------
+
+
+def run_split(plan: Plan, events, cut: int, *, max_age: int, reset=(), then: Plan | None = None) -> Outcome:
+    corr = plan.correlator(plan.probes(), table_size=BIG_TABLE, max_age_ns=max_age, ncpu=NCPU)
+    corr.feed_bytes(pack(events[:cut]))
+    before = list(unpack(corr.take_reports()))
+    after = then or plan
+    classes, owner = after.device_classes()
+    corr.reconfigure(classes, owner, after.inner_slots(), reset)
+    corr.feed_bytes(pack(events[cut:]))
+    out = cython_outcome(corr)
+    out.reports = before + out.reports
+    out.before = len(before)
+    return out
+
+
+@settings(MAIN, max_examples=60)
+@given(streams(), st.floats(0, 1))
+def test_reconfiguring_to_the_same_plan_changes_nothing(stream, where):
+    w = stream.world
+    cut = int(where * len(stream.events))
+    plain = run_cython(w.plan, stream.events, max_age=w.max_age)
+    split = run_split(w.plan, stream.events, cut, max_age=w.max_age)
+    assert split.reports == plain.reports
+    assert (split.counts, split.in_flight, split.glob, split.used) == \
+        (plain.counts, plain.in_flight, plain.glob, plain.used)
+
+
+@settings(MAIN, max_examples=60)
+@given(streams(), st.floats(0, 1))
+def test_resetting_a_container_leaves_the_others_alone(stream, where):
+    """Container 0 starts afresh at the cut: the others' reports and counters are those of
+    an uninterrupted run; its own reports are a subset of that run's, numbered from 1."""
+    w = stream.world
+    cut = int(where * len(stream.events))
+    plain = run_cython(w.plan, stream.events, max_age=w.max_age)
+    split = run_split(w.plan, stream.events, cut, max_age=w.max_age, reset=[0])
+    assert [r for r in split.reports if r.container] == [r for r in plain.reports if r.container]
+    assert split.counts[1:] == plain.counts[1:]
+    mine = [r for r in split.reports if r.container == 0]
+    theirs = {without_seq(r) for r in plain.reports if r.container == 0}
+    assert {without_seq(r) for r in mine} <= theirs
+    mine = [r for r in split.reports[split.before:] if r.container == 0]
+    for d in (EGRESS, INGRESS):
+        assert [r.seq for r in mine if r.dir == d] == list(range(1, 1 + sum(r.dir == d for r in mine)))
+    assert split.identity_holds(), (split.counts, split.in_flight)
+
+
+def test_rebased_plan_keeps_slots_and_refills_the_freed_one():
+    first = make_plan([M0], hops=False, end_at_queue=False)
+    second = Plan([None, ContainerPath("ns1", INNER, "m1v0", BRIDGE)], UPLINK).rebased(first)
+    assert first.devices == [INNER, "m0v0", BRIDGE, UPLINK]
+    assert second.devices == [INNER, "m1v0", BRIDGE, UPLINK]
+    third = Plan([ContainerPath("ns0", INNER, "m0v0", BRIDGE), second.containers[1]],
+                 UPLINK).rebased(second)
+    assert third.devices == [INNER, "m1v0", BRIDGE, UPLINK, "m0v0"]
+    assert third.inner_slots() == [0, 0]
+    assert second.inner_slots() == [-1, 0]
+
+
+def test_a_packet_in_flight_when_its_container_is_dropped_is_forgotten():
+    """m0v0's slot passes to m1v0 while a packet of container 0 is between the veth and the
+    uplink: it is not reported, neither for 0 (reset) nor for 1 (never crossed its veth)."""
+    before = make_plan([M0], hops=False, end_at_queue=False)
+    after = Plan([None, ContainerPath("ns1", INNER, "m1v0", BRIDGE)], UPLINK).rebased(before)
+    s = Script(before)
+    egress(s, A, 84)                                  # reported before the change
+    s("xmit", INNER, B, 98, cpu=0, tid=1)
+    s("recv", "m0v0", B, 84, cpu=0, tid=2)
+    cut = len(s.events)
+    s("queue", UPLINK, B, 98, cpu=0, tid=2)
+    s("xmit", UPLINK, B, 98, cpu=0, tid=2)
+    corr = before.correlator(before.probes(), table_size=BIG_TABLE, max_age_ns=10**9, ncpu=NCPU)
+    corr.feed_bytes(pack(s.events[:cut]))
+    assert len(list(unpack(corr.take_reports()))) == 1
+    classes, owner = after.device_classes()
+    assert corr.reconfigure(classes, owner, after.inner_slots(), [0]) == 1
+    corr.feed_bytes(pack(s.events[cut:]))
+    out = cython_outcome(corr)
+    assert out.reports == []
+    assert out.counts[0]["egress"]["crossed"] == 0 and out.counts[1]["egress"]["crossed"] == 0
+    assert out.identity_holds()
+
+
+def test_reconfigure_refuses_to_shrink():
+    plan = make_plan([M0, M1], hops=False, end_at_queue=False)
+    corr = plan.correlator(plan.probes(), ncpu=NCPU)
+    small = make_plan([M0], hops=False, end_at_queue=False)
+    classes, owner = small.device_classes()
+    with pytest.raises(ValueError, match="never shrink"):
+        corr.reconfigure(classes, owner, small.inner_slots())

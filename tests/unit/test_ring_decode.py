@@ -104,7 +104,7 @@ def test_samples_of_several_tracepoints():
     assert not rings.more
     s = rings.stats()
     assert s == dict(records=6, samples=6, lost=0, throttled=0, unknown=0, errors=0, late=0,
-                     forced=0, pending=0, drained=6)
+                     forced=0, cut=0, pending=0, drained=6)
     assert img.tail == img.head
     # batch_bytes carries the same events, packed
     raw = rings.batch_bytes()
@@ -741,3 +741,25 @@ def test_close_while_another_thread_drains_is_safe():
         assert rings.fds_open == []
         with pytest.raises(ValueError, match="closed"):
             rings.drain()
+
+
+def test_cut_at_discards_what_a_newer_capture_delivers():
+    rings = make_rings(cpus=(0, 1), stage_cap=3)
+    imgs = [attach(rings, ring=r) for r in (0, 1)]
+    for r, img in enumerate(imgs):
+        img.write(*(NetEvent(RECV, ts=10 * i + r, dev="eth0").encode() for i in range(6)))
+    rings.cut_at(31)
+    out = []
+    while True:
+        out += drain_all(rings, final=True)
+        if not rings.more:
+            break
+    assert [e[0] for e in out] == [0, 1, 10, 11, 20, 21, 30]
+    s = rings.stats()
+    assert (s["samples"], s["cut"], s["pending"]) == (12, 5, 0)
+
+
+def test_device_slots_may_be_left_unused():
+    rings = make_rings(devices=["eth0", None, "br0"])
+    assert rings.devices == ["eth0", None, "br0"]
+    assert (rings.device_slot("eth0"), rings.device_slot("br0")) == (0, 2)
