@@ -16,6 +16,8 @@ from contextlib import ExitStack
 from mace import __version__
 from mace.errors import MaceError, PermissionProblem, UsageError
 from mace.sinks import FORMATS
+from mace.protocol import DEFAULT_SOCKET, SOCKET_ENV, socket_path
+from mace.service import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES, DEFAULT_QUEUE
 from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
 
 NET_EVENTS = ("net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit",
@@ -28,6 +30,24 @@ examples:
   mace trace --netns web --netns db -f jsonl -o lat.jsonl --duration 60
   mace trace --netns /run/netns/c1 --hops --format csv | head
   mace events --demo                        decoded kernel events of 3 pings through a throwaway testbed
+  mace serve                                on the host: let containers measure themselves
+  mace on; mace read --follow               in a container whose /run/mace holds the socket
+"""
+
+SERVE_EPILOG = """Containers reach the service through its socket, bind-mounted into them:
+  docker run -v /run/mace:/run/mace ...      (then `mace on`, `mace read` inside)
+A caller can enable, disable and read only its own network namespace: the service takes it
+from the socket's peer, never from the request.
+
+exit status: 0 stopped by SIGTERM/SIGINT, 2 usage (socket path), 3 permission,
+9 another service on the socket
+"""
+
+CLIENT_EPILOG = """The service (`mace serve`, on the host) finds the caller's network namespace itself; no
+privileges are needed here.  Socket: --socket, else $MACE_SOCKET, else /run/mace/mace.sock.
+
+exit status: 0 done, 6 measurement not enabled here (read), 7 this namespace has no veth
+path to the host (on), 10 service unreachable, 11 refused
 """
 
 TRACE_EPILOG = """\
@@ -55,23 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--netns", action="append", required=True, metavar="TARGET",
                     help="container to trace (PID, namespace name or path); repeatable")
-    tr.add_argument("--uplink", metavar="DEV", help="the host's uplink (default: its default route's device)")
     tr.add_argument("--duration", type=float, metavar="SEC", help="stop after SEC seconds")
     tr.add_argument("--count", type=int, metavar="N", help="stop after N reports (all targets, both directions)")
     tr.add_argument("-f", "--format", choices=FORMATS, help="report format (default: mace, or the live view on a terminal)")
     tr.add_argument("-o", "--output", metavar="FILE", help="write reports to FILE instead of stdout")
     tr.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
-    tr.add_argument("--table-size", type=int, default=DEFAULT_TABLE_SIZE, metavar="N",
-                    help=f"correlation table entries, a power of two; 64 bytes each (default {DEFAULT_TABLE_SIZE})")
-    tr.add_argument("--ring-pages", type=int, metavar="N",
-                    help="perf ring data pages per CPU, a power of two (default: 2048 = 8 MiB, "
-                         "fewer on hosts with more than 8 CPUs: 64 MiB in all)")
-    tr.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_NS / 1e6, metavar="MS",
-                    help="give up on a packet not through after MS milliseconds (default 1000, at most 4000)")
-    tr.add_argument("--hops", action="store_true",
-                    help="also trace the bridge and the veth backlog, and report each hop")
-    tr.add_argument("--end-at-queue", action="store_true",
-                    help="end egress at net_dev_queue on the uplink (uplinks that segment or offload)")
+    _tracer_options(tr)
     view = tr.add_mutually_exclusive_group()
     view.add_argument("--tui", dest="tui", action="store_true", default=None, help="live view")
     view.add_argument("--no-tui", dest="tui", action="store_false", help="stream reports even on a terminal")
@@ -100,7 +109,54 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--demo", action="store_true",
                     help="build a throwaway testbed, ping through it and show its events")
     ev.set_defaults(func=cmd_events)
+
+    sv = sub.add_parser("serve", help="on the host: let containers enable and read their own latencies",
+                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sv.add_argument("--socket", metavar="PATH",
+                    help=f"where to listen (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
+    sv.add_argument("--socket-mode", metavar="OCTAL", default="666",
+                    help="permissions of the socket (default 666: any container user may connect)")
+    sv.add_argument("--queue", type=int, default=DEFAULT_QUEUE, metavar="N",
+                    help=f"reports kept per namespace for its readers (default {DEFAULT_QUEUE}); "
+                         "a reader that falls behind loses the oldest and is told how many")
+    sv.add_argument("--max-namespaces", type=int, default=DEFAULT_MAX_NAMESPACES, metavar="N",
+                    help=f"namespaces enabled at once (default {DEFAULT_MAX_NAMESPACES})")
+    sv.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
+                    help=f"connections at once (default {DEFAULT_MAX_CLIENTS})")
+    _tracer_options(sv)
+    sv.set_defaults(func=cmd_serve)
+
+    for op, text in (("on", "enable measurement for this container's network namespace"),
+                     ("off", "disable it (unread reports are discarded)"),
+                     ("status", "is it enabled, and how is measurement going"),
+                     ("read", "print the reports collected since the last read (--follow: stream)")):
+        c = sub.add_parser(op, help=text, description=text.capitalize() + ".", epilog=CLIENT_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("--socket", metavar="PATH", help="the service's socket")
+        if op == "read":
+            c.add_argument("--follow", action="store_true", help="keep streaming new reports")
+            c.add_argument("-f", "--format", choices=("mace", "jsonl"), default="mace",
+                           help="mace: [sec.usec] (seq) dir: ns lines, like /dev/mace; jsonl: "
+                                "as `mace trace --format jsonl` (default mace)")
+        if op == "status":
+            c.add_argument("--json", action="store_true", help="the service's reply as JSON")
+        c.set_defaults(func=cmd_client, op=op)
     return p
+
+
+def _tracer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uplink", metavar="DEV", help="the host's uplink (default: its default route's device)")
+    p.add_argument("--table-size", type=int, default=DEFAULT_TABLE_SIZE, metavar="N",
+                   help=f"correlation table entries, a power of two; 64 bytes each (default {DEFAULT_TABLE_SIZE})")
+    p.add_argument("--ring-pages", type=int, metavar="N",
+                   help="perf ring data pages per CPU, a power of two (default: 2048 = 8 MiB, "
+                        "fewer on hosts with more than 8 CPUs: 64 MiB in all)")
+    p.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_NS / 1e6, metavar="MS",
+                   help="give up on a packet not through after MS milliseconds (default 1000, at most 4000)")
+    p.add_argument("--hops", action="store_true",
+                   help="also trace the bridge and the veth backlog, and report each hop")
+    p.add_argument("--end-at-queue", action="store_true",
+                   help="end egress at net_dev_queue on the uplink (uplinks that segment or offload)")
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -147,6 +203,83 @@ class _Stop:
             stack.callback(signal.signal, sig, old)
 
 
+def _check_tracer_options(args) -> None:
+    _check_power_of_two("--table-size", args.table_size, 2, 1 << 26)
+    if args.ring_pages is not None:
+        _check_power_of_two("--ring-pages", args.ring_pages, 1, 65536)
+    if not 0 < args.max_age <= 4000:
+        raise UsageError(f"--max-age {args.max_age} must be between 0 and 4000 ms")
+
+
+def cmd_serve(args) -> int:
+    from mace.service import Options, serve
+
+    _check_tracer_options(args)
+    for name, value in (("--queue", args.queue), ("--max-namespaces", args.max_namespaces),
+                        ("--max-clients", args.max_clients)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, not {value}")
+    try:
+        mode = int(args.socket_mode, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"--socket-mode {args.socket_mode!r} is not an octal mode",
+                         hint="e.g. 666 (anyone), 660 (owner and group)")
+    _check_privileges()
+    opts = Options(uplink=args.uplink, hops=args.hops, end_at_queue=args.end_at_queue,
+                   table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
+                   ring_pages=args.ring_pages, queue_size=args.queue,
+                   max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode)
+    return serve(socket_path(args.socket), opts, log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def cmd_client(args) -> int:
+    from mace.client import Connection, read
+
+    with Connection(args.socket) as conn:
+        if args.op == "read":
+            end = read(conn, follow=args.follow, fmt=args.format, out=sys.stdout)
+            if end.get("reason") not in ("read", None):
+                print(f"mace: measurement ended: {end['reason']}", file=sys.stderr)
+            return 0
+        reply = conn.request(args.op)
+    if args.op == "status" and args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    for line in _client_lines(reply):
+        print(line)
+    return 0
+
+
+def _client_lines(reply: dict) -> list[str]:
+    ns = f"netns {reply['netns']}"
+    if reply["op"] == "on":
+        again = "already " if reply["already"] else ""
+        return [f"mace: {again}enabled for {ns}: {reply['path']}",
+                f"mace: `mace read` prints the reports; the service keeps the last {reply['queue_size']}"]
+    if reply["op"] == "off":
+        if reply["already"]:
+            return [f"mace: {ns} was not enabled"]
+        lost = reply.get("discarded", 0)
+        return [f"mace: disabled for {ns}" + (f"; {lost} unread reports discarded" if lost else "")]
+    if reply["state"] != "enabled":
+        return [f"mace: not enabled for {ns} (`mace on` enables it)"]
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(reply["since"]))
+    q = reply["queue"]
+    out = [f"mace: enabled for {ns} since {since}: {reply['path']}",
+           f"  queue: {q['unread']} unread of {q['size']}, {q['dropped']} dropped"]
+    for d in ("egress", "ingress"):
+        k = reply[d]
+        cov = "-" if k["coverage"] is None else f"{100 * k['coverage']:.1f}%"
+        p50 = "-" if k["p50_ns"] is None else f"{k['p50_ns'] / 1000:.1f} µs"
+        p99 = "-" if k["p99_ns"] is None else f"{k['p99_ns'] / 1000:.1f} µs"
+        out.append(f"  {d:8}{k['reports']:>9} reports  coverage {cov:>6}  p50 {p50:>10}  p99 {p99:>10}")
+    if reply.get("lost"):
+        out.append(f"  {reply['lost']} events lost in the host's perf rings (all namespaces)")
+    return out
+
+
 def cmd_trace(args) -> int:
     from mace.netns import discover, present, resolve
     from mace.sinks import make_sink
@@ -155,11 +288,7 @@ def cmd_trace(args) -> int:
 
     _check_positive("--duration", args.duration)
     _check_positive("--count", args.count)
-    _check_power_of_two("--table-size", args.table_size, 2, 1 << 26)
-    if args.ring_pages is not None:
-        _check_power_of_two("--ring-pages", args.ring_pages, 1, 65536)
-    if not 0 < args.max_age <= 4000:
-        raise UsageError(f"--max-age {args.max_age} must be between 0 and 4000 ms")
+    _check_tracer_options(args)
     _check_privileges()
     err = sys.stderr
     targets = [resolve(spec) for spec in args.netns]

@@ -50,6 +50,17 @@ class ResourceError(MaceError):
     exit_code = 9
 
 
+class ServiceUnreachable(MaceError):
+    """`mace on|off|status|read` cannot talk to `mace serve`."""
+    exit_code = 10
+
+
+class ServiceRefused(MaceError):
+    """`mace serve` refused a request for a reason no other status names."""
+    exit_code = 11
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in
               (MaceError, UsageError, PermissionProblem, TracefsError, TracepointMissing,
-               TargetNotFound, TopologyError, UplinkMissing, ResourceError)}
+               TargetNotFound, TopologyError, UplinkMissing, ResourceError, ServiceUnreachable,
+               ServiceRefused)}

@@ -70,17 +70,22 @@ class MaceSink(Sink):
         self.written += len(reports)
 
 
+def jsonl_line(r: Report, ts: str, netns: int, target: str, hops: bool) -> str:
+    """One report as a JSON line; `ts` is Sink.wall(r), written as a number with all nine
+    digits exact (a JSON encoder would go through a double)."""
+    obj = {"netns": netns, "target": target, "dir": r.direction, "seq": r.seq,
+           "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
+    if hops:
+        obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops))
+    return '{"ts":' + ts + "," + json.dumps(obj, separators=(",", ":"))[1:] + "\n"
+
+
 class JsonlSink(Sink):
     def write(self, reports: list[Report]) -> None:
         w = self.out.write
         for r in reports:
-            obj = {"netns": self.inodes[r.container], "target": self.labels[r.container],
-                   "dir": r.direction, "seq": r.seq, "latency_ns": r.latency, "len": r.len,
-                   "cpu": r.cpu}
-            if self.hops:
-                obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops))
-            # ts written from integer nanoseconds, all nine digits exact
-            w('{"ts":' + self.wall(r) + "," + json.dumps(obj, separators=(",", ":"))[1:] + "\n")
+            w(jsonl_line(r, self.wall(r), self.inodes[r.container], self.labels[r.container],
+                         self.hops))
         self.written += len(reports)
 
 

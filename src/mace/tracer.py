@@ -142,7 +142,7 @@ class Tracer:
             self.capture.wakeup()
             thread.join()
 
-    def update(self, plan: Plan) -> Plan:
+    def update(self, plan: Plan) -> list[Report]:
         """Trace another set of containers from now on, without a gap or a duplicate.
 
         A perf event's filter cannot be changed once set, so a new capture with the new
@@ -150,8 +150,12 @@ class Tracer:
         the moment the new one ran on every CPU, and the correlator switches to the new
         plan between the last old event and the first new one.  Containers keep their
         index, counters and packets in flight when their index holds the same container;
-        an index whose container changed starts afresh.  Returns the plan as traced (its
-        device slots rebased on the previous plan's)."""
+        an index whose container changed starts afresh.  `self.plan` becomes the plan as
+        traced (its device slots rebased on the previous plan's).
+
+        Returns the reports of the previous plan not yet polled: whatever poll() returns
+        afterwards belongs to the new plan, so a caller that maps container indexes to
+        something of its own can switch its map in between."""
         if not plan.same_shape(self.plan):
             raise ValueError("update() changes containers only, not the uplink, hops or end point")
         plan = plan.rebased(self.plan)
@@ -173,6 +177,7 @@ class Tracer:
                 classes, owner = plan.device_classes()
                 self.correlator.reconfigure(classes, owner, plan.inner_slots(), reset)
                 self.capture, self.plan = new, plan
+                previous = self._take()
         except BaseException:
             if self.capture is not new:
                 new.close()
@@ -180,7 +185,11 @@ class Tracer:
         self._retire(old)
         old.close()             # wakes the drain thread if it waits on it
         self.updates += 1
-        return plan
+        return previous
+
+    def interrupt(self) -> None:
+        """Make a poll() waiting in another thread return now."""
+        self._ready.set()
 
     def _retire(self, cap: Capture) -> None:
         for k, v in cap.stats().items():

@@ -212,11 +212,11 @@ def test_update_switches_containers_without_a_gap_or_a_duplicate(testbed_factory
         reports = []
         deadline = time.monotonic() + 0.5
         tr.run(until=lambda: time.monotonic() > deadline, on_reports=reports.extend)
-        tr.update(Plan([pa, pb], tb.uplink))
+        reports += tr.update(Plan([pa, pb], tb.uplink))
         deadline = time.monotonic() + 0.5
         tr.run(until=lambda: time.monotonic() > deadline, on_reports=reports.extend)
         a_before = tr.stats()["containers"][0]
-        tr.update(Plan([None, pb], tb.uplink))
+        reports += tr.update(Plan([None, pb], tb.uplink))
         dropped_a = time.monotonic_ns()
         tr.run(until=lambda: all(p.poll() is not None for p in pings), on_reports=reports.extend)
         time.sleep(0.02)
