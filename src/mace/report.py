@@ -10,6 +10,9 @@ from mace import _correlate
 
 DIRECTIONS = _correlate.DIRECTIONS
 _REPORT = struct.Struct(_correlate.REPORT_FORMAT)
+REPORT_SIZE = _REPORT.size
+_CONTAINER = struct.Struct("=H")
+_CONTAINER_AT = 20          # offset of mace_report.container
 
 
 class Report(NamedTuple):
@@ -34,6 +37,20 @@ def unpack(raw: bytes) -> Iterator[Report]:
     for t0, lat, length, seq, cont, d, nhops, cpu, _pad, *hops in _REPORT.iter_unpack(raw):
         yield Report(cont, d, seq, t0, lat, length, cpu,
                      tuple(h if h else None for h in hops[:nhops]))
+
+
+def split(chunks) -> dict[int, bytearray]:
+    """Packed reports grouped by container index, each group in order."""
+    out: dict[int, bytearray] = {}
+    for raw in chunks:
+        mv = memoryview(raw)
+        for off in range(0, len(raw), REPORT_SIZE):
+            c = _CONTAINER.unpack_from(raw, off + _CONTAINER_AT)[0]
+            group = out.get(c)
+            if group is None:
+                group = out[c] = bytearray()
+            group += mv[off:off + REPORT_SIZE]
+    return out
 
 
 def coverage(counts: dict) -> float | None:

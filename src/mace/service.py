@@ -27,10 +27,10 @@ the socket, so a restarted service resumes measuring the namespaces that still e
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import errno
 import fcntl
-import itertools
 import json
 import os
 import queue
@@ -41,7 +41,6 @@ import stat
 import struct
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,7 +51,7 @@ from mace._version import __version__
 from mace.errors import MaceError, ResourceError, UsageError
 from mace.netns import Target, discover
 from mace.plan import ContainerPath, Plan
-from mace.report import Histogram, Report, coverage
+from mace.report import REPORT_SIZE, Histogram, coverage, split, unpack
 from mace.sinks import Sink, jsonl_line
 from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE, Tracer
 
@@ -84,8 +83,10 @@ class Options:
 class Namespace:
     """An enabled network namespace: its path through the host and its report queue.
 
-    The queue numbers reports from 0 as they arrive; `base` is the number of the oldest
-    still held, so a reader's cursor below it means reports were dropped."""
+    The queue is a ring of the correlator's packed reports (REPORT_SIZE bytes each, its
+    memory bounded by `size` and taken only as reports arrive).  Reports are numbered from
+    0 as they arrive; `base` is the number of the oldest still held, so a reader's cursor
+    below it means reports were dropped."""
 
     def __init__(self, inode: int, path: ContainerPath, veth_index: int, size: int, *,
                  pid: int | None, since: float | None = None):
@@ -95,8 +96,10 @@ class Namespace:
         self.pid = pid
         self.since = since if since is not None else time.time()
         self.index = -1                     # container index in the tracer's plan (engine)
-        self.items: deque = deque(maxlen=size)    # Report, or an already formatted line
+        self.size = size
+        self.ring = bytearray()             # grows to size * REPORT_SIZE, then wraps
         self.base = 0
+        self.end = 0
         self.read_at = 0                    # what `read` without --follow returns next
         self.dropped = 0
         self.received = 0
@@ -105,52 +108,75 @@ class Namespace:
         self.waiters: set[asyncio.Event] = set()
 
     @property
-    def end(self) -> int:
-        return self.base + len(self.items)
-
-    @property
     def label(self) -> str:
         return f"netns:{self.inode}"
+
+    @property
+    def queued(self) -> int:
+        return self.end - self.base
 
     def describe(self, uplink: str) -> str:
         p = self.path
         return " → ".join([f"{p.inner} ⇄ {p.veth}"] + ([p.bridge] if p.bridge else []) + [uplink])
 
-    def push(self, reports) -> None:
-        over = len(self.items) + len(reports) - self.items.maxlen
-        if over > 0:
-            self.base += over
-            self.dropped += over
-        self.items.extend(reports)
-        self.received += len(reports)
+    def push(self, raw: bytes) -> None:
+        """Append packed reports; beyond `size`, the oldest go."""
+        R, size = REPORT_SIZE, self.size
+        n = len(raw) // R
+        self.received += n
+        if n > size:
+            raw = raw[(n - size) * R:]
+            self.end += n - size
+            n = size
+        if self.end + n <= size and len(self.ring) == self.end * R:
+            self.ring += raw                    # still filling for the first time
+        else:
+            if len(self.ring) < size * R:
+                self.ring += bytes(size * R - len(self.ring))
+            done = 0
+            while done < n:
+                pos = (self.end + done) % size
+                k = min(n - done, size - pos)
+                self.ring[pos * R:(pos + k) * R] = raw[done * R:(done + k) * R]
+                done += k
+        self.end += n
+        if self.end - self.base > size:
+            self.dropped += self.end - size - self.base
+            self.base = self.end - size
         for w in self.waiters:
             w.set()
 
-    def take(self, cursor: int, limit: int) -> tuple[int, list, int]:
-        """(dropped, items, new cursor) from `cursor` on."""
+    def take(self, cursor: int, limit: int) -> tuple[int, bytes, int]:
+        """(dropped, packed reports, new cursor) from `cursor` on, at most `limit`."""
+        R, size = REPORT_SIZE, self.size
         dropped = max(0, self.base - cursor)
         cursor += dropped
-        start = cursor - self.base
-        items = list(itertools.islice(self.items, start, start + limit))
-        return dropped, items, cursor + len(items)
+        n = max(0, min(limit, self.end - cursor))
+        out = bytearray()
+        while len(out) < n * R:
+            pos = (cursor + len(out) // R) % size
+            k = min(n - len(out) // R, size - pos)
+            out += self.ring[pos * R:(pos + k) * R]
+        return dropped, bytes(out), cursor + n
 
     def close(self, reason: str) -> None:
         self.closed = reason
-        self.discarded = self.end - self.read_at if self.end > self.read_at else 0
-        self.items.clear()
+        self.discarded = max(0, self.end - max(self.read_at, self.base))
+        self.ring = bytearray()
+        self.base = self.end
         for w in self.waiters:
             w.set()
 
-    def saved(self, sink: "Sink") -> dict:
-        lines = [it if isinstance(it, str) else _line(sink, it, self)
-                 for it in itertools.islice(self.items, max(0, self.read_at - self.base), None)]
+    def saved(self) -> dict:
+        _, unread, _ = self.take(self.read_at, self.size)
         return {"inode": self.inode, "inner": self.path.inner, "veth": self.path.veth,
                 "veth_index": self.veth_index, "bridge": self.path.bridge, "since": self.since,
-                "pid": self.pid, "unread": lines, "dropped": self.dropped}
+                "pid": self.pid, "unread": base64.b64encode(unread).decode(),
+                "dropped": self.dropped}
 
 
-def _line(sink: Sink, r: Report, ns: Namespace) -> str:
-    return jsonl_line(r, sink.wall(r), ns.inode, ns.label, sink.hops)
+def _lines(sink: Sink, raw: bytes, ns: Namespace) -> str:
+    return "".join(jsonl_line(r, sink.wall(r), ns.inode, ns.label, sink.hops) for r in unpack(raw))
 
 
 # -- who is calling ---------------------------------------------------------------------------
@@ -238,7 +264,7 @@ class Engine(threading.Thread):
                 if self.stopping:
                     return
                 if self.tracer is not None:
-                    self._dispatch(self.tracer.poll(200))
+                    self._dispatch(self.tracer.poll(200, raw=True))
                 else:
                     try:
                         fn, args, fut = self.commands.get(timeout=PRESENCE_EVERY)
@@ -270,13 +296,10 @@ class Engine(threading.Thread):
         except BaseException as e:      # noqa: BLE001 - the caller's request fails, we go on
             fut.set_exception(e)
 
-    def _dispatch(self, reports: list[Report]) -> None:
-        if not reports:
+    def _dispatch(self, chunks: list[bytes]) -> None:
+        if not chunks:
             return
-        by_ns: dict[int, list[Report]] = {}
-        for r in reports:
-            by_ns.setdefault(r.container, []).append(r)
-        batch = [(self.slots[i], rs) for i, rs in by_ns.items()
+        batch = [(self.slots[i], raw) for i, raw in split(chunks).items()
                  if i < len(self.slots) and self.slots[i] is not None]
         if batch:
             self.loop.call_soon_threadsafe(self._deliver, batch)
@@ -316,14 +339,15 @@ class Engine(threading.Thread):
         present = self._host_links("/proc/self/ns/net")
         for item in saved.get("namespaces", []):
             if (item["veth"], item["veth_index"]) not in present:
+                lost = len(base64.b64decode(item.get("unread", ""))) // REPORT_SIZE
                 out.append(f"netns {item['inode']}: gone since the last run; "
-                           f"{len(item.get('unread', []))} unread reports discarded")
+                           f"{lost} unread reports discarded")
                 continue
             ns = Namespace(item["inode"], ContainerPath(f"netns:{item['inode']}", item["inner"],
                                                         item["veth"], item.get("bridge")),
                            item["veth_index"], self.opts.queue_size, pid=item.get("pid"),
                            since=item.get("since"))
-            ns.push(item.get("unread", []))
+            ns.push(base64.b64decode(item.get("unread", "")))
             ns.received = 0
             ns.dropped = item.get("dropped", 0)
             try:
@@ -333,7 +357,7 @@ class Engine(threading.Thread):
                 out.append(f"netns {ns.inode}: cannot resume: {e}")
                 continue
             out.append(f"netns {ns.inode}: resumed ({ns.describe(uplink)}), "
-                       f"{len(ns.items)} unread reports kept")
+                       f"{ns.queued} unread reports kept")
         return out
 
     def _room(self) -> None:
@@ -358,7 +382,7 @@ class Engine(threading.Thread):
                     raise
                 self.tracer = tracer
             else:
-                self._dispatch(self.tracer.update(plan))
+                self._dispatch(self.tracer.update(plan, raw=True))
         except MaceError as e:
             raise P.ProtocolError(P.FAILED, str(e), e.hint or "") from None
         except OSError as e:
@@ -380,7 +404,7 @@ class Engine(threading.Thread):
         if any(containers):
             plan = Plan(containers, self.uplink, hops=self.opts.hops,
                         end_at_queue=self.opts.end_at_queue)
-            self._dispatch(self.tracer.update(plan))
+            self._dispatch(self.tracer.update(plan, raw=True))
         else:
             self._stop_tracer()        # the last one: no perf event stays open
             self.host, self.uplink = None, self.opts.uplink
@@ -394,7 +418,8 @@ class Engine(threading.Thread):
         if tracer is None:
             return
         try:
-            self._dispatch(tracer.stop())
+            tracer.stop()
+            self._dispatch(tracer._take(raw=True))
         finally:
             tracer.close()
 
@@ -538,7 +563,7 @@ class Service:
             return
         items = []
         for ns in list(engine.enabled.values()):
-            item = ns.saved(self.sink) if queues else {
+            item = ns.saved() if queues else {
                 "inode": ns.inode, "inner": ns.path.inner, "veth": ns.path.veth,
                 "veth_index": ns.veth_index, "bridge": ns.path.bridge, "since": ns.since,
                 "pid": ns.pid}
@@ -704,7 +729,7 @@ class Service:
                 os.close(fd)
             await self._send(writer, {**base, "netns": inode, "state": "enabled", "already": already,
                                       "path": ns.describe(self.engine.uplink),
-                                      "queue_size": ns.items.maxlen})
+                                      "queue_size": ns.size})
             return True
         inode = self._whose(peer)
         ns = self.engine.enabled.get(inode)
@@ -723,7 +748,7 @@ class Service:
                                  "instance": self.instance}}
             if ns is not None and st["state"] == "enabled":
                 reply["queue"] = {"unread": max(0, ns.end - max(ns.read_at, ns.base)),
-                                  "size": ns.items.maxlen, "dropped": ns.dropped}
+                                  "size": ns.size, "dropped": ns.dropped}
             await self._send(writer, reply)
             return True
         # read
@@ -738,12 +763,11 @@ class Service:
         await self._read(ns, writer)
         return True
 
-    async def _write_items(self, ns: Namespace, writer, items, dropped: int) -> None:
-        parts = []
+    async def _write_items(self, ns: Namespace, writer, raw: bytes, dropped: int) -> None:
+        text = _lines(self.sink, raw, ns)
         if dropped:
-            parts.append(P.encode({"v": P.VERSION, "dropped": dropped}).decode())
-        parts += [it if isinstance(it, str) else _line(self.sink, it, ns) for it in items]
-        writer.write("".join(parts).encode())
+            text = P.encode({"v": P.VERSION, "dropped": dropped}).decode() + text
+        writer.write(text.encode())
         await writer.drain()
 
     async def _read(self, ns: Namespace, writer) -> None:
@@ -752,11 +776,11 @@ class Service:
         sent = lost = 0
         ns.read_at = end
         while cursor < end and ns.closed is None:
-            dropped, items, cursor = ns.take(cursor, min(SEND_BATCH, end - cursor))
-            if not items and not dropped:
+            dropped, raw, cursor = ns.take(cursor, min(SEND_BATCH, end - cursor))
+            if not raw and not dropped:
                 break
-            await self._write_items(ns, writer, items, dropped)
-            sent += len(items)
+            await self._write_items(ns, writer, raw, dropped)
+            sent += len(raw) // REPORT_SIZE
             lost += dropped
         await self._send(writer, {"v": P.VERSION, "end": True, "reason": "read",
                                   "reports": sent, "dropped": lost})
@@ -774,11 +798,11 @@ class Service:
                 if ns.closed is not None:
                     reason = ns.closed
                     break
-                dropped, items, cursor = ns.take(cursor, SEND_BATCH)
-                if items or dropped:
+                dropped, raw, cursor = ns.take(cursor, SEND_BATCH)
+                if raw or dropped:
                     ns.read_at = max(ns.read_at, cursor)
-                    await self._write_items(ns, writer, items, dropped)
-                    sent += len(items)
+                    await self._write_items(ns, writer, raw, dropped)
+                    sent += len(raw) // REPORT_SIZE
                     lost += dropped
                     continue
                 if self._stopping:

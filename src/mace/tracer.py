@@ -121,19 +121,25 @@ class Tracer:
             if not capture.rings.more:
                 return
 
-    def _take(self) -> list[Report]:
-        out: list[Report] = []
+    def _take(self, raw: bool = False) -> list:
+        out: list = []
         while self._reports:
-            out.extend(unpack(self._reports.popleft()))
+            chunk = self._reports.popleft()
+            if raw:
+                out.append(chunk)
+            else:
+                out.extend(unpack(chunk))
         return out
 
-    def poll(self, timeout_ms: int = 100) -> list[Report]:
-        """The reports correlated since the last call, waiting up to timeout_ms for some."""
+    def poll(self, timeout_ms: int = 100, *, raw: bool = False) -> list:
+        """The reports correlated since the last call, waiting up to timeout_ms for some.
+        With `raw`, chunks of packed reports (mace.report.REPORT_SIZE bytes each) instead
+        of Report tuples: what a caller that only stores them needs."""
         self._ready.wait(timeout_ms / 1000)
         self._ready.clear()
         if self._error is not None:
             raise self._error
-        return self._take()
+        return self._take(raw)
 
     def _join(self) -> None:
         thread = getattr(self, "_thread", None)
@@ -142,7 +148,7 @@ class Tracer:
             self.capture.wakeup()
             thread.join()
 
-    def update(self, plan: Plan) -> list[Report]:
+    def update(self, plan: Plan, *, raw: bool = False) -> list:
         """Trace another set of containers from now on, without a gap or a duplicate.
 
         A perf event's filter cannot be changed once set, so a new capture with the new
@@ -153,9 +159,9 @@ class Tracer:
         an index whose container changed starts afresh.  `self.plan` becomes the plan as
         traced (its device slots rebased on the previous plan's).
 
-        Returns the reports of the previous plan not yet polled: whatever poll() returns
-        afterwards belongs to the new plan, so a caller that maps container indexes to
-        something of its own can switch its map in between."""
+        Returns the reports of the previous plan not yet polled (as poll() would, `raw`
+        too): whatever poll() returns afterwards belongs to the new plan, so a caller that
+        maps container indexes to something of its own can switch its map in between."""
         if not plan.same_shape(self.plan):
             raise ValueError("update() changes containers only, not the uplink, hops or end point")
         plan = plan.rebased(self.plan)
@@ -177,7 +183,7 @@ class Tracer:
                 classes, owner = plan.device_classes()
                 self.correlator.reconfigure(classes, owner, plan.inner_slots(), reset)
                 self.capture, self.plan = new, plan
-                previous = self._take()
+                previous = self._take(raw)
         except BaseException:
             if self.capture is not new:
                 new.close()
