@@ -120,11 +120,11 @@ def test_closing_counts_what_no_one_read_and_frees_the_queue():
 def test_saved_unread_reports_come_back_intact():
     q = ns(4)
     q.push(recs(1, 2, 3, 4, 5, 6))
-    q.read_at = 3
-    item = q.saved()
-    back = ns(4)
-    back.push(base64.b64decode(item["unread"]))
-    assert seqs(back.take(0, 9)[1]) == [3, 4, 5, 6]
+    for read_at, unread in ((3, [4, 5, 6]), (1, [3, 4, 5, 6])):     # numbered from 0
+        q.read_at = read_at
+        back = ns(4)
+        back.push(base64.b64decode(q.saved()["unread"]))
+        assert seqs(back.take(0, 9)[1]) == unread
 
 
 # -- the client -------------------------------------------------------------------------------
