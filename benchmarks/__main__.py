@@ -22,6 +22,7 @@ SUITE = {
     "correlate": "benchmarks.correlate",
     "perturbation": "benchmarks.perturbation",
     "throughput": "benchmarks.throughput",
+    "service": "benchmarks.service",
 }
 
 

@@ -82,3 +82,11 @@ def test_perturbation_benchmark_quick(tmp_path):
     # sane magnitudes only: a tracer adds something, and less than a millisecond
     for name in ("mace", "ftrace"):
         assert -200 < added[name]["median_us"] < 1000, added[name]
+
+
+def test_service_benchmark_quick(tmp_path):
+    res = run_quick("service", tmp_path)
+    changing = res["handover"]["changing"]
+    assert len(changing["update_ms"]) == 4 and changing["duplicates"] == 0 and changing["in_order"]
+    d = res["delivery"]
+    assert d["delivered"] > 100 and d["queued"] > 0
