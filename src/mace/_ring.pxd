@@ -58,6 +58,7 @@ cdef class Rings:
     cdef devkey_t *devs         # open-addressed device name table
     cdef uint32_t devmask
     cdef list devnames          # slot -> name (None: unused)
+    cdef uint64_t since         # start_at(): events before this time are discarded (0: none)
     cdef uint64_t until         # cut_at(): events from this time on are discarded (0: none)
     cdef int decoding           # threads inside drain()/feed(): the device table is in use
     cdef size_t stage_cap       # events each ring's stage holds

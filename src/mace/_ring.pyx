@@ -707,6 +707,14 @@ cdef class Rings:
                 k = _upper_bound(self.rings[i].stage, self.rings[i].nstage, self.until - 1)
                 self.rings[i].st.cut += self.rings[i].nstage - k
                 self.rings[i].nstage = k
+            if self.since:
+                # an older capture delivered everything before `since` (see start_at)
+                k = _upper_bound(self.rings[i].stage, self.rings[i].nstage, self.since - 1)
+                if k:
+                    self.rings[i].st.cut += k
+                    self.rings[i].nstage -= k
+                    memmove(self.rings[i].stage, &self.rings[i].stage[k],
+                            self.rings[i].nstage * sizeof(mace_event))
             if full:
                 stalled = True
                 # release everything this ring holds so its stage can take the rest
@@ -778,6 +786,11 @@ cdef class Rings:
         successor is enabled first, `ts` is taken once it runs on every CPU, and the old
         capture is then stopped and drained up to `ts` while the new one delivers from it."""
         self.until = ts
+
+    def start_at(self, uint64_t ts):
+        """Discard events stamped before `ts` (counted as `cut`): the successor's half of
+        cut_at, for the events both captures recorded while both were enabled."""
+        self.since = ts
 
     @property
     def more(self):

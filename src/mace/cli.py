@@ -17,7 +17,7 @@ from mace import __version__
 from mace.errors import MaceError, PermissionProblem, UsageError
 from mace.sinks import FORMATS
 from mace.protocol import DEFAULT_SOCKET, SOCKET_ENV, socket_path
-from mace.service import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES, DEFAULT_QUEUE
+from mace.service import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES, DEFAULT_QUEUE, DEFAULT_STATE_DIR
 from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
 
 NET_EVENTS = ("net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit",
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"where to listen (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
     sv.add_argument("--socket-mode", metavar="OCTAL", default="666",
                     help="permissions of the socket (default 666: any container user may connect)")
+    sv.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                    help=f"root-only directory for the state kept across restarts (default {DEFAULT_STATE_DIR})")
     sv.add_argument("--queue", type=int, default=DEFAULT_QUEUE, metavar="N",
                     help=f"reports kept per namespace for its readers (default {DEFAULT_QUEUE}); "
                          "a reader that falls behind loses the oldest and is told how many")
@@ -230,7 +232,8 @@ def cmd_serve(args) -> int:
     opts = Options(uplink=args.uplink, hops=args.hops, end_at_queue=args.end_at_queue,
                    table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
                    ring_pages=args.ring_pages, queue_size=args.queue,
-                   max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode)
+                   max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode,
+                   state_dir=args.state_dir)
     return serve(socket_path(args.socket), opts, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 

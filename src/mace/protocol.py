@@ -74,13 +74,13 @@ def parse_request(line: bytes) -> dict:
                             hint="a request is one short JSON object per line")
     try:
         req = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError(BAD_REQUEST, "request is not JSON",
                             hint='send one JSON object per line, e.g. {"v":1,"op":"status"}') from None
     if not isinstance(req, dict):
         raise ProtocolError(BAD_REQUEST, "request is not a JSON object",
                             hint='send one JSON object per line, e.g. {"v":1,"op":"status"}')
-    if req.get("v") != VERSION:
+    if type(req.get("v")) is not int or req["v"] != VERSION:
         raise ProtocolError(BAD_REQUEST, f"protocol version {req.get('v')!r} is not supported",
                             hint=f'this service speaks version {VERSION}: send "v": {VERSION}')
     unknown = sorted(set(req) - FIELDS)

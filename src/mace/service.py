@@ -20,8 +20,9 @@ A queue holds at most `queue_size` reports; a reader that falls behind loses the
 is told how many.  Writers wait on their own connection only: a stuck client never stalls
 the tracer or another client.
 
-State (the enabled namespaces, and at a clean stop their unread reports) is kept next to
-the socket, so a restarted service resumes measuring the namespaces that still exist.
+State (the enabled namespaces, and at a clean stop their unread reports) is kept in a
+root-only directory (not the socket's, which containers mount), so a restarted service
+resumes measuring the namespaces that still exist.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import hashlib
+import tempfile
 import errno
 import fcntl
 import json
 import os
 import queue
+import resource
+import secrets
 import select
 import signal
 import socket
@@ -58,8 +63,9 @@ from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE, Tracer
 SO_PEERPIDFD = 77                   # Linux 6.5
 PIDFD_GET_NET_NAMESPACE = 0xFF04    # _IO(PIDFS_IOCTL_MAGIC, 4), Linux 6.11
 DEFAULT_QUEUE = 65536
-DEFAULT_MAX_NAMESPACES = 256
+DEFAULT_MAX_NAMESPACES = 128       # the kernel takes a page of filter text: ~150 veth names
 DEFAULT_MAX_CLIENTS = 1024
+DEFAULT_STATE_DIR = "/var/lib/mace"   # root's only: never the directory containers mount
 PRESENCE_EVERY = 1.0                # s between checks that enabled namespaces still exist
 SEND_BATCH = 1024                   # reports per write before waiting for the client
 REQUEST_TIMEOUT = 60.0              # s a connection may take to send a complete request
@@ -78,6 +84,7 @@ class Options:
     max_namespaces: int = DEFAULT_MAX_NAMESPACES
     max_clients: int = DEFAULT_MAX_CLIENTS
     mode: int = 0o666
+    state_dir: str = DEFAULT_STATE_DIR
 
 
 class Namespace:
@@ -252,6 +259,10 @@ class Engine(threading.Thread):
 
     def call(self, fn: Callable, *args) -> "asyncio.Future":
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.stopping or not self.is_alive():
+            fut.set_exception(P.ProtocolError(P.STOPPING, "the service is stopping",
+                                              hint="try again once it is back"))
+            return asyncio.wrap_future(fut, loop=self.loop)
         self.commands.put((fn, args, fut))
         if self.tracer is not None:
             self.tracer.interrupt()
@@ -262,6 +273,7 @@ class Engine(threading.Thread):
             while True:
                 self._run_commands()
                 if self.stopping:
+                    self._refuse_queued()
                     return
                 if self.tracer is not None:
                     self._dispatch(self.tracer.poll(200, raw=True))
@@ -277,8 +289,23 @@ class Engine(threading.Thread):
                     self._check_present()
         except BaseException as e:      # noqa: BLE001 - the loop stops the service on it
             self.error = e
-            self._stop_tracer()
+            self.stopping = True
+            try:
+                self._stop_tracer()
+            except BaseException:       # noqa: BLE001 - it failed already; release what we can
+                pass
+            self._refuse_queued()
             self.loop.call_soon_threadsafe(self._closed, None, "engine failed")
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                _, _, fut = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(P.ProtocolError(P.STOPPING, "the service is stopping",
+                                                  hint="try again once it is back"))
 
     def _run_commands(self) -> None:
         while True:
@@ -308,7 +335,7 @@ class Engine(threading.Thread):
 
     def enable(self, inode: int, ns_path: str, pid: int | None) -> tuple[Namespace, bool]:
         """Discover the namespace's path to the host and trace it.  (ns, was enabled)"""
-        if inode in self.enabled:
+        if self.find(inode) is not None:
             return self.enabled[inode], True
         self._room()
         try:
@@ -316,10 +343,14 @@ class Engine(threading.Thread):
         except MaceError as e:
             raise P.ProtocolError(P.TOPOLOGY, str(e), e.hint or "") from None
         c = topo.containers[0].main
-        if self.host is not None and topo.host_ns_inode != self.host[1]:
-            raise P.ProtocolError(P.TOPOLOGY, "this namespace's veth leads to another host namespace "
-                                              "than the other enabled ones",
-                                  hint="run one `mace serve` per host namespace")
+        own = os.stat("/proc/self/ns/net")
+        host = os.stat(topo.host_ns)
+        if (host.st_dev, host.st_ino) != (own.st_dev, own.st_ino):
+            # the devices mace filters on must be the host's own: a namespace built by its
+            # user could otherwise name its veth after another container's
+            raise P.ProtocolError(P.TOPOLOGY, "this namespace's veth leads to another namespace "
+                                              "than the service's",
+                                  hint="run `mace serve` in the host namespace the containers' veths are in")
         if self.uplink is not None and topo.uplink != self.uplink:
             raise P.ProtocolError(P.TOPOLOGY, f"this namespace leaves through {topo.uplink}, the "
                                               f"service traces {self.uplink}",
@@ -337,7 +368,12 @@ class Engine(threading.Thread):
         if self.uplink is not None and uplink != self.uplink:
             return [f"not resuming: the saved state traced {uplink}, this service {self.uplink}"]
         present = self._host_links("/proc/self/ns/net")
+        if present is None:
+            return ["not resuming: cannot list the host's links"]
         for item in saved.get("namespaces", []):
+            if not isinstance(item, dict) or not {"inode", "inner", "veth", "veth_index"} <= set(item):
+                out.append("a malformed saved namespace was skipped")
+                continue
             if (item["veth"], item["veth_index"]) not in present:
                 lost = len(base64.b64decode(item.get("unread", ""))) // REPORT_SIZE
                 out.append(f"netns {item['inode']}: gone since the last run; "
@@ -401,25 +437,26 @@ class Engine(threading.Thread):
         if self.enabled.get(ns.inode) is not ns:
             return
         containers = [s.path if s is not None and s is not ns else None for s in self.slots]
-        if any(containers):
-            plan = Plan(containers, self.uplink, hops=self.opts.hops,
-                        end_at_queue=self.opts.end_at_queue)
-            self._dispatch(self.tracer.update(plan, raw=True))
-        else:
-            self._stop_tracer()        # the last one: no perf event stays open
-            self.host, self.uplink = None, self.opts.uplink
-        self.slots[ns.index] = None
-        del self.enabled[ns.inode]
-        self.loop.call_soon_threadsafe(self._closed, ns, reason)
-        self._save()
+        try:
+            if any(containers):
+                plan = Plan(containers, self.uplink, hops=self.opts.hops,
+                            end_at_queue=self.opts.end_at_queue)
+                self._dispatch(self.tracer.update(plan, raw=True))
+            else:
+                self._stop_tracer()        # the last one: no perf event stays open
+                self.host, self.uplink = None, self.opts.uplink
+        finally:
+            self.slots[ns.index] = None
+            del self.enabled[ns.inode]
+            self.loop.call_soon_threadsafe(self._closed, ns, reason)
+            self._save()
 
     def _stop_tracer(self) -> None:
         tracer, self.tracer = self.tracer, None
         if tracer is None:
             return
         try:
-            tracer.stop()
-            self._dispatch(tracer._take(raw=True))
+            self._dispatch(tracer.stop(raw=True))
         finally:
             tracer.close()
 
@@ -428,10 +465,22 @@ class Engine(threading.Thread):
         self._stop_tracer()
         self.stopping = True
 
+    def find(self, inode: int) -> Namespace | None:
+        """The enabled namespace with this inode, if its veth is still the same interface:
+        a namespace's inode is reused once it is gone, by then its veth is gone too."""
+        ns = self.enabled.get(inode)
+        if ns is None or self.host is None:
+            return ns
+        links = self._host_links(self.host[0])
+        if links is not None and (ns.path.veth, ns.veth_index) not in links:
+            self.disable(ns, "namespace gone")
+            return None
+        return ns
+
     # -- status ---------------------------------------------------------------------------
 
     def status(self, inode: int) -> dict:
-        ns = self.enabled.get(inode)
+        ns = self.find(inode)
         if ns is None or self.tracer is None:
             return {"state": "disabled"}
         stats = self.tracer.stats()
@@ -452,7 +501,9 @@ class Engine(threading.Thread):
 
     def _host_links(self, host_ns: str) -> set[tuple[str, int]] | None:
         try:
-            with IPRoute(netns=host_ns, flags=0) as ipr:
+            # our own namespace (the usual case) without pyroute2's fork into another
+            own = os.stat(host_ns).st_ino == os.stat("/proc/self/ns/net").st_ino
+            with (IPRoute() if own else IPRoute(netns=host_ns, flags=0)) as ipr:
                 return {(l.get("ifname"), l.get("index")) for l in ipr.get_links()}
         except Exception:       # noqa: BLE001 - a transient netlink failure is not a stop
             return None
@@ -476,13 +527,15 @@ class Service:
 
     def __init__(self, path: str, opts: Options, log: Callable[[str], None] = print):
         self.path = path
-        self.state_path = path + ".state"
+        # one state file per socket path, in a directory no container sees
+        key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+        self.state_path = os.path.join(opts.state_dir, f"serve-{key}.json")
         self.opts = opts
         self.log = log
         self.conns: set[asyncio.StreamWriter] = set()
         self.sink = Sink(None, [], [], hops=opts.hops)       # its wall clock and options
         self.engine: Engine | None = None
-        self.instance = f"{os.getpid()}-{time.time_ns()}"
+        self.instance = secrets.token_hex(8)
         self._stop: asyncio.Event | None = None
         self._stopping = False
         self._sock: socket.socket | None = None
@@ -518,6 +571,7 @@ class Service:
                                     hint="stop it first, or choose another --socket")
             finally:
                 probe.close()
+        self._state_dir()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -532,6 +586,19 @@ class Service:
         sock.setblocking(False)
         self._sock = sock
         self._sock_ino = os.stat(self.path).st_ino
+
+    def _state_dir(self) -> None:
+        d = self.opts.state_dir
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            st = os.lstat(d)
+        except OSError as e:
+            raise UsageError(f"cannot create the state directory {d}: {e.strerror}",
+                             hint="choose another --state-dir") from None
+        if (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode)
+                or st.st_uid != os.geteuid() or st.st_mode & 0o077):
+            raise UsageError(f"the state directory {d} is not a directory only its owner can use",
+                             hint=f"chmod 700 {d}, or choose another --state-dir")
 
     def _unbind(self) -> None:
         if self._sock is not None:
@@ -569,12 +636,15 @@ class Service:
                 "pid": ns.pid}
             items.append(item)
         state = {"v": P.VERSION, "uplink": engine.uplink, "namespaces": items}
-        tmp = f"{self.state_path}.{os.getpid()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, self.state_path)
+            fd, tmp = tempfile.mkstemp(dir=self.opts.state_dir, prefix=".serve-")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(state, f)
+                os.replace(tmp, self.state_path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
         except OSError as e:
             self.log(f"mace: cannot save state to {self.state_path}: {e.strerror}")
 
@@ -610,17 +680,18 @@ class Service:
             await self._stop.wait()
             self.log("mace: stopping")
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
             if server is not None:
                 server.close()
             await self._shutdown()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         if self.engine.error is not None:
             raise self.engine.error
         return 0
 
     async def _shutdown(self) -> None:
         engine = self.engine
+        self._stopping = True               # no new request reaches the engine
         if engine.is_alive():
             try:
                 await engine.call(engine.shutdown)
@@ -628,7 +699,6 @@ class Service:
                 self.log(f"mace: while stopping the tracer: {e}")
             await asyncio.to_thread(engine.join)
         # followers take what is left, then learn why it ends
-        self._stopping = True
         for ns in list(engine.enabled.values()):
             for w in ns.waiters:
                 w.set()
@@ -681,6 +751,10 @@ class Service:
             await self._send(writer, e.reply())
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception as e:      # noqa: BLE001 - one request failed, the service goes on
+            self.log(f"mace: request failed: {e!r}")
+            await self._send(writer, P.ProtocolError(P.FAILED, f"the service failed: {e}",
+                                                     hint="see the service's log").reply())
         finally:
             if peer is not None:
                 peer.close()
@@ -732,7 +806,7 @@ class Service:
                                       "queue_size": ns.size})
             return True
         inode = self._whose(peer)
-        ns = self.engine.enabled.get(inode)
+        ns = await self.engine.call(self.engine.find, inode)
         if op == "off":
             if ns is None:
                 await self._send(writer, {**base, "netns": inode, "state": "disabled", "already": True})
@@ -777,6 +851,9 @@ class Service:
         ns.read_at = end
         while cursor < end and ns.closed is None:
             dropped, raw, cursor = ns.take(cursor, min(SEND_BATCH, end - cursor))
+            if cursor > end:        # the queue overflowed meanwhile: stop at the snapshot
+                raw = raw[:max(0, len(raw) - (cursor - end) * REPORT_SIZE)]
+                cursor = end
             if not raw and not dropped:
                 break
             await self._write_items(ns, writer, raw, dropped)
@@ -810,20 +887,28 @@ class Service:
                     break
                 wake.clear()
                 waiter = asyncio.ensure_future(wake.wait())
-                done, _ = await asyncio.wait({waiter, left}, return_when=asyncio.FIRST_COMPLETED)
-                if left in done:
+                try:
+                    done, _ = await asyncio.wait({waiter, left}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
                     waiter.cancel()
+                if left in done:
                     return
         except ConnectionError:
             return
         finally:
             ns.waiters.discard(wake)
             left.cancel()
+            if left.done() and not left.cancelled():
+                left.exception()            # a reset connection: nothing to report
         await self._send(writer, {"v": P.VERSION, "end": True, "reason": reason,
                                   "reports": sent, "dropped": lost})
 
 
 def serve(path: str, opts: Options, log: Callable[[str], None] = print) -> int:
+    # every connection holds a socket and a pidfd; every enable opens perf events
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     service = Service(path, opts, log)
     service.bind()
     try:

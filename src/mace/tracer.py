@@ -168,28 +168,40 @@ class Tracer:
         new = Capture(plan.probes(self.formats), plan.devices, **self._capture_kw)
         if [p.tracepoint for p in new.probes] != [p.tracepoint for p in self.capture.probes]:
             raise ValueError("update() cannot change the tracepoints")
+        reset = [i for i, c in enumerate(self.plan.containers)
+                 if c is not None and (i >= len(plan.containers) or plan.containers[i] != c)]
+        classes, owner = plan.device_classes()
+        inner = plan.inner_slots()
         new.open(self.formats)
         try:
             new.start()
-            # anything stamped from here on happened with the new events enabled everywhere
+            # Anything stamped from here on happened with the new events enabled everywhere:
+            # the old capture delivers what came before, the new one the rest, each event once.
             cut = time.monotonic_ns()
+            new.rings.start_at(cut)
+        except BaseException:
+            new.close()
+            raise
+        old = self.capture
+        try:
             with self._lock:
-                old = self.capture
                 old.rings.cut_at(cut)
                 old.stop()
                 self._pull(final=True, capture=old)
-                reset = [i for i, c in enumerate(self.plan.containers)
-                         if c is not None and (i >= len(plan.containers) or plan.containers[i] != c)]
-                classes, owner = plan.device_classes()
-                self.correlator.reconfigure(classes, owner, plan.inner_slots(), reset)
+                self.correlator.reconfigure(classes, owner, inner, reset)
                 self.capture, self.plan = new, plan
                 previous = self._take(raw)
-        except BaseException:
-            if self.capture is not new:
-                new.close()
+        except BaseException as e:
+            # The old capture is cut and stopped and the correlator may not match the new
+            # one: fail for good (the next poll raises) rather than misattribute packets.
+            self.capture = new
+            self._error = e
             raise
-        self._retire(old)
-        old.close()             # wakes the drain thread if it waits on it
+        finally:
+            try:
+                self._retire(old)
+            finally:
+                old.close()     # wakes the drain thread if it waits on it
         self.updates += 1
         return previous
 
@@ -202,7 +214,7 @@ class Tracer:
             self._retired["rings"][k] = self._retired["rings"].get(k, 0) + v
         self._retired["kernel_dropped"] += sum(cap.kernel_dropped().values())
 
-    def stop(self) -> list[Report]:
+    def stop(self, *, raw: bool = False) -> list:
         """Stop the events, correlate what is left, and settle the counters."""
         self._join()
         self.capture.stop()
@@ -211,7 +223,7 @@ class Tracer:
         self.in_flight = self.correlator.finish()
         if self._error is not None:
             raise self._error
-        return self._take()
+        return self._take(raw)
 
     def run(self, until: Callable[[], bool], on_reports: Callable[[list[Report]], None] | None = None,
             timeout_ms: int = 50) -> None:

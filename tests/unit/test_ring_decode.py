@@ -763,3 +763,19 @@ def test_device_slots_may_be_left_unused():
     rings = make_rings(devices=["eth0", None, "br0"])
     assert rings.devices == ["eth0", None, "br0"]
     assert (rings.device_slot("eth0"), rings.device_slot("br0")) == (0, 2)
+
+
+def test_start_at_discards_what_an_older_capture_delivered():
+    rings = make_rings(cpus=(0, 1), stage_cap=3)
+    imgs = [attach(rings, ring=r) for r in (0, 1)]
+    for r, img in enumerate(imgs):
+        img.write(*(NetEvent(RECV, ts=10 * i + r, dev="eth0").encode() for i in range(6)))
+    rings.start_at(21)
+    out = []
+    while True:
+        out += drain_all(rings, final=True)
+        if not rings.more:
+            break
+    assert [e[0] for e in out] == [21, 30, 31, 40, 41, 50, 51]
+    s = rings.stats()
+    assert (s["samples"], s["cut"], s["pending"]) == (12, 5, 0)

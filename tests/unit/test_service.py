@@ -159,7 +159,8 @@ def test_the_peer_is_known_by_its_process_and_namespace():
 
 
 def service_in(d, name="mace.sock") -> Service:
-    return Service(str(d / name), Options(mode=0o666), log=lambda line: None)
+    return Service(str(d / name), Options(mode=0o666, state_dir=str(d.parent / "state")),
+                   log=lambda line: None)
 
 
 def test_bind_makes_a_socket_anyone_may_connect_to_and_unbind_removes_it(tmp_path):
@@ -205,3 +206,12 @@ def test_bind_replaces_a_stale_socket_but_not_a_live_one(tmp_path):
         assert os.path.exists(first.path)
     finally:
         first._unbind()
+
+
+def test_bind_refuses_a_state_directory_others_may_use(tmp_path):
+    d = tmp_path / "run"
+    (tmp_path / "state").mkdir(mode=0o755)
+    os.chmod(tmp_path / "state", 0o755)
+    with pytest.raises(UsageError, match="only its owner"):
+        service_in(d).bind()
+    assert not (d / "mace.sock").exists()
