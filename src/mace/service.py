@@ -199,8 +199,12 @@ class Peer:
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
             self.pidfd = struct.unpack("i", raw)[0]
-        except OSError:
-            # older kernels: the PID may have been reused between connect() and here
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT:
+                # the peer is gone (its PID may already name another process)
+                raise P.ProtocolError(P.IDENTITY, "the connecting process has already exited",
+                                      hint="keep the process alive while it talks to the service") from None
+            # kernels before 6.5: the PID may have been reused between connect() and here
             try:
                 self.pidfd = os.pidfd_open(self.pid)
             except OSError:
