@@ -18,9 +18,10 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 def _system_blocker() -> str | None:
     if os.geteuid() != 0:
         return "system tests need root (perf tracepoints, network namespaces)"
-    for tool in ("ping", "nft"):
+    for tool in ("ping", "nft", "ip", "setpriv"):
         if shutil.which(tool) is None:
-            return f"system tests need `{tool}` (Debian packages iputils-ping, nftables)"
+            return (f"system tests need `{tool}` (Debian packages iputils-ping, nftables, "
+                    "iproute2, util-linux)")
     if not os.path.exists("/proc/sys/kernel/perf_event_paranoid"):
         return "this kernel has no perf events"
     return None
