@@ -174,12 +174,15 @@ class Namespace:
         for w in self.waiters:
             w.set()
 
-    def saved(self) -> dict:
-        _, unread, _ = self.take(self.read_at, self.size)
-        return {"inode": self.inode, "inner": self.path.inner, "veth": self.path.veth,
-                "veth_index": self.veth_index, "bridge": self.path.bridge, "since": self.since,
-                "pid": self.pid, "unread": base64.b64encode(unread).decode(),
-                "dropped": self.dropped}
+    def saved(self, queue: bool = True) -> dict:
+        """What a restarted service needs to resume it (with `queue`, its unread reports)."""
+        out = {"inode": self.inode, "inner": self.path.inner, "veth": self.path.veth,
+               "veth_index": self.veth_index, "bridge": self.path.bridge, "since": self.since,
+               "pid": self.pid}
+        if queue:
+            _, unread, _ = self.take(self.read_at, self.size)
+            out.update(unread=base64.b64encode(unread).decode(), dropped=self.dropped)
+        return out
 
 
 def _lines(sink: Sink, raw: bytes, ns: Namespace) -> str:
@@ -632,13 +635,7 @@ class Service:
         engine = self.engine
         if engine is None:
             return
-        items = []
-        for ns in list(engine.enabled.values()):
-            item = ns.saved() if queues else {
-                "inode": ns.inode, "inner": ns.path.inner, "veth": ns.path.veth,
-                "veth_index": ns.veth_index, "bridge": ns.path.bridge, "since": ns.since,
-                "pid": ns.pid}
-            items.append(item)
+        items = [ns.saved(queue=queues) for ns in list(engine.enabled.values())]
         state = {"v": P.VERSION, "uplink": engine.uplink, "namespaces": items}
         try:
             fd, tmp = tempfile.mkstemp(dir=self.opts.state_dir, prefix=".serve-")
