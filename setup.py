@@ -12,12 +12,12 @@ macros = [] if debug else [("NDEBUG", None)]
 extensions = [
     Extension(
         name,
-        [f"src/mace/{name.split('.')[-1]}.pyx"],
-        include_dirs=["src/mace"],
+        [f"src/{name.replace('.', '/')}.pyx"],
+        include_dirs=["src/mace/includes"],
         extra_compile_args=cflags,
         define_macros=macros,
     )
-    for name in ("mace._ring", "mace._correlate")
+    for name in ("mace.capture._ring", "mace.correlate._correlate")
 ]
 
 setup(

@@ -84,7 +84,7 @@ def _level(tb, k: int, count: int, interval: float, rounds: int) -> dict:
 
 
 def run(quick: bool) -> dict:
-    from mace.testbed import Testbed
+    from mace.testing.testbed import Testbed
 
     loads = (0, 2) if quick else LOADS
     count, interval, rounds = (150, 0.005, 1) if quick else (400, 0.004, 5)

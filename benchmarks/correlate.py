@@ -47,7 +47,7 @@ SYN_CPUS = 2
 SYN_TAG = "5e1a0"                   # device names as a testbed would make them
 SKB_POOL = 384                      # skb addresses the synthetic kernel recycles
 SKB_BASE = 0xFFFF8881_2C400000
-ENTRY_BYTES = 64                    # mace._correlate.ENTRY_SIZE, checked at run time
+ENTRY_BYTES = 64                    # mace.correlate._correlate.ENTRY_SIZE, checked at run time
 LIVE_SIZES = [1 << k for k in (4, 6, 8, 10, 12, 14, 16)]
 QUICK_SIZES = [1 << k for k in (4, 8, 16)]
 UPLINK_KBIT = 20000                 # 20 Mbit/s token bucket: the UDP floods queue behind it
@@ -67,7 +67,7 @@ ETH_P_IP = 0x0800                   # the tracepoints store ntohs(skb->protocol)
 F_SOFTIRQ = 0x10                    # common_flags of a sample taken in softirq context
 ICMP_L3 = 84                        # ping -s 56
 UDP_L3 = 20 + 8 + UDP_PAYLOAD
-R_QDISC_DROP, R_NO_SOCKET = 64, 3   # skb_drop_reason values (data/formats/skb_kfree_skb)
+R_QDISC_DROP, R_NO_SOCKET = 64, 3   # skb_drop_reason values (mace/testing/formats/skb_kfree_skb)
 
 
 def synthetic_plan():
@@ -311,7 +311,7 @@ class KernelModel:
 
 def build_images(plan, probes, pages: int = RING_PAGES, seed: int = 11):
     """Two RingImages cut at one instant, as full as the busier ring allows."""
-    from mace.synthetic import RingImage, builtin_format, net_values, raw_record, sample
+    from mace.testing.synthetic import RingImage, builtin_format, net_values, raw_record, sample
 
     fmts = {p.tracepoint: builtin_format(p.tracepoint) for p in probes}
     rng = random.Random(seed)
@@ -401,7 +401,7 @@ def _wait_quiet(limit_s: float = 2.0, below: float = 0.1) -> float | None:
 
 def _rings(bufs, layouts, devices):
     """Rings reading the ring images in `bufs` (one per CPU) instead of perf mmaps."""
-    from mace._ring import Rings
+    from mace.capture._ring import Rings
     rings = Rings(cpus=list(range(len(bufs))), ring_pages=RING_PAGES, reorder_ns=0)
     for k in layouts:
         rings.add_kind(**k)
@@ -424,12 +424,12 @@ def _feed_all(rings, corr) -> tuple[int, bytes]:
 
 def _report_tuples(raw: bytes) -> list[tuple]:
     # unpacked: the reports' padding bytes are not initialised, so bytes may differ
-    from mace.report import unpack
+    from mace.output.report import unpack
     return [(r.container, r.dir, r.seq, r.t0, r.latency, r.len, r.cpu, r.hops) for r in unpack(raw)]
 
 
 def _direction_counts(raw: bytes) -> list[int]:
-    from mace.report import unpack
+    from mace.output.report import unpack
     out = [0, 0]
     for r in unpack(raw):
         out[r.dir] += 1
@@ -437,11 +437,11 @@ def _direction_counts(raw: bytes) -> list[int]:
 
 
 def synthetic(quick: bool) -> dict:
-    from mace import _correlate
-    from mace._ring import EVENT_SIZE
-    from mace.reference import ReferenceCorrelator, ReferenceDecoder, merge
-    from mace.report import unpack
-    from mace.synthetic import builtin_layout
+    from mace.correlate import _correlate
+    from mace.capture._ring import EVENT_SIZE
+    from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
+    from mace.output.report import unpack
+    from mace.testing.synthetic import builtin_layout
     from mace.tracer import DEFAULT_TABLE_SIZE, DEFAULT_MAX_AGE_NS
 
     plan = synthetic_plan()
@@ -647,7 +647,7 @@ def _live_run(tb, plan, table_size: int, seconds: int, udp_count: int, ping_coun
     """One bounded load under a Tracer with `table_size` entries.  udp_rate: datagrams/s per
     UDP sender; -1: as fast as it goes, on a non-blocking socket (a full send buffer does not
     put it to sleep)."""
-    from mace.report import coverage
+    from mace.output.report import coverage
     from mace.tracer import Tracer
 
     sink = tb.popen(tb.peer_ns, [sys.executable, "-c", SINK, str(UDP_PORT), str(seconds + 4)])
@@ -742,7 +742,7 @@ def live(quick: bool) -> dict:
     if reason:
         return {"skipped": reason}
     from mace.plan import ContainerPath, Plan
-    from mace.testbed import Testbed
+    from mace.testing.testbed import Testbed
     from mace.tracer import DEFAULT_TABLE_SIZE
 
     sizes = QUICK_SIZES if quick else LIVE_SIZES
@@ -773,7 +773,7 @@ def live(quick: bool) -> dict:
 # -- harness interface -------------------------------------------------------------------------
 
 def run(quick: bool) -> dict:
-    from mace import _correlate
+    from mace.correlate import _correlate
     from mace.tracer import DEFAULT_TABLE_SIZE
     if _correlate.ENTRY_SIZE != ENTRY_BYTES:
         raise RuntimeError(f"table entries are {_correlate.ENTRY_SIZE} bytes, not {ENTRY_BYTES}")
@@ -1081,7 +1081,7 @@ def notes(result: dict) -> list[str]:
             "0.7 s for the queue to drain before `Tracer.stop()`. Last, the default table once "
             "more with the UDP senders unpaced (non-blocking sockets, as fast as they go): the "
             "highest rate of the run. "
-            "Coverage = `mace.report.coverage` of the counters summed over the two traced "
+            "Coverage = `mace.output.report.coverage` of the counters summed over the two traced "
             "containers (packets dropped by the qdisc are not misses, nor are entries still in "
             "flight at stop; as the queue had drained by then, those are reported beside it as "
             "'left', and a \"100%\" target means coverage 100% with nothing left); packets/s = "

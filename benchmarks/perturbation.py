@@ -209,7 +209,7 @@ class Ctx:
 
 
 def _online_cpus() -> list[int]:
-    from mace.perf import online_cpus
+    from mace.capture.perf import online_cpus
     return online_cpus()
 
 
@@ -603,8 +603,8 @@ def _stop_floods(floods: list[subprocess.Popen]) -> None:
 
 def _phase(load: int, prm: dict, configs: list[str], mount: TracefsMount, budget_s: float,
            pids: list[int]) -> dict:
-    from mace.netns import discover, resolve
-    from mace.testbed import Testbed
+    from mace.targets.netns import discover, resolve
+    from mace.testing.testbed import Testbed
 
     rounds: list[dict] = []
     restarts = 0

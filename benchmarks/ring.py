@@ -99,7 +99,7 @@ def _event_stream(rng: random.Random, cpu: int, mean_gap_ns: int = 300):
 def build_images(pages: int = RING_PAGES, seed: int = 7):
     """Two RingImages filled as full as the records allow; returns (images, samples per
     image, how many samples are older than one written before them in their ring)."""
-    from mace.synthetic import RingImage, builtin_format, net_values, raw_record, sample
+    from mace.testing.synthetic import RingImage, builtin_format, net_values, raw_record, sample
 
     fmts = {tp: builtin_format(tp) for tp in SYNTH_TRACEPOINTS}
     images, counts, disorder = [], [], 0
@@ -127,13 +127,13 @@ def build_images(pages: int = RING_PAGES, seed: int = 7):
 
 
 def _layouts() -> list[dict]:
-    from mace.perf import kind_layout
-    from mace.synthetic import builtin_format
+    from mace.capture.perf import kind_layout
+    from mace.testing.synthetic import builtin_format
     return [kind_layout(builtin_format(tp)) for tp in SYNTH_TRACEPOINTS]
 
 
 def _make_rings(images, layouts):
-    from mace._ring import Rings
+    from mace.capture._ring import Rings
     rings = Rings(cpus=list(range(len(images))), ring_pages=RING_PAGES, reorder_ns=0)
     for k in layouts:
         rings.add_kind(**k)
@@ -170,7 +170,7 @@ def _time_drain(images, layouts, reps: int, expect: int) -> tuple[list[float], o
 
 
 def synthetic(quick: bool) -> dict:
-    from mace.reference import ReferenceDecoder, merge
+    from mace.testing.reference import ReferenceDecoder, merge
 
     t_build = time.monotonic()
     images, counts, disorder = build_images()
@@ -255,8 +255,8 @@ def _live_run(tb, devices: list[str], count: int, preload: int, deadline_s: int,
     """One ping flood under a capture.  mode "read": the reader builds Python events with
     `cap.read()`; "feed": it drains into a no-op Cython `EventSink` (the engine alone).
     gc_off: disable Python's cyclic garbage collector for the run."""
-    from mace._ring import EventSink
-    from mace.perf import Capture, Probe
+    from mace.capture._ring import EventSink
+    from mace.capture.perf import Capture, Probe
 
     c = tb.containers[0]
     probes = [Probe(tp, devices=tuple(devices)) for tp in LIVE_TRACEPOINTS]
@@ -361,7 +361,7 @@ def live(quick: bool) -> dict:
     reason = _live_blocker()
     if reason:
         return {"skipped": reason}
-    from mace.testbed import Testbed
+    from mace.testing.testbed import Testbed
 
     count = 20_000 if quick else 200_000
     deadline = 6 if quick else 40

@@ -66,7 +66,7 @@ def _flood(tb, c, seconds: float):
 
 def _handover(tb, changes: int, seconds: float) -> dict:
     from mace.plan import ContainerPath, Plan
-    from mace.report import coverage
+    from mace.output.report import coverage
     from mace.tracer import Tracer
 
     pa, pb = (ContainerPath(c.ns, c.inner, c.veth, tb.bridge) for c in tb.containers)
@@ -155,7 +155,7 @@ def _delivery(tb, seconds: float, tmp: Path) -> dict:
 def run(quick: bool) -> dict:
     import tempfile
 
-    from mace.testbed import Testbed
+    from mace.testing.testbed import Testbed
 
     seconds = 2.0 if quick else 6.0
     changes = 4 if quick else 20

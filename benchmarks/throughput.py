@@ -50,7 +50,7 @@ SINK = textwrap.dedent("""
 
 
 def _step(tb, plan, name: str, argv_for, seconds: float) -> dict:
-    from mace.report import coverage
+    from mace.output.report import coverage
     from mace.tracer import Tracer
 
     reports = 0
@@ -80,8 +80,8 @@ def _step(tb, plan, name: str, argv_for, seconds: float) -> dict:
 
 
 def run(quick: bool) -> dict:
-    from mace.netns import discover, resolve
-    from mace.testbed import Testbed
+    from mace.targets.netns import discover, resolve
+    from mace.testing.testbed import Testbed
 
     seconds = 1.5 if quick else 4.0
     ladder = [("ping -f -l 1", lambda tb: lambda c: ["ping", "-n", "-q", "-f", "-w", str(int(seconds)), tb.peer_ip]),

@@ -48,7 +48,7 @@ def _gate_system(request):
 def _clear_stale_testbeds():
     """Remove testbeds left by runs that were killed outright (SIGKILL)."""
     if os.geteuid() == 0:
-        from mace.testbed import remove_stale
+        from mace.testing.testbed import remove_stale
         remove_stale()
     yield
 
@@ -56,7 +56,7 @@ def _clear_stale_testbeds():
 @pytest.fixture
 def testbed_factory():
     """Build testbeds that are torn down whatever the test does."""
-    from mace.testbed import Testbed
+    from mace.testing.testbed import Testbed
 
     made = []
 

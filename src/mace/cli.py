@@ -15,9 +15,9 @@ from contextlib import ExitStack
 
 from mace import __version__
 from mace.errors import MaceError, PermissionProblem, UsageError
-from mace.sinks import FORMATS
-from mace.protocol import DEFAULT_SOCKET, SOCKET_ENV, socket_path
-from mace.service import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES, DEFAULT_QUEUE, DEFAULT_STATE_DIR
+from mace.output.sinks import FORMATS
+from mace.service.protocol import DEFAULT_SOCKET, SOCKET_ENV, socket_path
+from mace.service.server import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES, DEFAULT_QUEUE, DEFAULT_STATE_DIR
 from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
 
 NET_EVENTS = ("net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit",
@@ -214,7 +214,7 @@ def _check_tracer_options(args) -> None:
 
 
 def cmd_serve(args) -> int:
-    from mace.service import Options, serve
+    from mace.service.server import Options, serve
 
     _check_tracer_options(args)
     for name, value in (("--queue", args.queue), ("--max-namespaces", args.max_namespaces),
@@ -238,7 +238,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_client(args) -> int:
-    from mace.client import Connection, read
+    from mace.service.client import Connection, read
 
     with Connection(args.socket) as conn:
         if args.op == "read":
@@ -284,9 +284,9 @@ def _client_lines(reply: dict) -> list[str]:
 
 
 def cmd_trace(args) -> int:
-    from mace.netns import discover, present, resolve
-    from mace.sinks import make_sink
-    from mace.summary import build, format_text
+    from mace.targets.netns import discover, present, resolve
+    from mace.output.sinks import make_sink
+    from mace.output.summary import build, format_text
     from mace.tracer import Tracer
 
     _check_positive("--duration", args.duration)
@@ -323,7 +323,7 @@ def cmd_trace(args) -> int:
         sink = make_sink(args.format or "mace", out, labels, inodes, hops=args.hops)
         live = None
         if use_tui:
-            from mace.tui import LiveView
+            from mace.output.live import LiveView
             live = stack.enter_context(LiveView(tracer, labels, plan))
         tracer.start()
         if not args.quiet and live is None:
@@ -412,7 +412,7 @@ def _open_for_writing(path: str, option: str):
 
 def _have_tui() -> bool:
     try:
-        import mace.tui  # noqa: F401
+        import mace.output.live  # noqa: F401
     except ImportError:
         return False
     return True
@@ -433,9 +433,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_events(args) -> int:
-    from mace.perf import Capture, Probe, check_tracepoint_name
-    from mace.testbed import Testbed
-    from mace.tracefs import read_formats
+    from mace.capture.perf import Capture, Probe, check_tracepoint_name
+    from mace.testing.testbed import Testbed
+    from mace.capture.tracefs import read_formats
 
     _check_positive("--duration", args.duration)
     _check_positive("--count", args.count)

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 from mace.errors import MaceError, ResourceError
-from mace.netns import discover, resolve
-from mace.report import Report
-from mace.testbed import Testbed
+from mace.targets.netns import discover, resolve
+from mace.output.report import Report
+from mace.testing.testbed import Testbed
 from mace.tracer import Tracer
 
 PING_LINE = re.compile(r"^\[(\d+\.\d+)\] .*icmp_seq=(\d+) .*time=([\d.]+) ms")

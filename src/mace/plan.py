@@ -11,7 +11,7 @@ What is measured, per packet:
 
 Inner device names are ambiguous (every container has an eth0), so a packet is attributed
 to a container by its host-side veth, whose name is unique on the host.  The events in
-between make the chain safe against skb address reuse (see mace._correlate):
+between make the chain safe against skb address reuse (see mace.correlate._correlate):
 
     egress   xmit inner  [netif_rx veth]  receive veth  [receive bridge]  queue uplink  xmit uplink
     ingress  receive uplink  [xmit bridge]  xmit veth  [netif_rx inner]  receive inner
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mace import _correlate
-from mace.perf import Probe
+from mace.correlate import _correlate
+from mace.capture.perf import Probe
 
 XMIT = "net:net_dev_start_xmit"
 RECV = "net:netif_receive_skb"

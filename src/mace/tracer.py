@@ -19,10 +19,10 @@ import time
 from collections import deque
 from typing import Callable, Iterable
 
-from mace.perf import Capture
+from mace.capture.perf import Capture
 from mace.plan import Plan, tracepoints
-from mace.tracefs import read_formats
-from mace.report import Report, unpack
+from mace.capture.tracefs import read_formats
+from mace.output.report import Report, unpack
 
 DEFAULT_TABLE_SIZE = 1 << 16
 DEFAULT_MAX_AGE_NS = 1_000_000_000
@@ -33,7 +33,7 @@ class Tracer:
 
     table_size: correlation table entries (a power of two; 64 bytes each).
     max_age_ns: a packet not through the segment after this long is given up.
-    ring_pages, watermark, reorder_us: see mace.perf.Capture.
+    ring_pages, watermark, reorder_us: see mace.capture.perf.Capture.
     """
 
     def __init__(self, plan: Plan, *, table_size: int = DEFAULT_TABLE_SIZE,
@@ -133,7 +133,7 @@ class Tracer:
 
     def poll(self, timeout_ms: int = 100, *, raw: bool = False) -> list:
         """The reports correlated since the last call, waiting up to timeout_ms for some.
-        With `raw`, chunks of packed reports (mace.report.REPORT_SIZE bytes each) instead
+        With `raw`, chunks of packed reports (mace.output.report.REPORT_SIZE bytes each) instead
         of Report tuples: what a caller that only stores them needs."""
         self._ready.wait(timeout_ms / 1000)
         self._ready.clear()

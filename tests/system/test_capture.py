@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 
 from mace.errors import MaceError, TracepointMissing
-from mace.perf import Capture, Probe, online_cpus
-from mace.tracefs import _mounted_tracefs, read_formats
+from mace.capture.perf import Capture, Probe, online_cpus
+from mace.capture.tracefs import _mounted_tracefs, read_formats
 
 PAYLOAD = 177         # an unusual ping size: no other traffic on the machine matches it
 ECHO_L3 = 20 + 8 + PAYLOAD

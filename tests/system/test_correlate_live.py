@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mace.plan import ContainerPath, Plan
-from mace.report import coverage
+from mace.output.report import coverage
 from mace.tracer import Tracer
 
 COUNTERS = ("reports", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")

@@ -1,5 +1,5 @@
-"""The correlator (mace._correlate.Correlator) against its pure-Python model
-(mace.reference.ReferenceCorrelator) on realistic event streams, plus hand-written scenarios
+"""The correlator (mace.correlate._correlate.Correlator) against its pure-Python model
+(mace.testing.reference.ReferenceCorrelator) on realistic event streams, plus hand-written scenarios
 that pin the intended behaviour (no privileges needed).
 
 The generator tells packet *stories* the way the kernel traces them for a plan, then keeps
@@ -24,13 +24,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mace import _correlate
-from mace._ring import DEV_NONE, RECORD_FORMAT, Rings
-from mace.perf import Event
+from mace.correlate import _correlate
+from mace.capture._ring import DEV_NONE, RECORD_FORMAT, Rings
+from mace.capture.perf import Event
 from mace.plan import FREE, QUEUE, RECV, RX, XMIT, ContainerPath, Plan
-from mace.reference import ReferenceCorrelator, ReferenceDecoder, merge
-from mace.report import Report, unpack
-from mace.synthetic import PAGE, NetEvent, RingImage, builtin_format, builtin_layout
+from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
+from mace.output.report import Report, unpack
+from mace.testing.synthetic import PAGE, NetEvent, RingImage, builtin_format, builtin_layout
 
 INNER, BRIDGE, UPLINK = "eth0", "br0", "up0"
 NOISE_DEVICES = ("wlan0", "docker0", "lo")      # never in a plan: filtered in the kernel

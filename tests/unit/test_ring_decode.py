@@ -1,4 +1,4 @@
-"""Decoding synthetic perf ring images with mace._ring.Rings (no privileges needed)."""
+"""Decoding synthetic perf ring images with mace.capture._ring.Rings (no privileges needed)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import struct
 
 import pytest
 
-from mace._ring import DEV_NONE, DEV_OTHER, EVENT_SIZE, RECORD_FORMAT, EventSink, Rings
-from mace.perf import Event
-from mace.reference import ReferenceDecoder
-from mace.synthetic import (PAGE, PERF_RECORD_SAMPLE, NetEvent, RingImage, builtin_format, builtin_layout, lost, other,
+from mace.capture._ring import DEV_NONE, DEV_OTHER, EVENT_SIZE, RECORD_FORMAT, EventSink, Rings
+from mace.capture.perf import Event
+from mace.testing.reference import ReferenceDecoder
+from mace.testing.synthetic import (PAGE, PERF_RECORD_SAMPLE, NetEvent, RingImage, builtin_format, builtin_layout, lost, other,
                             raw_record, sample, throttle)
 
 XMIT = "net:net_dev_start_xmit"

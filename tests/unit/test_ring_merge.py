@@ -1,5 +1,5 @@
-"""Merging several per-CPU rings into one time-ordered stream (mace._ring.Rings), checked by
-hand on small cases and against mace.reference on random ring images (hypothesis)."""
+"""Merging several per-CPU rings into one time-ordered stream (mace.capture._ring.Rings), checked by
+hand on small cases and against mace.testing.reference on random ring images (hypothesis)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mace._ring import DEV_NONE, DEV_OTHER, Rings
-from mace.perf import Event
-from mace.reference import ReferenceDecoder, merge
-from mace.synthetic import PAGE, NetEvent, RingImage, builtin_format, builtin_layout, lost, other, sample, throttle
+from mace.capture._ring import DEV_NONE, DEV_OTHER, Rings
+from mace.capture.perf import Event
+from mace.testing.reference import ReferenceDecoder, merge
+from mace.testing.synthetic import PAGE, NetEvent, RingImage, builtin_format, builtin_layout, lost, other, sample, throttle
 
 XMIT = "net:net_dev_start_xmit"
 RECV = "net:netif_receive_skb"

@@ -11,13 +11,13 @@ import struct
 
 import pytest
 
-from mace import _correlate
-from mace import protocol as P
-from mace.client import mace_line
+from mace.correlate import _correlate
+from mace.service import protocol as P
+from mace.service.client import mace_line
 from mace.errors import ResourceError, UsageError
 from mace.plan import ContainerPath
-from mace.report import REPORT_SIZE, unpack
-from mace.service import Namespace, Options, Peer, Service
+from mace.output.report import REPORT_SIZE, unpack
+from mace.service.server import Namespace, Options, Peer, Service
 
 
 # -- requests ---------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from importlib import resources
 import pytest
 
 from mace.errors import MaceError, TracepointMissing
-from mace.perf import kind_layout
-from mace.synthetic import builtin_format
-from mace.tracefs import EventFormat, Field, parse_format
+from mace.capture.perf import kind_layout
+from mace.testing.synthetic import builtin_format
+from mace.capture.tracefs import EventFormat, Field, parse_format
 
-FORMAT_DIR = resources.files("mace").joinpath("data/formats")
+FORMAT_DIR = resources.files("mace.testing").joinpath("formats")
 FORMAT_FILES = sorted(p.name for p in FORMAT_DIR.iterdir() if p.name.endswith(".format"))
 
 COMMON = {
@@ -210,7 +210,7 @@ def test_kind_layout(tp):
 
 
 def test_kind_layout_is_accepted_by_rings():
-    from mace._ring import Rings
+    from mace.capture._ring import Rings
     rings = Rings(cpus=[0], ring_pages=1, reorder_ns=0)
     kinds = [rings.add_kind(**LAYOUTS[tp]) for tp in sorted(LAYOUTS)]
     assert kinds == list(range(len(LAYOUTS)))

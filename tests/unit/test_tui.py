@@ -1,6 +1,6 @@
 """Pieces of the live view that need no terminal."""
 
-from mace.tui import EGRESS_SEGMENTS, INGRESS_SEGMENTS, segments, sparkline
+from mace.output.live import EGRESS_SEGMENTS, INGRESS_SEGMENTS, segments, sparkline
 
 
 def test_sparkline_scales_between_min_and_max_and_leaves_gaps():

@@ -1,6 +1,6 @@
 """Obviously-correct pure-Python models of the hot loop, for tests and benchmarks.
 
-Each function here mirrors a Cython fast path in mace._ring (and later mace._correlate)
+Each function here mirrors a Cython fast path in mace.capture._ring (and later mace.correlate._correlate)
 with plain loops and dicts.  Property tests feed both the same input and require the same
 output; benchmarks report the Cython speed as a ratio to these.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from mace.perf import Event
-from mace.synthetic import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, PERF_RECORD_THROTTLE, PERF_RECORD_UNTHROTTLE
+from mace.capture.perf import Event
+from mace.testing.synthetic import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, PERF_RECORD_THROTTLE, PERF_RECORD_UNTHROTTLE
 
 DEV_NONE = -1
 DEV_OTHER = -2
@@ -206,7 +206,7 @@ class RefReport:
 class ReferenceCorrelator:
     """Mace's correlation rules with a dict for a table (unbounded, never evicts).
 
-    Same inputs as mace._correlate.Correlator; `explain`, when given, is called with a
+    Same inputs as mace.correlate._correlate.Correlator; `explain`, when given, is called with a
     line of text for every decision (a debugging aid: `mace` keeps none of this).
     """
 

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mace.plan import Plan
-from mace.report import Histogram, Report, coverage
+from mace.output.report import Histogram, Report, coverage
 
 WINDOW_S = 10           # sliding window for the "now" columns
 SPARK_S = 30            # seconds shown in a sparkline

@@ -1,8 +1,8 @@
 """Synthetic perf ring images: the bytes the kernel would write, built in Python.
 
-Unit tests and benchmarks feed these to `mace._ring.Rings.attach` so the decoder, the
+Unit tests and benchmarks feed these to `mace.capture._ring.Rings.attach` so the decoder, the
 cross-CPU merge and the correlator run without privileges.  Layouts come from format files
-captured on a real kernel (`data/formats/`), so the raw records look exactly like the
+captured on a real kernel (`formats/`), so the raw records look exactly like the
 kernel's, field offsets included.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from mace.tracefs import EventFormat, parse_format
+from mace.capture.tracefs import EventFormat, parse_format
 
 PAGE = 4096
 PERF_RECORD_LOST = 2
@@ -25,16 +25,16 @@ HEAD_AT, TAIL_AT, DATA_OFFSET_AT, DATA_SIZE_AT = 1024, 1032, 1040, 1048
 
 @lru_cache(maxsize=None)
 def builtin_format(qualified: str) -> EventFormat:
-    """The layout of `system:name` as captured on Linux 6.18 (see data/formats)."""
+    """The layout of `system:name` as captured on Linux 6.18 (see formats/)."""
     system, _, name = qualified.partition(":")
-    text = resources.files("mace").joinpath(f"data/formats/{system}_{name}.format").read_text()
+    text = resources.files("mace.testing").joinpath(f"formats/{system}_{name}.format").read_text()
     return parse_format(text, system)
 
 
 @lru_cache(maxsize=None)
 def builtin_layout(qualified: str) -> dict:
     """`Rings.add_kind` arguments for a captured tracepoint."""
-    from mace.perf import kind_layout
+    from mace.capture.perf import kind_layout
     return kind_layout(builtin_format(qualified))
 
 

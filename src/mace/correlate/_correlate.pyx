@@ -33,8 +33,8 @@ from libc.stdint cimport INT16_MAX, UINT64_MAX, int16_t, int64_t, uint8_t, uint1
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset
 
-from mace._abi cimport mace_event
-from mace._ring cimport EventSink
+from mace.includes.abi cimport mace_event
+from mace.capture._ring cimport EventSink
 
 import struct
 
@@ -830,7 +830,7 @@ cdef class Correlator(EventSink):
     # -- Python side ------------------------------------------------------------------------
 
     def feed_bytes(self, const unsigned char[:] data):
-        """Consume packed events (mace._ring.RECORD_FORMAT each), for tests and benchmarks;
+        """Consume packed events (mace.capture._ring.RECORD_FORMAT each), for tests and benchmarks;
         reports that do not fit the buffer wait in Python until take_reports()."""
         cdef size_t n = data.shape[0] // sizeof(mace_event)
         if n == 0:

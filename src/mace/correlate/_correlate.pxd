@@ -1,7 +1,7 @@
 from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from mace._abi cimport mace_event
-from mace._ring cimport EventSink
+from mace.includes.abi cimport mace_event
+from mace.capture._ring cimport EventSink
 
 
 cdef extern from "mace_corr.h" nogil:

@@ -18,7 +18,7 @@ import time
 from typing import IO, Sequence
 
 from mace.plan import EGRESS_HOPS, INGRESS_HOPS
-from mace.report import Report
+from mace.output.report import Report
 
 FORMATS = ("mace", "jsonl", "csv")
 HOP_NAMES = (EGRESS_HOPS, INGRESS_HOPS)

@@ -16,7 +16,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset
 from posix.unistd cimport close, read, write
 
-from mace._abi cimport *
+from mace.includes.abi cimport *
 
 import os
 
@@ -76,7 +76,7 @@ cdef inline uint32_t _name_hash(uint64_t a, uint64_t b) noexcept nogil:
 cdef class Rings:
     """Per-CPU perf rings for a set of tracepoints, drained into one time-ordered stream.
 
-    Low level: `mace.perf.Capture` decides which tracepoints, filters and devices to use and
+    Low level: `mace.capture.perf.Capture` decides which tracepoints, filters and devices to use and
     turns errors into advice.  Rings can also be attached to synthetic ring images (any
     writable buffer laid out like a perf mmap: control page then data), which is how the
     decoder is tested without privileges.

@@ -7,7 +7,7 @@ events either to a Cython `EventSink` (the correlator) or, for small tools, to P
 
 Example::
 
-    from mace.perf import Capture, Probe
+    from mace.capture.perf import Capture, Probe
 
     probes = [Probe("net:net_dev_start_xmit", devices=("eth0",)),
               Probe("net:netif_receive_skb", devices=("eth0",))]
@@ -26,9 +26,9 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from mace import _ring
+from mace.capture import _ring
 from mace.errors import MaceError, PermissionProblem, ResourceError, TracepointMissing, UsageError
-from mace.tracefs import EventFormat, read_formats
+from mace.capture.tracefs import EventFormat, read_formats
 
 DEV_NONE = _ring.DEV_NONE
 DEV_OTHER = _ring.DEV_OTHER

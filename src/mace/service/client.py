@@ -1,7 +1,7 @@
 """The client side of `mace serve`, for `mace on|off|status|read` inside a container.
 
 It needs no privileges and nothing but the socket: the service works out which network
-namespace the caller is in.  Plain Python; see mace.protocol for the wire format.
+namespace the caller is in.  Plain Python; see mace.service.protocol for the wire format.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import socket
 import sys
 from typing import IO, Iterator
 
-from mace import protocol as P
+from mace.service import protocol as P
 from mace.errors import (ServiceRefused, ServiceUnreachable, TargetNotFound, TopologyError,
                          UsageError)
 

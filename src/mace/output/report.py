@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from mace import _correlate
+from mace.correlate import _correlate
 
 DIRECTIONS = _correlate.DIRECTIONS
 _REPORT = struct.Struct(_correlate.REPORT_FORMAT)

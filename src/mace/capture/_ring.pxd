@@ -1,6 +1,6 @@
 from libc.stdint cimport int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from mace._abi cimport mace_event, perf_event_mmap_page
+from mace.includes.abi cimport mace_event, perf_event_mmap_page
 
 
 # Where the fields mace needs sit in one tracepoint's raw record (from its tracefs format file).

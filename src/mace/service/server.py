@@ -4,7 +4,7 @@
 One tracer serves every enabled network namespace.  A caller is known by the socket's peer
 (SO_PEERPIDFD, else SO_PEERCRED), and its network namespace is the one that process is in
 as the host sees it: no request names a namespace, so a client can enable, disable and read
-only its own.  See mace.protocol for the wire format.
+only its own.  See mace.service.protocol for the wire format.
 
 Threads, and who owns what:
 
@@ -51,13 +51,13 @@ from typing import Callable
 
 from pyroute2 import IPRoute
 
-from mace import protocol as P
+from mace.service import protocol as P
 from mace._version import __version__
 from mace.errors import MaceError, ResourceError, UsageError
-from mace.netns import Target, discover
+from mace.targets.netns import Target, discover
 from mace.plan import ContainerPath, Plan
-from mace.report import REPORT_SIZE, Histogram, coverage, split, unpack
-from mace.sinks import Sink, jsonl_line
+from mace.output.report import REPORT_SIZE, Histogram, coverage, split, unpack
+from mace.output.sinks import Sink, jsonl_line
 from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE, Tracer
 
 SO_PEERPIDFD = 77                   # Linux 6.5

@@ -3,7 +3,7 @@ percentiles and every counter, as text (stderr) or JSON (--summary-json)."""
 
 from __future__ import annotations
 
-from mace.report import Histogram, coverage
+from mace.output.report import Histogram, coverage
 
 COUNTERS = ("crossed", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")
 PERCENTILES = (50, 90, 99)

@@ -1,0 +1,1 @@
+"""Correlation: the compiled correlator that pairs a packet's events into latency reports."""
