@@ -28,6 +28,11 @@ DEFAULT_TABLE_SIZE = 1 << 16
 DEFAULT_MAX_AGE_NS = 1_000_000_000
 
 
+def _cut_time() -> int:
+    """The handover instant of update() (CLOCK_MONOTONIC, the rings' clock); a seam for tests."""
+    return time.monotonic_ns()
+
+
 class Tracer:
     """Traces the containers of a plan; a context manager that releases everything.
 
@@ -173,35 +178,42 @@ class Tracer:
         classes, owner = plan.device_classes()
         inner = plan.inner_slots()
         new.open(self.formats)
-        try:
-            new.start()
-            # Anything stamped from here on happened with the new events enabled everywhere:
-            # the old capture delivers what came before, the new one the rest, each event once.
-            cut = time.monotonic_ns()
-            new.rings.start_at(cut)
-        except BaseException:
-            new.close()
-            raise
         old = self.capture
-        try:
-            with self._lock:
+        # The drain thread releases old events up to `now - reorder` (at once when a stage
+        # fills): it must not run between taking the cut and telling the old rings about it,
+        # or it hands the correlator old events stamped after the cut, which the new capture
+        # then delivers again.  So the whole switch holds the lock.
+        with self._lock:
+            try:
+                new.start()
+                # Anything stamped from here on happened with the new events enabled
+                # everywhere: the old capture delivers what came before, the new one the
+                # rest, each event once.
+                cut = _cut_time()
+            except BaseException:
+                new.close()             # nothing changed: the old capture goes on
+                raise
+            try:
                 old.rings.cut_at(cut)
                 old.stop()
                 self._pull(final=True, capture=old)
+                # A hit both captures recorded is stamped twice, a sample apart: the new
+                # capture learns which of the hits stamped near the cut the old one delivered.
+                new.rings.start_at(cut, old.rings.twin_log())
                 self.correlator.reconfigure(classes, owner, inner, reset)
                 self.capture, self.plan = new, plan
                 previous = self._take(raw)
-        except BaseException as e:
-            # The old capture is cut and stopped and the correlator may not match the new
-            # one: fail for good (the next poll raises) rather than misattribute packets.
-            self.capture = new
-            self._error = e
-            raise
-        finally:
-            try:
-                self._retire(old)
+            except BaseException as e:
+                # The old capture is cut and stopped and the correlator may not match the
+                # new one: fail for good (the next poll raises) rather than misattribute.
+                self.capture = new
+                self._error = e
+                raise
             finally:
-                old.close()     # wakes the drain thread if it waits on it
+                try:
+                    self._retire(old)
+                finally:
+                    old.close()     # wakes the drain thread if it waits on it
         self.updates += 1
         return previous
 

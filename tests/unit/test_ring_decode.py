@@ -104,7 +104,7 @@ def test_samples_of_several_tracepoints():
     assert not rings.more
     s = rings.stats()
     assert s == dict(records=6, samples=6, lost=0, throttled=0, unknown=0, errors=0, late=0,
-                     forced=0, cut=0, pending=0, drained=6)
+                     forced=0, cut=0, straddled=0, pending=0, drained=6, inexact=0)
     assert img.tail == img.head
     # batch_bytes carries the same events, packed
     raw = rings.batch_bytes()

@@ -22,7 +22,8 @@ cdef struct ring_stats_t:
     uint64_t errors     # malformed records and fields
     uint64_t late       # samples older than events already released (beyond the reorder delay)
     uint64_t forced     # releases forced early because the stage was full
-    uint64_t cut        # events discarded by cut_at(): a newer capture delivered them
+    uint64_t cut        # events discarded by cut_at()/start_at(): the other capture delivered them
+    uint64_t straddled  # hits whose two copies straddle a handover, delivered by the newer capture
 
 
 cdef struct ring_t:
@@ -60,6 +61,12 @@ cdef class Rings:
     cdef list devnames          # slot -> name (None: unused)
     cdef uint64_t since         # start_at(): events before this time are discarded (0: none)
     cdef uint64_t until         # cut_at(): events from this time on are discarded (0: none)
+    cdef uint64_t log_from      # cut_at(): released events from this time on are logged as twins
+    cdef mace_event *twins      # cut_at(): the log; start_at(): the older capture's log
+    cdef size_t ntwins
+    cdef size_t twins_cap
+    cdef uint64_t twins_from    # start_at(): events from here to `since` are matched with twins
+    cdef uint64_t inexact       # handovers whose twin log may be incomplete
     cdef int decoding           # threads inside drain()/feed(): the device table is in use
     cdef size_t stage_cap       # events each ring's stage holds
     cdef mace_event *out        # the batch handed to the consumer
@@ -100,4 +107,6 @@ cdef class Rings:
     cdef int _decode(self, const unsigned char *rec, uint32_t size, mace_event *ev) noexcept nogil
     cdef int16_t _lookup_dev(self, const unsigned char *s, uint32_t n) noexcept nogil
     cdef size_t _release(self, uint64_t horizon) noexcept nogil
+    cdef void _log_twins(self, size_t start, size_t end) noexcept nogil
+    cdef size_t _before_start(self, ring_t *r, size_t k) noexcept nogil
     cdef size_t _drain(self, bint final, uint64_t horizon) noexcept nogil

@@ -12,7 +12,7 @@ from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport INT16_MAX, UINT64_MAX, int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 from posix.unistd cimport close, read, write
 
@@ -30,6 +30,7 @@ cdef enum:
     SAMPLE_RAW_AT = 36          # header 8, pid/tid 8, time 8, cpu/res 8, raw size 4
     PAGE = 4096
     MAX_RING_PAGES = 65536      # 256 MiB per CPU; the watermark stays within 32 bits
+    MAX_TWINS = 1 << 20         # events logged at a cut (reorder_ns of a full flood is far less)
 
 
 cdef class EventSink:
@@ -100,6 +101,7 @@ cdef class Rings:
         self.heap = NULL
         self.pos = NULL
         self.scratch = NULL
+        self.twins = NULL
         self.fds = NULL
         self.fd_kind = NULL
         self.leader = NULL
@@ -181,6 +183,7 @@ cdef class Rings:
         free(self.leader)
         free(self.kind_of_tp)
         free(self.scratch)
+        free(self.twins)
         free(self.out)
         free(self.fds)
         free(self.fd_kind)
@@ -690,12 +693,66 @@ cdef class Rings:
                 memmove(r.stage, &r.stage[self.cut[i]], r.nstage * sizeof(mace_event))
         if self.out[n - 1].ts > self.released_ts:
             self.released_ts = self.out[n - 1].ts
+        if self.until:
+            self._log_twins(self.nout, n)
         self.nout = n
         return total
 
+    cdef void _log_twins(self, size_t start, size_t end) noexcept nogil:
+        # What this capture delivers just before its cut, for the successor's start_at().
+        cdef size_t i, cap
+        cdef mace_event *grown
+        for i in range(start, end):
+            if self.out[i].ts < self.log_from:
+                continue
+            if self.ntwins == self.twins_cap:
+                cap = self.twins_cap * 2 if self.twins_cap else 1024
+                grown = NULL
+                if cap <= MAX_TWINS:
+                    grown = <mace_event *>realloc(self.twins, cap * sizeof(mace_event))
+                if grown == NULL:
+                    self.inexact += 1
+                    return
+                self.twins = grown
+                self.twins_cap = cap
+            self.twins[self.ntwins] = self.out[i]
+            self.ntwins += 1
+
+    cdef size_t _before_start(self, ring_t *r, size_t k) noexcept nogil:
+        # The first k staged events are stamped before `since`.  A hit that both captures
+        # recorded is stamped twice, first by the newer event (perf_trace_add puts it at
+        # the head of the tracepoint's list) and one sample later, up to tens of µs when an
+        # interrupt falls in between, by the older one.  The older capture delivered the
+        # hits it stamped before the cut; each other hit is delivered here.  Hits of one
+        # key (CPU, thread, tracepoint, skb, ...) are serialized, so a copy here has its
+        # twin among the older capture's copies stamped after it, if any is.  Returns how
+        # many of the k remain, restamped at `since` (the cut falls between their stamps).
+        cdef size_t j, t, w = 0
+        cdef mace_event *e
+        cdef mace_event *o
+        cdef bint twin
+        for j in range(k):
+            e = &r.stage[j]
+            if e.ts < self.twins_from:
+                continue
+            twin = False
+            for t in range(self.ntwins):
+                o = &self.twins[t]
+                if (o.ts > e.ts and o.cpu == e.cpu and o.kind == e.kind and o.skb == e.skb
+                        and o.tid == e.tid and o.len == e.len and o.dev == e.dev
+                        and o.proto == e.proto and o.flags == e.flags):
+                    twin = True
+                    break
+            if not twin:
+                r.stage[w] = e[0]
+                r.stage[w].ts = self.since
+                w += 1
+        r.st.straddled += w
+        return w
+
     cdef size_t _drain(self, bint final, uint64_t horizon) noexcept nogil:
         cdef int i, full
-        cdef size_t k
+        cdef size_t k, kept
         cdef bint stalled = False
         cdef uint64_t now = monotonic_ns(), forced = 0
         self.nout = 0
@@ -708,13 +765,14 @@ cdef class Rings:
                 self.rings[i].st.cut += self.rings[i].nstage - k
                 self.rings[i].nstage = k
             if self.since:
-                # an older capture delivered everything before `since` (see start_at)
+                # an older capture delivered the hits before `since` (see start_at)
                 k = _upper_bound(self.rings[i].stage, self.rings[i].nstage, self.since - 1)
                 if k:
-                    self.rings[i].st.cut += k
-                    self.rings[i].nstage -= k
-                    memmove(self.rings[i].stage, &self.rings[i].stage[k],
-                            self.rings[i].nstage * sizeof(mace_event))
+                    kept = self._before_start(&self.rings[i], k)
+                    self.rings[i].st.cut += k - kept
+                    self.rings[i].nstage -= k - kept
+                    memmove(&self.rings[i].stage[kept], &self.rings[i].stage[k],
+                            (self.rings[i].nstage - kept) * sizeof(mace_event))
             if full:
                 stalled = True
                 # release everything this ring holds so its stage can take the rest
@@ -780,17 +838,49 @@ cdef class Rings:
         return total
 
     def cut_at(self, uint64_t ts):
-        """From now on, discard events stamped at or after `ts` (counted as `cut`).
+        """From now on, discard events stamped at or after `ts` (counted as `cut`), and log
+        the events released from `ts - reorder_ns` on (twin_log()).
 
         This is how a capture hands over to its successor without a gap or a duplicate: the
         successor is enabled first, `ts` is taken once it runs on every CPU, and the old
-        capture is then stopped and drained up to `ts` while the new one delivers from it."""
+        capture is then stopped and drained up to `ts` while the new one delivers from it
+        (start_at with this capture's twin_log(): a hit stamped on both sides of `ts` is
+        delivered by the successor, once)."""
         self.until = ts
+        self.log_from = ts - self.reorder_ns if ts > self.reorder_ns else 1
+        self.ntwins = 0
+        if self.released_ts >= self.log_from:
+            self.inexact += 1       # a stage filled and was released past the log's start
 
-    def start_at(self, uint64_t ts):
-        """Discard events stamped before `ts` (counted as `cut`): the successor's half of
-        cut_at, for the events both captures recorded while both were enabled."""
+    def twin_log(self):
+        """(from, packed events): what this capture delivered from `from` up to its cut."""
+        return self.log_from, (<char *>self.twins)[:self.ntwins * sizeof(mace_event)] if self.ntwins else b""
+
+    def start_at(self, uint64_t ts, twins=None):
+        """Discard the hits the older capture delivered (counted as `cut`): the successor's
+        half of cut_at.  `twins` is the older capture's twin_log() after its last drain;
+        without it, every event stamped before `ts` is discarded."""
+        cdef const unsigned char[::1] raw
+        cdef size_t n = 0
         self.since = ts
+        self.twins_from = ts
+        if twins is None:
+            return
+        start, packed = twins
+        raw = packed
+        if len(raw) % sizeof(mace_event):
+            raise ValueError(f"twins hold {len(raw)} bytes, not whole events")
+        n = len(raw) // sizeof(mace_event)
+        free(self.twins)
+        self.twins = NULL
+        self.ntwins = self.twins_cap = 0
+        if n:
+            self.twins = <mace_event *>malloc(n * sizeof(mace_event))
+            if self.twins == NULL:
+                raise MemoryError()
+            memcpy(self.twins, &raw[0], n * sizeof(mace_event))
+            self.ntwins = self.twins_cap = n
+        self.twins_from = min(<uint64_t>start, ts)
 
     @property
     def more(self):
@@ -814,12 +904,13 @@ cdef class Rings:
     def stats(self):
         """Counters summed over the rings, plus `pending` (staged, not yet released)."""
         keys = ("records", "samples", "lost", "throttled", "unknown", "errors", "late", "forced",
-                "cut", "pending")
+                "cut", "straddled", "pending")
         total = dict.fromkeys(keys, 0)
         for c in self.ring_stats():
             for k in keys:
                 total[k] += c[k]
         total["drained"] = self.drained
+        total["inexact"] = self.inexact
         return total
 
     def ring_stats(self):
@@ -831,7 +922,8 @@ cdef class Rings:
             r = &self.rings[i]
             out.append(dict(cpu=r.cpu, records=r.st.records, samples=r.st.samples, lost=r.st.lost,
                             throttled=r.st.throttled, unknown=r.st.unknown, errors=r.st.errors,
-                            late=r.st.late, forced=r.st.forced, cut=r.st.cut, pending=r.nstage))
+                            late=r.st.late, forced=r.st.forced, cut=r.st.cut, straddled=r.st.straddled,
+                            pending=r.nstage))
         return out
 
 
