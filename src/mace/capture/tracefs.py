@@ -143,15 +143,16 @@ def _libc():
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def _read_privately(names: list[str]) -> dict[str, str | None]:
-    """Format texts of `names`, read by a child that mounts tracefs in a mount namespace of
-    its own: nothing is mounted where anyone else can see it, even if mace is killed."""
+def _read_privately(paths: list[str]) -> dict[str, str | None]:
+    """Texts of files under the tracefs root (None: absent), read by a child that mounts
+    tracefs in a mount namespace of its own: nothing is mounted where anyone else can see
+    it, even if mace is killed."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                   # child: no Python cleanup, just _exit
         try:
             os.close(r)
-            reply = {"formats": _child_mount_and_read(names)}
+            reply = {"files": _child_mount_and_read(paths)}
         except OSError as e:
             reply = {"errno": e.errno, "what": str(e)}
         except BaseException as e:                 # noqa: BLE001 - reported to the parent
@@ -167,8 +168,8 @@ def _read_privately(names: list[str]) -> dict[str, str | None]:
             chunks.append(chunk)
     os.waitpid(pid, 0)
     reply = json.loads(b"".join(chunks) or b'{"errno": 0, "what": "the child died"}')
-    if "formats" in reply:
-        return reply["formats"]
+    if "files" in reply:
+        return reply["files"]
     err = reply["errno"]
     if err == errno.ENODEV:
         raise TracefsError("this kernel has no tracefs (CONFIG_TRACING is off)",
@@ -180,7 +181,7 @@ def _read_privately(names: list[str]) -> dict[str, str | None]:
                        hint="mount it: mount -t tracefs nodev /sys/kernel/tracing")
 
 
-def _child_mount_and_read(names: list[str]) -> dict[str, str | None]:
+def _child_mount_and_read(paths: list[str]) -> dict[str, str | None]:
     libc = _libc()
     if libc.unshare(CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
@@ -190,14 +191,31 @@ def _child_mount_and_read(names: list[str]) -> dict[str, str | None]:
     target = STANDARD_PATHS[0] if os.path.isdir(STANDARD_PATHS[0]) else "/tmp"
     if libc.mount(b"nodev", target.encode(), b"tracefs", 0, None) != 0:
         raise OSError(ctypes.get_errno(), f"mount -t tracefs nodev {target}")
+    return _read_all(Path(target), paths)
+
+
+def _read_all(root: Path, paths: list[str]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for name in names:
-        system, _, event = name.partition(":")
+    for path in paths:
         try:
-            out[name] = (Path(target) / "events" / system / event / "format").read_text()
+            out[path] = (root / path).read_text()
         except FileNotFoundError:
-            out[name] = None
+            out[path] = None
     return out
+
+
+def _event_file(qualified: str, name: str) -> str:
+    system, _, event = qualified.partition(":")
+    return f"events/{system}/{event}/{name}"
+
+
+def read_tracefs(paths: list[str]) -> dict[str, str | None]:
+    """Files under the tracefs root (e.g. "events/net/net_dev_xmit/enable"), None where
+    absent: from the mounted tracefs, or through a private mount (see _read_privately)."""
+    found = _mounted_tracefs()
+    if found is not None:
+        return _read_all(found, paths)
+    return _read_privately(paths)
 
 
 def read_format(root: Path, qualified: str) -> EventFormat:
@@ -220,8 +238,10 @@ def read_formats(names: list[str]) -> dict[str, EventFormat]:
     found = _mounted_tracefs()
     if found is not None:
         return {n: read_format(found, n) for n in names}
+    files = _read_privately([_event_file(n, "format") for n in names])
     out = {}
-    for name, text in _read_privately(list(names)).items():
+    for name in names:
+        text = files[_event_file(name, "format")]
         if text is None:
             raise _missing(name)
         out[name] = parse_format(text, name.partition(":")[0])
@@ -233,4 +253,4 @@ def _missing(qualified: str) -> TracepointMissing:
                              hint="mace needs the net and skb tracepoints (CONFIG_TRACEPOINTS, Linux >= 4.x)")
 
 
-__all__ = ["Field", "EventFormat", "parse_format", "read_format", "read_formats"]
+__all__ = ["Field", "EventFormat", "parse_format", "read_format", "read_formats", "read_tracefs"]
