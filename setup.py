@@ -3,11 +3,12 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# MACE_DEBUG=1 builds without optimisation and with debug info, for chasing a fault in the
-# hot loop with gdb or valgrind.
+# MACE_DEBUG=1 builds without optimisation, with debug info and with the invariant checks
+# of includes/mace_debug.h (MACE_ASSERT), for chasing a fault in the hot loop; the modules
+# then say so (`_ring.DEBUG`).  The unit tests run on such a build too (test_debug_build).
 debug = os.environ.get("MACE_DEBUG") == "1"
 cflags = ["-O0", "-g"] if debug else ["-O2"]
-macros = [] if debug else [("NDEBUG", None)]
+macros = [("MACE_DEBUG", "1")] if debug else [("NDEBUG", None)]
 
 extensions = [
     Extension(

@@ -35,6 +35,7 @@ cdef struct ring_t:
     size_t map_len              # bytes mmapped, 0 when the memory is not ours to unmap
     mace_event *stage           # decoded, time-sorted, not yet released
     size_t nstage
+    size_t cap                  # events `stage` holds (Rings.stage_cap)
     ring_stats_t st
 
 
@@ -67,7 +68,7 @@ cdef class Rings:
     cdef size_t twins_cap
     cdef uint64_t twins_from    # start_at(): events from here to `since` are matched with twins
     cdef uint64_t inexact       # handovers whose twin log may be incomplete
-    cdef int decoding           # threads inside drain()/feed(): the device table is in use
+    cdef bint draining          # a thread is inside drain()/feed(): one at a time
     cdef size_t stage_cap       # events each ring's stage holds
     cdef mace_event *out        # the batch handed to the consumer
     cdef size_t nout
@@ -90,7 +91,7 @@ cdef class Rings:
     cdef uint32_t watermark
     cdef int epfd
     cdef int evfd               # eventfd that lets another thread interrupt wait()
-    cdef list keep              # Python buffers backing synthetic rings
+    cdef Py_buffer *views       # per ring: the exported synthetic image, held until close
     cdef bint enabled
     cdef bint closed
     cdef bint closing           # close() was called while a thread was inside; last one out frees
@@ -99,6 +100,8 @@ cdef class Rings:
     cdef int _track(self, int fd, int kind) except -1
     cdef int _enter(self) except -1
     cdef void _leave(self) noexcept
+    cdef int _enter_drain(self) except -1
+    cdef void _leave_drain(self) noexcept
     cdef int _watch(self, int fd, int ring) except -1
     cdef int _map(self, int ring, unsigned char *mem, size_t map_len, int fd) except -1
     cdef int _group_ioctl(self, unsigned long req, str what) except -1

@@ -11,15 +11,16 @@ and small tools, a copy of the batch.
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport INT16_MAX, UINT64_MAX, int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT16_MAX, SIZE_MAX, UINT64_MAX, int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 from posix.unistd cimport close, read, write
 
 from mace.includes.abi cimport *
 
-import os
+import os as _os
 
+DEBUG = bool(MACE_DEBUG_ON)     # built with MACE_DEBUG=1: invariant checks abort on a fault
 RECORD_FORMAT = "=QQIIHBBhH"   # struct layout of mace_event, for code that reads raw batches
 EVENT_SIZE = sizeof(mace_event)
 DEV_NONE = MACE_DEV_NONE
@@ -31,6 +32,13 @@ cdef enum:
     PAGE = 4096
     MAX_RING_PAGES = 65536      # 256 MiB per CPU; the watermark stays within 32 bits
     MAX_TWINS = 1 << 20         # events logged at a cut (reorder_ns of a full flood is far less)
+
+
+cdef object _oserror(int err, str op, str what):
+    # OSError(errno, strerror, operation): callers switch on `filename` (the operation) and
+    # errno, never on the text; `what` says which event or CPU it was about.
+    text = _os.strerror(err)
+    return OSError(err, f"{text} ({what})" if what else text, op)
 
 
 cdef class EventSink:
@@ -49,6 +57,7 @@ cdef inline void _stage_push(ring_t *r, const mace_event *ev) noexcept nogil:
     # and reserving ring space writes a later timestamp first.  Insertion from the end costs
     # one comparison for in-order events.
     cdef size_t i = r.nstage
+    MACE_ASSERT(r.nstage < r.cap, "stage push within its capacity")
     while i > 0 and r.stage[i - 1].ts > ev.ts:
         i -= 1
     if i < r.nstage:
@@ -105,6 +114,8 @@ cdef class Rings:
         self.fds = NULL
         self.fd_kind = NULL
         self.leader = NULL
+        self.views = NULL
+        self.draining = False
         self.epfd = -1
         self.evfd = -1
         self.closed = False
@@ -134,17 +145,23 @@ cdef class Rings:
         # The smallest sample we decode is 64 bytes; a stage holds a full ring plus what the
         # reorder delay kept back from the previous drain.
         self.stage_cap = stage_cap if stage_cap > 0 else <size_t>(2 * data_size // 64 + 1024)
+        # `out` holds every ring's stage at once: a product that wraps would allocate a
+        # small buffer that the merge then overruns
+        if self.stage_cap > SIZE_MAX // sizeof(mace_event) // <size_t>self.nrings:
+            raise OverflowError(f"a stage of {self.stage_cap} events on {self.nrings} CPUs "
+                                f"does not fit the address space")
         self.rings = <ring_t *>calloc(self.nrings, sizeof(ring_t))
         self.cut = <size_t *>calloc(self.nrings, sizeof(size_t))
         self.pos = <size_t *>calloc(self.nrings, sizeof(size_t))
         self.heap = <int *>calloc(self.nrings, sizeof(int))
         self.leader = <int *>malloc(self.nrings * sizeof(int))
+        self.views = <Py_buffer *>calloc(self.nrings, sizeof(Py_buffer))
         self.kind_of_tp = <uint8_t *>calloc(65536, 1)
         self.scratch = <unsigned char *>malloc(MAX_RECORD + 8)
         self.out = <mace_event *>malloc(self.nrings * self.stage_cap * sizeof(mace_event))
         if (self.rings == NULL or self.cut == NULL or self.pos == NULL or self.heap == NULL
                 or self.leader == NULL or self.kind_of_tp == NULL or self.scratch == NULL
-                or self.out == NULL):
+                or self.out == NULL or self.views == NULL):
             raise MemoryError()
         for i in range(self.nrings):
             self.leader[i] = -1
@@ -153,21 +170,24 @@ cdef class Rings:
             self.rings[i].stage = <mace_event *>malloc(self.stage_cap * sizeof(mace_event))
             if self.rings[i].stage == NULL:
                 raise MemoryError()
+            self.rings[i].cap = self.stage_cap
         self.fds_cap = 16
         self.fds = <int *>malloc(self.fds_cap * sizeof(int))
         self.fd_kind = <uint8_t *>malloc(self.fds_cap)
         if self.fds == NULL or self.fd_kind == NULL:
             raise MemoryError()
         self.nfds = 0
-        self.keep = []
         self.devnames = []
         self.set_devices([])
+        cdef int err
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
-            raise OSError(errno, "epoll_create1 failed: " + os.strerror(errno))
+            err = errno
+            raise _oserror(err, "epoll_create1", "")
         self.evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.evfd < 0:
-            raise OSError(errno, "eventfd failed: " + os.strerror(errno))
+            err = errno
+            raise _oserror(err, "eventfd", "")
         self._watch(self.evfd, -1)
 
     def __dealloc__(self):
@@ -181,6 +201,7 @@ cdef class Rings:
         free(self.pos)
         free(self.heap)
         free(self.leader)
+        free(self.views)
         free(self.kind_of_tp)
         free(self.scratch)
         free(self.twins)
@@ -225,7 +246,7 @@ cdef class Rings:
         cdef uint32_t cap = 16, h
         cdef uint64_t key[2]
         cdef bytes raw
-        if self.decoding:
+        if self.draining:
             raise RuntimeError("set_devices() while another thread drains the rings")
         names = list(names)
         if len(names) > INT16_MAX:
@@ -263,6 +284,8 @@ cdef class Rings:
     def device_slot(self, name):
         """Slot of a device name as the decoder resolves it (DEV_OTHER when unknown)."""
         cdef bytes raw = name.encode()
+        if self.draining:
+            raise RuntimeError("device_slot() while another thread drains the rings")
         return self._lookup_dev(<const unsigned char *>raw, len(raw) + 1)
 
     @property
@@ -304,22 +327,20 @@ cdef class Rings:
         fd = mace_perf_event_open(&attr, -1, self.rings[ring].cpu, lead, PERF_FLAG_FD_CLOEXEC)
         if fd < 0:
             err = errno
-            raise OSError(err, f"perf_event_open failed for {label or self.kinds[kind].tp_id} "
-                               f"on cpu {self.rings[ring].cpu}: {os.strerror(err)}")
+            raise _oserror(err, "perf_event_open",
+                           f"{label or self.kinds[kind].tp_id} on cpu {self.rings[ring].cpu}")
         self._track(fd, kind)
         if filter:
             fbytes = filter.encode()
             if ioctl(fd, PERF_EVENT_IOC_SET_FILTER, <const char *>fbytes) < 0:
                 err = errno
-                raise OSError(err, f"PERF_EVENT_IOC_SET_FILTER rejected the filter of {label}: "
-                                   f"{os.strerror(err)}", filter)
+                raise _oserror(err, "SET_FILTER", f"{label}: {filter}")
         if lead < 0:
             map_len = (1 + <size_t>self.ring_pages) * PAGE
             mem = mmap(NULL, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
             if mem == MAP_FAILED:
                 err = errno
-                raise OSError(err, f"mmap of {self.ring_pages} ring pages on cpu "
-                                   f"{self.rings[ring].cpu} failed: {os.strerror(err)}")
+                raise _oserror(err, "mmap", f"{self.ring_pages} ring pages on cpu {self.rings[ring].cpu}")
             try:
                 self._map(ring, <unsigned char *>mem, map_len, fd)
             except BaseException:
@@ -329,7 +350,7 @@ cdef class Rings:
             self._watch(fd, ring)
         elif ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, lead) < 0:
             err = errno
-            raise OSError(err, f"PERF_EVENT_IOC_SET_OUTPUT failed for {label}: {os.strerror(err)}")
+            raise _oserror(err, "SET_OUTPUT", f"{label} on cpu {self.rings[ring].cpu}")
         return fd
 
     cdef int _track(self, int fd, int kind) except -1:
@@ -376,7 +397,7 @@ cdef class Rings:
         ev.data.u64 = <uint64_t>(ring + 1)
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             err = errno
-            raise OSError(err, "epoll_ctl failed: " + os.strerror(err))
+            raise _oserror(err, "epoll_ctl", "")
         return 0
 
     cdef int _map(self, int ring, unsigned char *mem, size_t map_len, int fd) except -1:
@@ -398,38 +419,47 @@ cdef class Rings:
     def attach(self, int ring, buf):
         """Read ring `ring` from a synthetic image: a writable buffer holding a control page
         (data_head, data_tail, data_offset, data_size at 1024..1056) and the data area."""
-        cdef Py_buffer view
+        cdef Py_buffer *view
+        if self.closed or self.closing:
+            raise ValueError("rings are closed")
         if not 0 <= ring < self.nrings:
             raise ValueError("no such ring")
         if self.rings[ring].meta != NULL:
             raise ValueError(f"ring {ring} already has a buffer")
-        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        # The export is held until the rings let go (close, dealloc): while it is, the owner
+        # cannot resize or free the memory under the reader (a bytearray raises BufferError).
+        view = &self.views[ring]
+        try:
+            PyObject_GetBuffer(buf, view, PyBUF_WRITABLE)
+        except BaseException:
+            view.buf = NULL
+            raise
         try:
             if view.len < 1056:
                 raise ValueError("image smaller than a control page")
             self._map(ring, <unsigned char *>view.buf, view.len, -1)
             self.rings[ring].map_len = 0      # not ours to unmap
-        finally:
-            PyBuffer_Release(&view)
-        self.keep.append(buf)                 # keep the memory alive as long as we read it
+        except BaseException:
+            PyBuffer_Release(view)
+            view.buf = NULL             # buf marks a held view
+            raise
 
     def enable(self):
         """Start every event on every CPU (one group ioctl per CPU)."""
-        self._group_ioctl(PERF_EVENT_IOC_ENABLE, "enable")
+        self._group_ioctl(PERF_EVENT_IOC_ENABLE, "ENABLE")
         self.enabled = True
 
     def disable(self):
         if self.enabled:
             self.enabled = False
-            self._group_ioctl(PERF_EVENT_IOC_DISABLE, "disable")
+            self._group_ioctl(PERF_EVENT_IOC_DISABLE, "DISABLE")
 
     cdef int _group_ioctl(self, unsigned long req, str what) except -1:
         cdef int i, err
         for i in range(self.nrings):
             if self.leader[i] >= 0 and ioctl(self.leader[i], req, PERF_IOC_FLAG_GROUP) < 0:
                 err = errno
-                raise OSError(err, f"could not {what} the events of cpu {self.rings[i].cpu}: "
-                                   f"{os.strerror(err)}")
+                raise _oserror(err, what, f"cpu {self.rings[i].cpu}")
         return 0
 
     def close(self):
@@ -455,6 +485,19 @@ cdef class Rings:
         if self.closing and self.busy == 0:
             self._release_all()
 
+    cdef int _enter_drain(self) except -1:
+        # One drainer at a time: the stages, the batch and the merge scratch are shared.
+        # Checked and set with the GIL held, so two threads cannot both get in.
+        if self.draining:
+            raise RuntimeError("drain() or feed() while another thread drains these rings")
+        self._enter()
+        self.draining = True
+        return 0
+
+    cdef void _leave_drain(self) noexcept:
+        self.draining = False
+        self._leave()
+
     cdef void _release_all(self) noexcept:
         cdef int i
         if self.closed:
@@ -471,6 +514,11 @@ cdef class Rings:
                 self.rings[i].map_len = 0
                 self.rings[i].meta = NULL
                 self.rings[i].data = NULL
+        if self.views != NULL:
+            for i in range(self.nrings):
+                if self.views[i].buf != NULL:
+                    PyBuffer_Release(&self.views[i])
+                    self.views[i].buf = NULL
         # members before leaders: a leader's fd keeps the group alive
         if self.fds != NULL:
             for i in range(self.nfds - 1, -1, -1):
@@ -485,7 +533,6 @@ cdef class Rings:
         if self.evfd >= 0:
             close(self.evfd)
             self.evfd = -1
-        self.keep = None
 
     def __enter__(self):
         return self
@@ -521,7 +568,7 @@ cdef class Rings:
             if err == EINTR:
                 PyErr_CheckSignals()
                 return 0
-            raise OSError(err, "epoll_wait failed: " + os.strerror(err))
+            raise _oserror(err, "epoll_wait", "")
         return n
 
     def wakeup(self):
@@ -548,9 +595,13 @@ cdef class Rings:
             r.st.errors += 1
             mace_store_release(&r.meta.data_tail, head)
             return 0
+        MACE_ASSERT(r.size >= 8 and (r.size & (r.size - 1)) == 0, "ring size a power of two")
+        MACE_ASSERT(r.nstage <= self.stage_cap, "stage count within its capacity")
         while tail != head:
+            MACE_ASSERT(head - tail <= r.size, "tail and head within one ring of each other")
             avail = head - tail
             off = tail & (r.size - 1)
+            MACE_ASSERT(off + 8 <= r.size, "record header inside the data area")
             # Records are 8-byte aligned and the area a multiple of 8: a header never wraps.
             size = (<perf_event_header *>(r.data + off)).size
             rtype = (<perf_event_header *>(r.data + off)).type
@@ -561,10 +612,12 @@ cdef class Rings:
             if rtype == PERF_RECORD_SAMPLE and r.nstage == self.stage_cap:
                 full = 1                # leave it in the ring; the caller releases and retries
                 break
+            MACE_ASSERT(size <= MAX_RECORD and size <= r.size, "record fits the scratch and the ring")
             if off + size <= r.size:
                 rec = r.data + off
             else:                       # slow path: the record wraps, reassemble it
                 first = r.size - off
+                MACE_ASSERT(first < size and size - first <= off, "wrapped record parts inside the data area")
                 memcpy(self.scratch, r.data + off, first)
                 memcpy(self.scratch + first, r.data, size - first)
                 rec = self.scratch
@@ -595,6 +648,8 @@ cdef class Rings:
             else:
                 r.st.unknown += 1
             tail += size
+        MACE_ASSERT(head - tail <= r.size, "tail not past head")
+        MACE_ASSERT(r.nstage <= self.stage_cap, "stage count within its capacity")
         mace_store_release(&r.meta.data_tail, tail)
         return full
 
@@ -614,9 +669,16 @@ cdef class Rings:
         idx = self.kind_of_tp[mace_load_u16(raw)]
         if idx == 0:
             return 0
+        MACE_ASSERT(idx <= self.nkinds, "kind table entry registered")
         k = &self.kinds[idx - 1]
         if raw_size < k.min_raw:
             return -2
+        # add_kind checked every field against min_raw; the record holds at least that much
+        MACE_ASSERT(SAMPLE_RAW_AT + raw_size <= size, "raw block inside the record")
+        MACE_ASSERT(k.skb_off < 0 or <uint32_t>k.skb_off + 8 <= raw_size, "skbaddr inside the raw block")
+        MACE_ASSERT(k.len_off < 0 or <uint32_t>k.len_off + 4 <= raw_size, "len inside the raw block")
+        MACE_ASSERT(k.name_off < 0 or <uint32_t>k.name_off + 4 <= raw_size, "name inside the raw block")
+        MACE_ASSERT(k.proto_off < 0 or <uint32_t>k.proto_off + 2 <= raw_size, "protocol inside the raw block")
         ev.tid = mace_load_u32(rec + 12)
         ev.ts = mace_load_u64(rec + 16)
         ev.cpu = <uint16_t>mace_load_u32(rec + 24)
@@ -661,6 +723,7 @@ cdef class Rings:
         for i in range(self.nrings):
             r = &self.rings[i]
             self.cut[i] = _upper_bound(r.stage, r.nstage, horizon)
+            MACE_ASSERT(self.cut[i] <= r.nstage and r.nstage <= self.stage_cap, "release cut within the stage")
             self.pos[i] = 0
             if self.cut[i]:
                 total += self.cut[i]
@@ -668,6 +731,7 @@ cdef class Rings:
                 hn += 1
         if total == 0:
             return 0
+        MACE_ASSERT(n + total <= <size_t>self.nrings * self.stage_cap, "batch within `out`")
         if hn == 1:
             i = self.heap[0]
             memcpy(&self.out[n], self.rings[i].stage, self.cut[i] * sizeof(mace_event))
@@ -681,6 +745,8 @@ cdef class Rings:
                 self.out[n] = self.rings[i].stage[self.pos[i]]
                 n += 1
                 self.pos[i] += 1
+                MACE_ASSERT(self.pos[i] <= self.cut[i] and n <= <size_t>self.nrings * self.stage_cap,
+                            "merge within the released events")
                 if self.pos[i] == self.cut[i]:
                     hn -= 1
                     self.heap[0] = self.heap[hn]
@@ -715,6 +781,7 @@ cdef class Rings:
                     return
                 self.twins = grown
                 self.twins_cap = cap
+            MACE_ASSERT(self.ntwins < self.twins_cap, "twin log within its capacity")
             self.twins[self.ntwins] = self.out[i]
             self.ntwins += 1
 
@@ -747,6 +814,7 @@ cdef class Rings:
                 r.stage[w] = e[0]
                 r.stage[w].ts = self.since
                 w += 1
+        MACE_ASSERT(w <= k, "kept events among the examined ones")
         r.st.straddled += w
         return w
 
@@ -799,15 +867,13 @@ cdef class Rings:
         the batch size; `more` is then true if a ring still holds events.  Not to be mixed
         with feed() on the same rings: a batch a sink left unfinished would be replaced."""
         cdef size_t n
-        self._enter()
-        self.decoding += 1
+        self._enter_drain()
         try:
             with nogil:
                 n = self._drain(final, horizon)
                 self.out_pos = n            # the batch is the caller's now
         finally:
-            self.decoding -= 1
-            self._leave()
+            self._leave_drain()
         return n
 
     def feed(self, EventSink sink, bint final=False, uint64_t horizon=0):
@@ -815,8 +881,7 @@ cdef class Rings:
         number of events fed (check `more` to know whether events are still waiting)."""
         cdef size_t k, total = 0
         cdef bint drained = False
-        self._enter()
-        self.decoding += 1
+        self._enter_drain()
         try:
             with nogil:
                 while True:
@@ -833,8 +898,7 @@ cdef class Rings:
                     if self.nout == 0 and not self.more:
                         break
         finally:
-            self.decoding -= 1
-            self._leave()
+            self._leave_drain()
         return total
 
     def cut_at(self, uint64_t ts):

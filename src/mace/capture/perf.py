@@ -23,12 +23,13 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from mace.capture import _ring
-from mace.errors import MaceError, PermissionProblem, ResourceError, TracepointMissing, UsageError
 from mace.capture.tracefs import EventFormat, read_formats
+from mace.errors import MaceError, PermissionProblem, ResourceError, TracepointMissing, UsageError
 
 DEV_NONE = _ring.DEV_NONE
 DEV_OTHER = _ring.DEV_OTHER
@@ -127,24 +128,28 @@ def kind_layout(fmt: EventFormat) -> dict:
 
 
 def _translate(err: OSError, what: str) -> MaceError:
-    """One place that turns errno into advice."""
-    if "mmap" in str(err) and err.errno in (errno.ENOMEM, errno.EPERM):
+    """One place that turns errno into advice.  `_ring` raises OSError(errno, strerror,
+    operation): the operation ("perf_event_open", "mmap", "SET_OUTPUT", "SET_FILTER",
+    "ENABLE", ...) is in `filename`, so this switches on it and on errno, not on text."""
+    op, code = err.filename, err.errno
+    if op == "mmap" and code in (errno.ENOMEM, errno.EPERM):
         # without CAP_IPC_LOCK the rings count against perf_event_mlock_kb
         return ResourceError("the kernel refused to map the perf rings",
                              hint="use fewer --ring-pages or raise /proc/sys/kernel/perf_event_mlock_kb")
-    if err.errno in (errno.EACCES, errno.EPERM):
-        return PermissionProblem(f"not permitted to open tracepoints as perf events ({what})",
-                                 hint="run as root, or grant CAP_PERFMON and CAP_SYS_ADMIN")
-    if err.errno == errno.EMFILE:
-        return ResourceError("out of file descriptors opening perf events",
-                             hint="raise the limit (ulimit -n) or trace fewer CPUs")
-    if err.errno == errno.ENOENT or err.errno == errno.ENODEV:
-        return TracepointMissing(f"the kernel cannot open {what}",
-                                 hint="this kernel lacks the tracepoint or perf support (CONFIG_PERF_EVENTS)")
-    if err.errno == errno.EINVAL and "FILTER" in str(err):
+    if op == "SET_FILTER" and code == errno.EINVAL:
         return MaceError(f"the kernel rejected an event filter ({what})",
                          hint="a device name may contain characters the filter syntax refuses")
-    return MaceError(f"{what}: {os.strerror(err.errno or 0)}")
+    if code in (errno.EACCES, errno.EPERM):
+        return PermissionProblem(f"not permitted to open tracepoints as perf events ({what})",
+                                 hint="run as root, or grant CAP_PERFMON and CAP_SYS_ADMIN")
+    if code in (errno.EMFILE, errno.ENFILE):
+        return ResourceError("out of file descriptors opening perf events",
+                             hint="raise the limit (ulimit -n) or trace fewer CPUs")
+    if op == "perf_event_open" and code in (errno.ENOENT, errno.ENODEV):
+        return TracepointMissing(f"the kernel cannot open {what}",
+                                 hint="this kernel lacks the tracepoint or perf support (CONFIG_PERF_EVENTS)")
+    name = errno.errorcode.get(code or 0, str(code))
+    return MaceError(f"{what}: {op or 'a perf call'} failed with {name}: {err.strerror or os.strerror(code or 0)}")
 
 
 class Capture:
@@ -192,7 +197,7 @@ class Capture:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def open(self, formats: dict[str, EventFormat] | None = None) -> "Capture":
+    def open(self, formats: dict[str, EventFormat] | None = None) -> Capture:
         """Open every event (disabled).  `formats`, if given, saves reading tracefs again."""
         self.formats = formats or read_formats([p.tracepoint for p in self.probes])
         for p in self.probes:
@@ -223,7 +228,10 @@ class Capture:
         return self
 
     def start(self) -> None:
-        self._need().enable()
+        try:
+            self._need().enable()
+        except OSError as e:
+            raise _translate(e, "enabling the events") from e
 
     def stop(self) -> None:
         if self.rings is not None:
@@ -234,7 +242,7 @@ class Capture:
         if self.rings is not None:
             self.rings.close()
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         if self.rings is None:
             self.open()
         return self
@@ -288,7 +296,7 @@ class Capture:
         counts = self._need().kind_counts()
         lost = self.stats()["lost"]
         missing = {p.tracepoint: max(0, hits - samples)
-                   for p, (hits, samples) in zip(self.probes, counts)}
+                   for p, (hits, samples) in zip(self.probes, counts, strict=True)}
         total = sum(missing.values())
         if total <= lost:
             return {}

@@ -26,9 +26,9 @@ cdef extern from "mace_corr.h" nogil:
 
     ctypedef struct mace_report:
         uint64_t t0
+        uint64_t seq
         uint32_t latency
         uint32_t len
-        uint32_t seq
         uint16_t container
         uint8_t dir
         uint8_t nhops
@@ -72,7 +72,7 @@ cdef class Correlator(EventSink):
     cdef uint64_t *lat_min
     cdef uint64_t *lat_max
     cdef uint64_t *lat_sum
-    cdef uint32_t *seq              # container x direction: last sequence number
+    cdef uint64_t *seq              # container x direction: last sequence number
     cdef uint64_t *pq_skb           # per CPU, oldest first: skbs whose synchronous step may
     cdef uint64_t *pq_ts            #   come next (a batch of receives), and when each moved
     cdef int *pq_n

@@ -29,14 +29,12 @@ Anything else ends the entry and is counted.  Every report therefore has a consi
 event chain from start to end.
 """
 
-from libc.stdint cimport INT16_MAX, UINT64_MAX, int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT16_MAX, SIZE_MAX, UINT64_MAX, int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset
 
-from mace.includes.abi cimport mace_event
+from mace.includes.abi cimport MACE_ASSERT, MACE_DEBUG_ON, mace_event
 from mace.capture._ring cimport EventSink
-
-import struct
 
 cdef enum:
     T_NONE = 0
@@ -54,7 +52,6 @@ cdef enum:
     EGRESS = 0
     INGRESS = 1
 
-    ETH_HLEN = 14
     NB = 1792       # histogram buckets, see _bucket
 
     # per container and direction
@@ -86,11 +83,16 @@ cdef enum:
 
     F_ACCOUNTED = 1     # entry flag: _conflict accounted for the event itself
     F_PARKED = 2        # entry flag: waiting for neighbour resolution (ARP)
-    ARP_L3 = 28         # an ARP request for IPv4 over Ethernet, without the Ethernet header
     ETH_P_ARP = 0x0806
+    SYNC_MAX = 20000000 # ns: a call chain longer than this is not one (a parked packet may wait)
+
+
+# The rules the reference model (mace.testing.reference) must share: Python sees these.
+cpdef enum:
+    ETH_HLEN = 14
+    ARP_L3 = 28         # an ARP request for IPv4 over Ethernet, without the Ethernet header
     CTX_BITS = 0x58     # common_flags: NMI 0x40, softirq 0x10, hardirq 0x08
     PQ = 64             # a CPU's pending call chains: NAPI handles up to 64 packets a batch
-    SYNC_MAX = 20000000 # ns: a call chain longer than this is not one (a parked packet may wait)
 
 TYPES = {"net:net_dev_start_xmit": T_XMIT, "net:netif_receive_skb": T_RECV,
          "net:netif_rx": T_RX, "net:net_dev_queue": T_QUEUE, "skb:kfree_skb": T_FREE}
@@ -103,10 +105,11 @@ GLOBAL_COUNTERS = ("events", "frees", "unclaimed", "foreign", "stale", "evicted"
 SYNC_MAX_NS = SYNC_MAX
 REPORT_CAP = 65536
 DIRECTIONS = ("egress", "ingress")
-REPORT_FORMAT = "=QIIIHBBHH4I4x"   # mace_report, padding included
+REPORT_FORMAT = "=QQIIHBBHH4I"     # mace_report (t0 seq latency len container dir nhops cpu pad hop[4])
 REPORT_SIZE = sizeof(mace_report)
 ENTRY_SIZE = sizeof(mace_entry)
 BUCKETS = NB
+DEBUG = bool(MACE_DEBUG_ON)     # built with MACE_DEBUG=1: invariant checks abort on a fault
 
 
 cdef extern from *:
@@ -202,6 +205,9 @@ cdef class Correlator(EventSink):
                 raise ValueError(f"unknown event type {t}")
         if report_cap < 1:
             raise ValueError("report_cap must be at least 1")
+        # malloc(report_cap * size) of a product that wraps would return a small buffer
+        if report_cap > SIZE_MAX // sizeof(mace_report):
+            raise OverflowError(f"{report_cap} reports do not fit the address space")
         self.cap = table_size
         self.bits = table_size.bit_length() - 1
         self.probe_limit = <uint32_t>min(probe_limit, table_size)
@@ -320,7 +326,7 @@ cdef class Correlator(EventSink):
                 self.lat_min = <uint64_t *>_grow(self.lat_min, old * 2, n * 2, sizeof(uint64_t))
                 self.lat_max = <uint64_t *>_grow(self.lat_max, old * 2, n * 2, sizeof(uint64_t))
                 self.lat_sum = <uint64_t *>_grow(self.lat_sum, old * 2, n * 2, sizeof(uint64_t))
-                self.seq = <uint32_t *>_grow(self.seq, old * 2, n * 2, sizeof(uint32_t))
+                self.seq = <uint64_t *>_grow(self.seq, old * 2, n * 2, sizeof(uint64_t))
             except MemoryError:
                 free(cls)
                 free(owner_of)
@@ -448,6 +454,7 @@ cdef class Correlator(EventSink):
                 if e.container < 0 and e.dir == INGRESS:
                     # remember it: if it turns up at a veth, that is a miss, not host traffic
                     self.ghost[self._home(e.skb) & self.ghost_mask] = e.skb
+        MACE_ASSERT(self.used <= self.cap, "table fill within its size")
         self.gcount[G_INSERTS] += 1
         memset(e, 0, sizeof(mace_entry))
         e.skb = skb
@@ -468,6 +475,7 @@ cdef class Correlator(EventSink):
                 self.table[i] = self.table[j]
                 self.table[j].skb = 0
                 i = j
+        MACE_ASSERT(self.used > 0, "deleting from a table that holds entries")
         self.used -= 1
 
     cdef void _retire(self, mace_entry *e, int counter) noexcept nogil:
@@ -560,6 +568,7 @@ cdef class Correlator(EventSink):
             x = self.dev_container[ev.dev]
             e.container = x
             self.ccount[(x * 2 + e.dir) * NCC + CC_CROSSED] += 1
+        MACE_ASSERT(0 <= j < self.nsteps[e.dir] and st.hop < MACE_HOPS, "step and hop within the path")
         if st.hop >= 0:
             e.hop[st.hop] = <uint32_t>delta
         e.step = j
@@ -590,6 +599,8 @@ cdef class Correlator(EventSink):
             self.lat_min[cd] = lat
         if lat > self.lat_max[cd]:
             self.lat_max[cd] = lat
+        MACE_ASSERT(0 <= cd < self.ncont * 2, "report for a known container")
+        MACE_ASSERT(self.nreports < self.report_cap, "report buffer has room")
         if self.nreports == self.report_cap:
             return                    # cannot happen: consume() stops while one slot is free
         r = &self.reports[self.nreports]
@@ -642,6 +653,7 @@ cdef class Correlator(EventSink):
         cdef uint64_t *q = &self.pq_skb[cpu * PQ]
         cdef uint64_t *qt = &self.pq_ts[cpu * PQ]
         cdef int n = self.pq_n[cpu] - k
+        MACE_ASSERT(0 <= cpu < self.ncpu and 0 <= k, "pending queue drop within its bounds")
         if n > 0:
             memmove(q, q + k, n * sizeof(uint64_t))
             memmove(qt, qt + k, n * sizeof(uint64_t))
@@ -651,6 +663,7 @@ cdef class Correlator(EventSink):
         cdef uint64_t *q = &self.pq_skb[cpu * PQ]
         cdef uint64_t *qt = &self.pq_ts[cpu * PQ]
         cdef int n = self.pq_n[cpu]
+        MACE_ASSERT(0 <= cpu < self.ncpu and 0 <= n <= PQ, "pending queue within its bounds")
         if n == PQ:
             self.gcount[G_PQ_OVERFLOW] += 1   # no wider batch exists; forget the oldest
             self._pq_drop(cpu, 1)
@@ -670,6 +683,7 @@ cdef class Correlator(EventSink):
         # list, a NAPI veth)?  Then all of the batch's receives come before any of them is
         # forwarded, and they do not end each other's call chains.
         cdef int n = self.pq_n[cpu]
+        MACE_ASSERT(0 < n <= PQ, "a sibling has a pending chain to follow")
         cdef int64_t s = self._lookup(self.pq_skb[cpu * PQ + n - 1])
         cdef const mace_entry *e
         cdef const step_t *st
@@ -717,6 +731,7 @@ cdef class Correlator(EventSink):
         # is over (its address was reused), or it went somewhere mace does not measure.
         cdef int y
         if t == T_XMIT and cls & C_VETH and e.dir == EGRESS:
+            MACE_ASSERT(0 <= ev.dev < self.ndevs and self.dev_container[ev.dev] >= 0, "a veth names its container")
             # from one container (monitored or not) to another through the bridge
             if e.container >= 0:
                 self.ccount[(e.container * 2 + EGRESS) * NCC + CC_LOCAL] += 1
@@ -774,6 +789,7 @@ cdef class Correlator(EventSink):
         cdef int64_t s
         cdef mace_entry *e
         cdef int j
+        MACE_ASSERT(self.used <= self.cap, "table fill within its size")
         self.gcount[G_EVENTS] += 1
         if ev.ts > self.now:
             self.now = ev.ts
@@ -821,6 +837,7 @@ cdef class Correlator(EventSink):
         # Stops early, rather than overflow, when the report buffer is full: one event makes
         # at most one report.  Rings.feed hands the rest over once Python took the reports.
         cdef size_t i = 0
+        MACE_ASSERT(self.nreports <= self.report_cap, "report count within the buffer")
         while i < n and self.nreports < self.report_cap:
             self._event(&ev[i])
             i += 1
@@ -829,7 +846,7 @@ cdef class Correlator(EventSink):
 
     # -- Python side ------------------------------------------------------------------------
 
-    def feed_bytes(self, const unsigned char[:] data):
+    def feed_bytes(self, const unsigned char[::1] data):
         """Consume packed events (mace.capture._ring.RECORD_FORMAT each), for tests and benchmarks;
         reports that do not fit the buffer wait in Python until take_reports()."""
         cdef size_t n = data.shape[0] // sizeof(mace_event)
@@ -855,6 +872,12 @@ cdef class Correlator(EventSink):
         out = bytes(self.spill) + self._take()
         self.spill = bytearray()
         return out
+
+    def _set_seq(self, int container, int direction, uint64_t seq):
+        """Set the last sequence number of a container and direction (tests: a wrap)."""
+        if not 0 <= container < self.ncont or direction not in (0, 1):
+            raise IndexError("no such container or direction")
+        self.seq[container * 2 + direction] = seq
 
     @property
     def pending_reports(self):

@@ -129,3 +129,10 @@ cdef inline uint64_t monotonic_ns() noexcept nogil:
     cdef timespec t
     clock_gettime(CLOCK_MONOTONIC, &t)
     return <uint64_t>t.tv_sec * 1000000000ULL + <uint64_t>t.tv_nsec
+
+
+cdef extern from "mace_debug.h" nogil:
+    # 1 in a MACE_DEBUG build.  MACE_ASSERT(cond, what) aborts naming `what` when `cond` is
+    # false in a debug build, and is compiled away otherwise.
+    const int MACE_DEBUG_ON
+    void MACE_ASSERT(bint cond, const char *what)

@@ -3,6 +3,7 @@
 #ifndef MACE_CORR_H
 #define MACE_CORR_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define MACE_HOPS 4    /* intermediate timestamps a report carries (egress uses 4, ingress 3) */
@@ -27,12 +28,15 @@ typedef struct mace_entry {
 } mace_entry;
 _Static_assert(sizeof(mace_entry) == 64, "a table entry is one cache line");
 
-/* 48 bytes. */
+/* 48 bytes, every field naturally aligned: the layout is REPORT_FORMAT, shared with Python
+ * (mace.output.report) and with saved service state.  seq is 64 bits: at a million
+ * packets a second a 32-bit counter wraps in 72 minutes, and a reader takes a wrap for
+ * lost reports. */
 typedef struct mace_report {
     uint64_t t0;              /* CLOCK_MONOTONIC ns when the packet entered the segment */
+    uint64_t seq;             /* per container and direction, from 1 */
     uint32_t latency;         /* ns spent in the segment */
     uint32_t len;             /* length without the Ethernet header */
-    uint32_t seq;             /* per container and direction, from 1 */
     uint16_t container;
     uint8_t dir;
     uint8_t nhops;
@@ -41,5 +45,7 @@ typedef struct mace_report {
     uint32_t hop[MACE_HOPS];  /* as in mace_entry */
 } mace_report;
 _Static_assert(sizeof(mace_report) == 48, "report layout is part of the Python API");
+_Static_assert(offsetof(mace_report, seq) == 8 && offsetof(mace_report, container) == 24
+               && offsetof(mace_report, hop) == 32, "REPORT_FORMAT offsets");
 
 #endif

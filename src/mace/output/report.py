@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from mace.correlate import _correlate
 
 DIRECTIONS = _correlate.DIRECTIONS
-_REPORT = struct.Struct(_correlate.REPORT_FORMAT)
+# The packed record's struct layout; it doubles as the record's version (a saved queue in
+# another layout cannot be read back).
+REPORT_FORMAT: str = _correlate.REPORT_FORMAT
+_REPORT = struct.Struct(REPORT_FORMAT)
 REPORT_SIZE = _REPORT.size
 _CONTAINER = struct.Struct("=H")
-_CONTAINER_AT = 20          # offset of mace_report.container
+_CONTAINER_AT = 24          # offset of mace_report.container (after t0, seq, latency, len)
+assert _CONTAINER_AT == struct.calcsize(REPORT_FORMAT[:5]), "REPORT_FORMAT and _CONTAINER_AT disagree"
 
 
 class Report(NamedTuple):
@@ -20,7 +25,7 @@ class Report(NamedTuple):
 
     container: int      # index in the plan's containers
     dir: int            # 0 egress, 1 ingress
-    seq: int            # per container and direction, from 1
+    seq: int            # per container and direction, from 1 (64 bits: it does not wrap)
     t0: int             # CLOCK_MONOTONIC ns when the packet entered the segment
     latency: int        # ns
     len: int            # bytes without the Ethernet header
@@ -34,9 +39,15 @@ class Report(NamedTuple):
 
 def unpack(raw: bytes) -> Iterator[Report]:
     """Reports from Correlator.take_reports() bytes."""
-    for t0, lat, length, seq, cont, d, nhops, cpu, _pad, *hops in _REPORT.iter_unpack(raw):
+    for t0, seq, lat, length, cont, d, nhops, cpu, _pad, *hops in _REPORT.iter_unpack(raw):
         yield Report(cont, d, seq, t0, lat, length, cpu,
                      tuple(h if h else None for h in hops[:nhops]))
+
+
+def pack(r: Report) -> bytes:
+    """The packed record of a report, as the correlator writes it (tests, saved state)."""
+    hops = [h or 0 for h in r.hops] + [0] * (4 - len(r.hops))
+    return _REPORT.pack(r.t0, r.seq, r.latency, r.len, r.container, r.dir, len(r.hops), r.cpu, 0, *hops)
 
 
 def split(chunks) -> dict[int, bytearray]:
@@ -95,6 +106,6 @@ class Histogram:
                 return _correlate.bucket_bounds(i)[1] - 1
         return None
 
-    def minus(self, older: "Histogram") -> "Histogram":
+    def minus(self, older: Histogram) -> Histogram:
         """Counts added since `older` (a sliding window from two snapshots)."""
-        return Histogram([a - b for a, b in zip(self.counts, older.counts)])
+        return Histogram([a - b for a, b in zip(self.counts, older.counts, strict=True)])

@@ -10,11 +10,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from mace.capture._ring import DEV_NONE, DEV_OTHER
 from mace.capture.perf import Event
-from mace.testing.synthetic import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, PERF_RECORD_THROTTLE, PERF_RECORD_UNTHROTTLE
-
-DEV_NONE = -1
-DEV_OTHER = -2
+from mace.correlate._correlate import ARP_L3, CLASSES, CTX_BITS, ETH_HLEN, PQ, SYNC_MAX_NS, TYPES
+from mace.testing.synthetic import (
+    PERF_RECORD_LOST,
+    PERF_RECORD_SAMPLE,
+    PERF_RECORD_THROTTLE,
+    PERF_RECORD_UNTHROTTLE,
+)
 
 
 @dataclass
@@ -131,13 +135,13 @@ def merge(per_ring: list[list[Event]], horizon: int | None = None) -> tuple[list
 
 # -- correlation --------------------------------------------------------------------------
 
-T_NONE, T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE = range(6)
-C_INNER, C_VETH, C_BRIDGE, C_UPLINK = 1, 2, 4, 8
+# The constants come from the compiled correlator, so the two cannot drift apart; the rules
+# that use them are written out again below, which is the point of a reference.
+T_NONE = 0
+T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE = (TYPES[t] for t in (
+    "net:net_dev_start_xmit", "net:netif_receive_skb", "net:netif_rx", "net:net_dev_queue", "skb:kfree_skb"))
+C_INNER, C_VETH, C_BRIDGE, C_UPLINK = (CLASSES[c] for c in ("inner", "veth", "bridge", "uplink"))
 EGRESS, INGRESS = 0, 1
-ETH_HLEN = 14
-CTX_BITS = 0x58            # common_flags: NMI, softirq, hardirq
-PQ = 64                    # pending call chains per CPU
-SYNC_MAX_NS = 20_000_000
 COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired", "evicted", "rejected")
 
 
@@ -389,7 +393,7 @@ class ReferenceCorrelator:
             return
         if ev.tid == e.tid and ev.flags & CTX_BITS == e.ctx:
             if e.dir == EGRESS:
-                arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == 28
+                arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == ARP_L3
             else:
                 arp = t == T_XMIT and cls & (C_BRIDGE | C_VETH) and ev.proto == 0x0806
             if arp:
