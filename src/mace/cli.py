@@ -13,12 +13,14 @@ import sys
 import time
 from contextlib import ExitStack
 
-from mace import __version__
-from mace.errors import MaceError, PermissionProblem, UsageError
-from mace.output.sinks import FORMATS
-from mace.service.protocol import DEFAULT_SOCKET, SOCKET_ENV, socket_path
-from mace.service.server import DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES, DEFAULT_QUEUE, DEFAULT_STATE_DIR
-from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
+from mace._version import __version__
+from mace.defaults import (DEFAULT_MAX_AGE_NS, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES,
+                           DEFAULT_QUEUE, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_TABLE_SIZE,
+                           DIRECTIONS, FORMATS, PRESENCE_EVERY, SOCKET_ENV)
+from mace.errors import MaceError, PermissionProblem, UsageError, exit_status_text
+
+# Only the standard library and mace's light modules at the top: `mace on|off|status|read`
+# run inside containers; each command imports the engine it needs (see tests/unit/test_import_light.py).
 
 NET_EVENTS = ("net:net_dev_queue", "net:net_dev_start_xmit", "net:net_dev_xmit",
               "net:netif_rx", "net:netif_receive_skb")
@@ -32,23 +34,22 @@ examples:
   mace events --demo                        decoded kernel events of 3 pings through a throwaway testbed
   mace serve                                on the host: let containers measure themselves
   mace on; mace read --follow               in a container whose /run/mace holds the socket
-"""
+
+""" + exit_status_text()
 
 SERVE_EPILOG = """Containers reach the service through its socket, bind-mounted into them:
   docker run -v /run/mace:/run/mace ...      (then `mace on`, `mace read` inside)
 A caller can enable, disable and read only its own network namespace: the service takes it
 from the socket's peer, never from the request.
 
-exit status: 0 stopped by SIGTERM/SIGINT, 2 usage (socket path), 3 permission,
-9 another service on the socket
-"""
+""" + exit_status_text(["UsageError", "PermissionProblem", "ResourceError"],
+                       done="stopped by SIGTERM/SIGINT")
 
-CLIENT_EPILOG = """The service (`mace serve`, on the host) finds the caller's network namespace itself; no
-privileges are needed here.  Socket: --socket, else $MACE_SOCKET, else /run/mace/mace.sock.
+CLIENT_EPILOG = f"""The service (`mace serve`, on the host) finds the caller's network namespace itself; no
+privileges are needed here.  Socket: --socket, else ${SOCKET_ENV}, else {DEFAULT_SOCKET}.
 
-exit status: 0 done, 6 measurement not enabled here (read), 7 this namespace has no veth
-path to the host (on), 10 service unreachable, 11 refused
-"""
+""" + exit_status_text(["UsageError", "TargetNotFound", "TopologyError", "ServiceUnreachable",
+                        "ServiceRefused"])
 
 TRACE_EPILOG = """\
 TARGET is a PID of any process in the container, a namespace name (`ip netns list`), or a
@@ -58,9 +59,8 @@ Each report is the time one packet spent between the container's device and the 
 uplink: egress from net_dev_start_xmit on the container's eth0 to net_dev_start_xmit on
 the uplink, ingress from netif_receive_skb on the uplink to netif_receive_skb on eth0.
 
-exit status: 0 done, 2 usage, 3 permission, 4 tracefs, 5 tracepoint missing,
-6 target not found, 7 topology (no veth to the host...), 8 uplink missing, 9 resources
-"""
+""" + exit_status_text(["UsageError", "PermissionProblem", "TracefsError", "TracepointMissing",
+                        "TargetNotFound", "TopologyError", "UplinkMissing", "ResourceError"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +214,7 @@ def _check_tracer_options(args) -> None:
 
 
 def cmd_serve(args) -> int:
+    from mace.service.protocol import socket_path
     from mace.service.server import Options, serve
 
     _check_tracer_options(args)
@@ -272,7 +273,7 @@ def _client_lines(reply: dict) -> list[str]:
     q = reply["queue"]
     out = [f"mace: enabled for {ns} since {since}: {reply['path']}",
            f"  queue: {q['unread']} unread of {q['size']}, {q['dropped']} dropped"]
-    for d in ("egress", "ingress"):
+    for d in DIRECTIONS:
         k = reply[d]
         cov = "-" if k["coverage"] is None else f"{100 * k['coverage']:.1f}%"
         p50 = "-" if k["p50_ns"] is None else f"{k['p50_ns'] / 1000:.1f} µs"
@@ -284,7 +285,7 @@ def _client_lines(reply: dict) -> list[str]:
 
 
 def cmd_trace(args) -> int:
-    from mace.targets.netns import discover, present, resolve
+    from mace.targets.netns import discover, resolve
     from mace.output.sinks import make_sink
     from mace.output.summary import build, format_text
     from mace.tracer import Tracer
@@ -331,8 +332,6 @@ def cmd_trace(args) -> int:
             for line in topo.describe():
                 print(line, file=err, flush=True)
         deadline = time.monotonic() + args.duration if args.duration else None
-        alive = [True] * len(targets)
-        next_check = time.monotonic() + 1.0
         taken = 0
 
         def emit(reports) -> bool:
@@ -347,30 +346,30 @@ def cmd_trace(args) -> int:
                 sink.write(reports)
             return args.count is not None and taken >= args.count
 
+        def show(reports) -> bool:
+            if emit(reports):
+                return True
+            if live is None:
+                sink.flush()
+            else:
+                live.refresh()
+            return False
+
+        def until() -> bool:
+            return (stop.requested or (deadline is not None and time.monotonic() >= deadline)
+                    or (live is not None and live.quit))
+
+        def gone(i: int, left: int) -> None:
+            msg = (f"mace: {labels[i]} stopped (its veth {plan.containers[i].veth} "
+                   f"is gone); {left} target(s) left")
+            if live is not None:
+                live.message(msg)
+            else:
+                print(msg, file=err)
+
         try:
-            while not stop.requested and (deadline is None or time.monotonic() < deadline):
-                if live is not None and live.quit:
-                    break
-                if emit(tracer.poll(100 if live is None else 50)):
-                    break
-                if live is None:
-                    sink.flush()
-                else:
-                    live.refresh()
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + 1.0
-                    now = present(topo, alive)
-                    for i, (was, still) in enumerate(zip(alive, now)):
-                        if was and not still:
-                            msg = (f"mace: {labels[i]} stopped (its veth {plan.containers[i].veth} "
-                                   f"is gone); {sum(now)} target(s) left")
-                            if live is not None:
-                                live.message(msg)
-                            else:
-                                print(msg, file=err)
-                    alive = now
-                    if not any(alive):
-                        break
+            tracer.follow(until, show, presence=topo.present, on_gone=gone, check_every=PRESENCE_EVERY,
+                          timeout_ms=100 if live is None else 50)
         finally:
             # Every way out (a stop, the last target gone, a closed pipe): what the kernel
             # already gave us is correlated and written, then the counts are settled.
@@ -436,6 +435,8 @@ def cmd_events(args) -> int:
     from mace.capture.perf import Capture, Probe, check_tracepoint_name
     from mace.testing.testbed import Testbed
     from mace.capture.tracefs import read_formats
+    from mace.output.clock import wall, wall_offset_ns
+    from mace.tracer import follow
 
     _check_positive("--duration", args.duration)
     _check_positive("--count", args.count)
@@ -457,7 +458,7 @@ def cmd_events(args) -> int:
         cap = Capture(probes, devices, ring_pages=args.ring_pages)
         stack.enter_context(cap.open(formats))
         stop.wake = cap.wakeup
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = wall_offset_ns()
         names = [p.tracepoint for p in probes]
         out = sys.stdout
         cap.start()
@@ -467,23 +468,28 @@ def cmd_events(args) -> int:
                               stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + args.duration if args.duration else None
         shown = 0
-        while True:
-            final = (stop.requested
-                     or (deadline is not None and time.monotonic() >= deadline)
-                     or (pinger is not None and pinger.poll() is not None))
-            if not final:
-                cap.wait(100)
-            for ev in cap.read(final=final):
+
+        def poll(timeout_ms: int) -> list:
+            cap.wait(timeout_ms)
+            return cap.read()
+
+        def show(events) -> bool:
+            """Print events; True once --count is reached."""
+            nonlocal shown
+            for ev in events[:args.count - shown] if args.count else events:
                 dev = cap.devices[ev.dev] if ev.dev >= 0 else "-"
-                out.write(f"{(ev.ts + offset) / 1e9:.6f} cpu{ev.cpu} tid {ev.tid:<7d} "
+                out.write(f"{wall(ev.ts + offset, 6)} cpu{ev.cpu} tid {ev.tid:<7d} "
                           f"{names[ev.kind]:<22s} {dev:<10s} skb={ev.skb:#x} len={ev.len}\n")
                 shown += 1
-                if args.count and shown >= args.count:
-                    final = True
-                    break
             out.flush()
-            if final:
-                break
+            return bool(args.count) and shown >= args.count
+
+        def until() -> bool:
+            return (stop.requested or (deadline is not None and time.monotonic() >= deadline)
+                    or (pinger is not None and pinger.poll() is not None))
+
+        if follow(poll, until, show, timeout_ms=100) == "until":
+            show(cap.read(final=True))      # what the kernel already gave us
         cap.stop()
         s = cap.stats()
         dropped = sum(cap.kernel_dropped().values())

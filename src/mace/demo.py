@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 from mace.errors import MaceError, ResourceError
-from mace.targets.netns import discover, resolve
+from mace.output.clock import wall_offset_ns
 from mace.output.report import Report
+from mace.targets.netns import discover, resolve
 from mace.testing.testbed import Testbed
 from mace.tracer import Tracer
 
@@ -129,18 +130,21 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
                                    stderr=subprocess.DEVNULL))
         if tracer is not None:
             tracer.start()
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = wall_offset_ns()
         box = tb.popen(c.ns, ping, stdout=subprocess.PIPE, text=True)
         # half an interval apart: interleaved, so both see the same conditions, but never
         # in flight at the same moment, where one would queue behind the other
         time.sleep(interval / 2)
         host = tb.popen(tb.host_ns, ping, stdout=subprocess.PIPE, text=True)
         limit = time.monotonic() + deadline + 5
-        while (box.poll() is None or host.poll() is None) and time.monotonic() < limit:
-            if tracer is not None:
-                reports += tracer.poll(50)
-            else:
-                time.sleep(0.05)
+
+        def done() -> bool:
+            return (box.poll() is not None and host.poll() is not None) or time.monotonic() >= limit
+
+        if tracer is not None:
+            tracer.follow(done, reports.extend, timeout_ms=50)
+        while not done():
+            time.sleep(0.05)
         for p in (box, host):
             if p.poll() is None:
                 p.kill()

@@ -22,10 +22,8 @@ from typing import Callable, Iterable
 from mace.capture.perf import Capture
 from mace.plan import Plan, tracepoints
 from mace.capture.tracefs import read_formats
+from mace.defaults import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE, DIRECTIONS, PRESENCE_EVERY
 from mace.output.report import Report, unpack
-
-DEFAULT_TABLE_SIZE = 1 << 16
-DEFAULT_MAX_AGE_NS = 1_000_000_000
 
 
 def _cut_time() -> int:
@@ -237,13 +235,35 @@ class Tracer:
             raise self._error
         return self._take(raw)
 
+    def follow(self, until: Callable[[], bool] | None = None,
+               on_reports: Callable[[list], bool | None] | None = None, *,
+               presence: Callable[[], list[bool | None] | None] | None = None,
+               on_gone: Callable[[int, int], None] | None = None,
+               check_every: float = PRESENCE_EVERY, timeout_ms: int = 50, raw: bool = False) -> str:
+        """Poll until `until()` is true, handing every batch (as poll() returns it, `raw`
+        too; empty ones as well, so a live view can redraw) to `on_reports`, which returns
+        True to stop (a count reached).  Every `check_every` s, `presence()` tells which
+        containers are still there (by index: True, False once gone, None for an unused
+        index; None instead of a list when it cannot tell); `on_gone(index, left)` hears of
+        each that went, once, and following ends when none is left.  Returns why it ended:
+        "until", "done" or "gone".
+
+        Example::
+
+            tracer.follow(until=lambda: stop.requested, on_reports=sink.write,
+                          presence=topo.present, on_gone=lambda i, left: print(i, "gone"))
+        """
+        return follow(lambda ms: self.poll(ms, raw=raw), until, on_reports, presence=presence,
+                      on_gone=on_gone, check_every=check_every, timeout_ms=timeout_ms)
+
     def run(self, until: Callable[[], bool], on_reports: Callable[[list[Report]], None] | None = None,
             timeout_ms: int = 50) -> None:
-        """Poll until `until()` is true, handing each batch of reports to `on_reports`."""
-        while not until():
-            reports = self.poll(timeout_ms)
+        """Poll until `until()` is true, handing each non-empty batch of reports to
+        `on_reports` (follow() without presence checks)."""
+        def hand(reports: list) -> None:
             if reports and on_reports:
                 on_reports(reports)
+        self.follow(until, hand, timeout_ms=timeout_ms)
 
     def stats(self) -> dict:
         """Ring counters, global correlator counters, and per container and direction the
@@ -251,7 +271,7 @@ class Tracer:
         c = self.correlator.counters()
         per = c["containers"]
         for i, entry in enumerate(per):
-            for d, name in enumerate(("egress", "ingress")):
+            for d, name in enumerate(DIRECTIONS):
                 entry[name]["in_flight"] = self.in_flight[i][d] if self.in_flight else 0
         rings = self.capture.stats()
         for k, v in self._retired["rings"].items():
@@ -261,3 +281,35 @@ class Tracer:
             rings["kernel_dropped"] = (sum(self.capture.kernel_dropped().values())
                                        + self._retired["kernel_dropped"])
         return {"rings": rings, "correlator": c["global"], "containers": per}
+
+
+def follow(poll: Callable[[int], list], until: Callable[[], bool] | None = None,
+           on_batch: Callable[[list], bool | None] | None = None, *,
+           presence: Callable[[], list[bool | None] | None] | None = None,
+           on_gone: Callable[[int, int], None] | None = None,
+           check_every: float = PRESENCE_EVERY, timeout_ms: int = 50) -> str:
+    """The one poll-then-check-presence loop (see Tracer.follow): `poll(timeout_ms)` gives
+    each batch, whatever it holds (reports, or decoded events for `mace events`)."""
+    next_check = time.monotonic() + check_every
+    reported: set[int] = set()
+    while until is None or not until():
+        batch = poll(timeout_ms)
+        if on_batch is not None and on_batch(batch):
+            return "done"
+        if presence is None or time.monotonic() < next_check:
+            continue
+        next_check = time.monotonic() + check_every
+        now = presence()
+        if now is None:
+            continue                    # the host could not be asked: nothing changed
+        left = sum(1 for there in now if there)
+        for i, there in enumerate(now):
+            if there is False and i not in reported:
+                reported.add(i)
+                if on_gone is not None:
+                    on_gone(i, left)
+            elif there is not False:
+                reported.discard(i)     # an index in use again is a new container
+        if not left:
+            return "gone"
+    return "until"

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import struct
+import types
 
 import pytest
 
@@ -17,7 +18,9 @@ from mace.service.client import mace_line
 from mace.errors import ResourceError, UsageError
 from mace.plan import ContainerPath
 from mace.output.report import REPORT_SIZE, unpack
-from mace.service.server import Namespace, Options, Peer, Service
+from mace.service.identity import Peer
+from mace.service.queue import Namespace
+from mace.service.server import Options, Service
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -70,7 +73,7 @@ _R = struct.Struct(_correlate.REPORT_FORMAT)
 
 def recs(*seqs) -> bytes:
     """Packed reports (egress, container 3) with these sequence numbers."""
-    return b"".join(_R.pack(1000 * q, 500 + q, 84, q, 3, 0, 4, 0, 0, 0, 0, 0, 0) for q in seqs)
+    return b"".join(_R.pack(1000 * q, q, 500 + q, 84, 3, 0, 4, 0, 0, 0, 0, 0, 0) for q in seqs)
 
 
 def seqs(raw: bytes) -> list[int]:
@@ -215,3 +218,48 @@ def test_bind_refuses_a_state_directory_others_may_use(tmp_path):
     with pytest.raises(UsageError, match="only its owner"):
         service_in(d).bind()
     assert not (d / "mace.sock").exists()
+
+
+# -- state across restarts --------------------------------------------------------------------
+
+
+def _item(unread: bytes, dropped: int = 0) -> dict:
+    return {"inode": 4026532000, "inner": "eth0", "veth": "veth0", "veth_index": 7, "bridge": "br0",
+            "since": 1.0, "pid": None, "unread": base64.b64encode(unread).decode(), "dropped": dropped}
+
+
+def _service(tmp_path, lines: list) -> Service:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    return Service(str(tmp_path / "run" / "mace.sock"), Options(state_dir=str(state)), log=lines.append)
+
+
+def test_saved_state_records_the_report_format_and_keeps_reports_of_that_format(tmp_path):
+    lines = []
+    s = _service(tmp_path, lines)
+    q = ns(4)
+    q.push(recs(1, 2, 3))
+    q.read_at = 1
+    s.engine = types.SimpleNamespace(enabled={q.inode: q}, uplink="eth1")
+    s.save_state(queues=True)
+    with open(s.state_path) as f:
+        saved = json.load(f)
+    assert (saved["report_format"], saved["report_size"]) == (_correlate.REPORT_FORMAT, REPORT_SIZE)
+    item = s._load_state()["namespaces"][0]
+    assert seqs(base64.b64decode(item["unread"])) == [2, 3] and item["dropped"] == 0
+    assert lines == []
+
+
+@pytest.mark.parametrize("layout", [{"report_format": "=QIHHII", "report_size": 24}, {}])
+def test_unread_reports_of_another_format_are_dropped_with_a_warning_not_misread(tmp_path, layout):
+    lines = []
+    s = _service(tmp_path, lines)
+    size = layout.get("report_size", REPORT_SIZE)     # a state from before formats were recorded
+    state = {"v": P.VERSION, **layout, "uplink": "eth1",
+             "namespaces": [_item(bytes(3 * size), dropped=2), _item(b"")]}
+    with open(s.state_path, "w") as f:
+        json.dump(state, f)
+    items = s._load_state()["namespaces"]
+    assert [(i["unread"], i["dropped"]) for i in items] == [("", 5), ("", 0)]
+    assert len(lines) == 1 and "warning" in lines[0] and "3 unread reports" in lines[0]
+    assert "\n" not in lines[0]

@@ -26,8 +26,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from mace.plan import Plan
+from mace.defaults import DIRECTIONS
+from mace.output.clock import us as _us
 from mace.output.report import Histogram, Report, coverage
+from mace.plan import Plan
 
 WINDOW_S = 10           # sliding window for the "now" columns
 SPARK_S = 30            # seconds shown in a sparkline
@@ -36,10 +38,6 @@ SPARK = "▁▂▃▄▅▆▇█"
 # the segments between consecutive steps, by direction (see mace.plan)
 EGRESS_SEGMENTS = ("veth xmit", "veth backlog", "bridge", "routing/NAT", "uplink qdisc")
 INGRESS_SEGMENTS = ("routing/NAT", "bridge", "veth xmit", "container backlog")
-
-
-def _us(ns) -> str:
-    return "-" if ns is None else f"{ns / 1000:.1f}"
 
 
 def sparkline(values: list[float | None]) -> str:
@@ -199,7 +197,7 @@ class LiveView:
         table.add_column("cover", justify="right", no_wrap=True)
         table.add_column("p50/s", no_wrap=True, overflow="crop")
         for c, label in enumerate(self.labels):
-            for d, name in enumerate(("egress", "ingress")):
+            for d, name in enumerate(DIRECTIONS):
                 k = stats["containers"][c][name]
                 win = hists[c][d].minus(old_hists[c][d])
                 cov = coverage(k)
@@ -234,7 +232,7 @@ class LiveView:
             total = sum(m for m in means if m) or 1
             for i, (name, m) in enumerate(zip(names, means)):
                 bar = "█" * int(round(20 * (m or 0) / total))
-                t.add_row("egress" if d == 0 and i == 0 else ("ingress" if i == 0 else ""),
+                t.add_row(DIRECTIONS[d] if i == 0 else "",
                           name, _us(m), bar)
         return t
 
@@ -242,7 +240,7 @@ class LiveView:
         r, g = stats["rings"], stats["correlator"]
         ev = (r.get("events", 0) - old_stats["rings"].get("events", 0)) / span
         per = stats["containers"]
-        total = {k: sum(c[d][k] for c in per for d in ("egress", "ingress"))
+        total = {k: sum(c[d][k] for c in per for d in DIRECTIONS)
                  for k in ("evicted", "expired", "orphans")}
         fill = 100 * g["table_used"] / g["table_size"]
         return Text(f"events {ev:,.0f}/s · lost {r.get('lost', 0)} · evicted {total['evicted']}"

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from typing import IO, Sequence
 
-from mace.plan import EGRESS_HOPS, INGRESS_HOPS
+from mace.defaults import DIRECTIONS, FORMATS  # noqa: F401 - FORMATS: where sinks are chosen
+from mace.output import clock
 from mace.output.report import Report
+from mace.plan import EGRESS_HOPS, INGRESS_HOPS
 
-FORMATS = ("mace", "jsonl", "csv")
 HOP_NAMES = (EGRESS_HOPS, INGRESS_HOPS)
 
 
 def hop_columns() -> list[str]:
-    return [f"{d}_{h.replace(' ', '_')}_ns" for d, names in zip(("egress", "ingress"), HOP_NAMES)
+    return [f"{d}_{h.replace(' ', '_')}_ns" for d, names in zip(DIRECTIONS, HOP_NAMES)
             for h in names]
 
 
@@ -39,17 +39,12 @@ class Sink:
         self.inodes = list(inodes)
         self.hops = hops
         # CLOCK_MONOTONIC -> wall clock, taken once: the reports keep their spacing
-        self.offset = wall_offset_ns if wall_offset_ns is not None else time.time_ns() - time.monotonic_ns()
+        self.offset = wall_offset_ns if wall_offset_ns is not None else clock.wall_offset_ns()
         self.written = 0
 
     def wall(self, r: Report, digits: int = 9) -> str:
-        """Seconds since the epoch with `digits` decimals, from integer nanoseconds (a
-        double holds only about 0.2 µs of a present-day timestamp)."""
-        ns = r.t0 + self.offset
-        if digits < 9:
-            step = 10 ** (9 - digits)
-            ns = (ns + step // 2) // step * step
-        return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"[:11 + digits]
+        """When `r` entered the segment, in seconds since the epoch (see clock.wall)."""
+        return clock.wall(r.t0 + self.offset, digits)
 
     def write(self, reports: list[Report]) -> None:
         raise NotImplementedError

@@ -3,6 +3,8 @@ percentiles and every counter, as text (stderr) or JSON (--summary-json)."""
 
 from __future__ import annotations
 
+from mace.defaults import DIRECTIONS
+from mace.output.clock import us as _us
 from mace.output.report import Histogram, coverage
 
 COUNTERS = ("crossed", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")
@@ -16,7 +18,7 @@ def build(tracer, labels, inodes) -> dict:
     out = []
     for i, c in enumerate(stats["containers"]):
         entry = {"target": labels[i], "netns": inodes[i]}
-        for d, name in enumerate(("egress", "ingress")):
+        for d, name in enumerate(DIRECTIONS):
             k = c[name]
             hist = Histogram(corr.histogram(i, d))
             row = {"count": k["reports"], "coverage": coverage(k),
@@ -47,10 +49,6 @@ def build(tracer, labels, inodes) -> dict:
     }
 
 
-def _us(ns) -> str:
-    return "-" if ns is None else f"{ns / 1000:.1f}"
-
-
 def format_text(summary: dict) -> str:
     """A table, one line per container and direction, then the totals.  Targets are shown
     whole (container runtimes' netns paths share long prefixes)."""
@@ -59,7 +57,7 @@ def format_text(summary: dict) -> str:
             f"{'p90':>8} {'p99':>8} {'max':>8}  (us)   lost-to: orphan expired evicted rejected")
     lines = [head]
     for c in summary["containers"]:
-        for d in ("egress", "ingress"):
+        for d in DIRECTIONS:
             r = c[d]
             cov = "-" if r["coverage"] is None else f"{100 * r['coverage']:.1f}%"
             lines.append(

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
+from mace.errors import ServiceRefused, ServiceUnreachable, TargetNotFound, TopologyError, UsageError
 from mace.service import protocol as P
-from mace.errors import (ServiceRefused, ServiceUnreachable, TargetNotFound, TopologyError,
-                         UsageError)
-
 
 # what a refusal means for the exit status
 _EXIT = {P.NOT_ENABLED: TargetNotFound, P.TOPOLOGY: TopologyError, P.BAD_REQUEST: UsageError,
@@ -42,7 +41,7 @@ class Connection:
         self.file.close()
         self.sock.close()
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -63,7 +62,7 @@ class Connection:
         self.sock.sendall(P.encode({"v": P.VERSION, "op": op, **fields}))
         try:
             reply = self._message()
-        except (socket.timeout, OSError) as e:
+        except (TimeoutError, OSError) as e:
             raise ServiceUnreachable(f"the mace service did not answer: {e}",
                                      hint="check the service's log") from None
         if reply is None:

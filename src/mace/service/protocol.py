@@ -18,7 +18,7 @@ because the queue was full, and ends with `{"v":1,"end":true,"reason":...,"repor
 "dropped":N}` (a follow read ends only when the namespace is disabled or the service stops).
 
 This module imports nothing from mace's compiled extensions: a client in a container needs
-only the Python standard library.
+only the Python standard library (and mace.defaults, which is plain constants).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import os
 
+from mace.defaults import DEFAULT_SOCKET, SOCKET_ENV  # noqa: F401 - part of the protocol
+
 VERSION = 1
-DEFAULT_SOCKET = "/run/mace/mace.sock"
-SOCKET_ENV = "MACE_SOCKET"
 MAX_REQUEST = 4096
 OPS = ("on", "off", "status", "read")
 FIELDS = {"v", "op", "follow"}

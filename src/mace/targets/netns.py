@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from pyroute2 import IPRoute
 
@@ -87,11 +88,21 @@ class Topology:
     def describe(self) -> list[str]:
         out = []
         for c in self.containers:
-            t, m = c.target, c.main
+            t = c.target
             who = f"pid {t.pid}" if t.pid else t.spec
-            chain = [f"{m.inner} ⇄ {m.veth}"] + ([m.bridge] if m.bridge else []) + [self.uplink]
-            out.append(f"netns {t.inode} ({who}): {' → '.join(chain)}")
+            out.append(f"netns {t.inode} ({who}): {describe_path(c.main, self.uplink)}")
         return out + self.notes
+
+    def present(self) -> list[bool] | None:
+        """Which containers still have their host-side veth (see present())."""
+        return present(self.host_ns, [(c.main.veth, c.main.veth_index) for c in self.containers])
+
+
+def describe_path(path, uplink: str) -> str:
+    """A container's path through the host, as mace prints it: `eth0 ⇄ vethab12 → br0 → eth1`.
+    `path` has `inner`, `veth` and `bridge` (a VethLink, a ContainerPath)."""
+    chain = [f"{path.inner} ⇄ {path.veth}"] + ([path.bridge] if path.bridge else []) + [uplink]
+    return " → ".join(chain)
 
 
 def _is_netns(path: str) -> bool:
@@ -269,13 +280,23 @@ def discover(targets: list[Target], uplink: str | None = None) -> Topology:
     return Topology(containers, host_path, host_inode, uplink, index, notes)
 
 
-def present(topo: Topology, previous: list[bool] | None = None) -> list[bool]:
-    """Which containers still have their host-side veth (a stopped container loses it; a
-    new one may reuse the name, not the interface index).  If the host cannot be asked,
-    nothing changed."""
+def host_links(host_ns: str) -> set[tuple[str, int]] | None:
+    """(name, interface index) of every link in the namespace at `host_ns`; None if it cannot
+    be asked (a transient netlink failure is not a stop)."""
     try:
-        with IPRoute(netns=topo.host_ns, flags=0) as host:
-            links = {(l.get("ifname"), l.get("index")) for l in host.get_links()}
+        # our own namespace (the usual case) without pyroute2's fork into another
+        own = os.stat(host_ns).st_ino == os.stat("/proc/self/ns/net").st_ino
+        with (IPRoute() if own else IPRoute(netns=host_ns, flags=0)) as ipr:
+            return {(l.get("ifname"), l.get("index")) for l in ipr.get_links()}
     except Exception:       # noqa: BLE001 - a transient netlink failure is not a stop
-        return list(previous) if previous is not None else [True] * len(topo.containers)
-    return [(c.main.veth, c.main.veth_index) in links for c in topo.containers]
+        return None
+
+
+def present(host_ns: str, veths: Sequence[tuple[str, int] | None]) -> list[bool | None] | None:
+    """For each host-side veth (name, interface index), whether it is still there: a stopped
+    container loses it; a new one may reuse the name, not the index.  None for an unused
+    slot; None instead of a list if the host cannot be asked (nothing changed)."""
+    links = host_links(host_ns)
+    if links is None:
+        return None
+    return [None if v is None else tuple(v) in links for v in veths]

@@ -1,0 +1,22 @@
+"""Defaults shared by the command line, the tracer and the service.
+
+Plain constants and the standard library only: `mace on|off|status|read` runs inside
+containers and builds its command line from this module without loading the engine
+(the compiled modules, pyroute2).
+"""
+
+from __future__ import annotations
+
+DIRECTIONS = ("egress", "ingress")      # by a report's `dir`, as the correlator numbers them
+FORMATS = ("mace", "jsonl", "csv")      # `mace trace --format`
+
+DEFAULT_TABLE_SIZE = 1 << 16            # correlation table entries, 64 bytes each
+DEFAULT_MAX_AGE_NS = 1_000_000_000      # a packet not through after this long is given up
+
+DEFAULT_SOCKET = "/run/mace/mace.sock"
+SOCKET_ENV = "MACE_SOCKET"
+DEFAULT_QUEUE = 65536                   # reports kept per namespace for its readers
+DEFAULT_MAX_NAMESPACES = 128            # the kernel takes a page of filter text: ~150 veth names
+DEFAULT_MAX_CLIENTS = 1024
+DEFAULT_STATE_DIR = "/var/lib/mace"     # root's only: never the directory containers mount
+PRESENCE_EVERY = 1.0                    # s between checks that traced containers still exist

@@ -1,0 +1,317 @@
+"""The engine of `mace serve`: one thread that owns the tracer, the plan and the map from
+container index to namespace.
+
+It runs every enable, disable and status request in turn, between polls (Tracer.follow),
+and attributes each batch of reports before the plan can change under it (Tracer.update
+returns the previous plan's reports), so a report never reaches another namespace even
+when its index is reused.  Namespaces whose veth went away are disabled by the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import functools
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mace.defaults import DIRECTIONS, PRESENCE_EVERY
+from mace.errors import MaceError
+from mace.output.report import REPORT_SIZE, Histogram, coverage, split
+from mace.plan import ContainerPath, Plan
+from mace.service import protocol as P
+from mace.service.queue import Namespace
+from mace.targets.netns import Target, describe_path, discover, host_links, present
+from mace.tracer import Tracer
+
+if TYPE_CHECKING:
+    from mace.service.server import Options
+
+
+class Engine(threading.Thread):
+    """Runs requests that touch the tracer, in order, between polls; hands each batch of
+    reports to the event loop already attributed to its namespace."""
+
+    def __init__(self, opts: Options, deliver: Callable, closed: Callable,
+                 loop: asyncio.AbstractEventLoop, save: Callable):
+        super().__init__(name="mace-engine", daemon=True)
+        self.opts = opts
+        self._deliver = deliver
+        self._closed = closed
+        self.loop = loop
+        self._save = save
+        self.commands: queue.Queue = queue.Queue()
+        self.tracer: Tracer | None = None
+        self.slots: list[Namespace | None] = []
+        self.enabled: dict[int, Namespace] = {}     # read by the loop, changed here only
+        self.host: tuple[str, int] | None = None    # host namespace path and inode
+        self.uplink: str | None = opts.uplink
+        self.stopping = False
+        self.error: BaseException | None = None
+
+    # -- requests from the loop -----------------------------------------------------------
+
+    def call(self, fn: Callable, *args) -> asyncio.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.stopping or not self.is_alive():
+            fut.set_exception(P.ProtocolError(P.STOPPING, "the service is stopping",
+                                              hint="try again once it is back"))
+            return asyncio.wrap_future(fut, loop=self.loop)
+        self.commands.put((fn, args, fut))
+        if self.tracer is not None:
+            self.tracer.interrupt()
+        return asyncio.wrap_future(fut, loop=self.loop)
+
+    def run(self) -> None:
+        try:
+            while True:
+                self._run_commands()
+                if self.stopping:
+                    self._refuse_queued()
+                    return
+                tracer = self.tracer
+                if tracer is not None:
+                    # requests run between polls; following ends when one replaces or stops
+                    # the tracer, or when the last namespace is gone
+                    tracer.follow(functools.partial(self._between_polls, tracer), self._dispatch,
+                                  presence=self._present, on_gone=self._gone,
+                                  check_every=PRESENCE_EVERY, timeout_ms=200, raw=True)
+                    continue
+                try:
+                    fn, args, fut = self.commands.get(timeout=PRESENCE_EVERY)
+                except queue.Empty:
+                    pass
+                else:
+                    self._run_one(fn, args, fut)
+        except BaseException as e:      # noqa: BLE001 - the loop stops the service on it
+            self.error = e
+            self.stopping = True
+            try:
+                self._stop_tracer()
+            except BaseException:       # noqa: BLE001 - it failed already; release what we can
+                pass
+            self._refuse_queued()
+            self.loop.call_soon_threadsafe(self._closed, None, "engine failed")
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                _, _, fut = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(P.ProtocolError(P.STOPPING, "the service is stopping",
+                                                  hint="try again once it is back"))
+
+    def _between_polls(self, tracer: Tracer) -> bool:
+        """Run the requests waiting; True when `tracer` is no longer the one to follow."""
+        self._run_commands()
+        return self.stopping or self.tracer is not tracer
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args, fut = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            self._run_one(fn, args, fut)
+
+    def _run_one(self, fn, args, fut) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:      # noqa: BLE001 - the caller's request fails, we go on
+            fut.set_exception(e)
+
+    def _dispatch(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        batch = [(self.slots[i], raw) for i, raw in split(chunks).items()
+                 if i < len(self.slots) and self.slots[i] is not None]
+        if batch:
+            self.loop.call_soon_threadsafe(self._deliver, batch)
+
+    # -- enabling and disabling -----------------------------------------------------------
+
+    def enable(self, inode: int, ns_path: str, pid: int | None) -> tuple[Namespace, bool]:
+        """Discover the namespace's path to the host and trace it.  (ns, was enabled)"""
+        if self.find(inode) is not None:
+            return self.enabled[inode], True
+        self._room()
+        try:
+            topo = discover([Target(f"netns:{inode}", ns_path, inode, pid)], uplink=self.uplink)
+        except MaceError as e:
+            raise P.ProtocolError(P.TOPOLOGY, str(e), e.hint or "") from None
+        c = topo.containers[0].main
+        own = os.stat("/proc/self/ns/net")
+        host = os.stat(topo.host_ns)
+        if (host.st_dev, host.st_ino) != (own.st_dev, own.st_ino):
+            # the devices mace filters on must be the host's own: a namespace built by its
+            # user could otherwise name its veth after another container's
+            raise P.ProtocolError(P.TOPOLOGY, "this namespace's veth leads to another namespace "
+                                              "than the service's",
+                                  hint="run `mace serve` in the host namespace the containers' veths are in")
+        if self.uplink is not None and topo.uplink != self.uplink:
+            raise P.ProtocolError(P.TOPOLOGY, f"this namespace leaves through {topo.uplink}, the "
+                                              f"service traces {self.uplink}",
+                                  hint="start the service with --uplink to choose")
+        ns = Namespace(inode, ContainerPath(f"netns:{inode}", c.inner, c.veth, c.bridge),
+                       c.veth_index, self.opts.queue_size, pid=pid)
+        self._add(ns, (topo.host_ns, topo.host_ns_inode), topo.uplink)
+        return ns, False
+
+    def restore(self, saved: dict) -> list[str]:
+        """Re-enable namespaces a previous service saved, if their veth is still the same
+        interface.  Returns a line per namespace for the log."""
+        out = []
+        uplink = saved.get("uplink")
+        if self.uplink is not None and uplink != self.uplink:
+            return [f"not resuming: the saved state traced {uplink}, this service {self.uplink}"]
+        present = host_links("/proc/self/ns/net")
+        if present is None:
+            return ["not resuming: cannot list the host's links"]
+        for item in saved.get("namespaces", []):
+            if not isinstance(item, dict) or not {"inode", "inner", "veth", "veth_index"} <= set(item):
+                out.append("a malformed saved namespace was skipped")
+                continue
+            if (item["veth"], item["veth_index"]) not in present:
+                lost = len(base64.b64decode(item.get("unread", ""))) // REPORT_SIZE
+                out.append(f"netns {item['inode']}: gone since the last run; "
+                           f"{lost} unread reports discarded")
+                continue
+            ns = Namespace(item["inode"], ContainerPath(f"netns:{item['inode']}", item["inner"],
+                                                        item["veth"], item.get("bridge")),
+                           item["veth_index"], self.opts.queue_size, pid=item.get("pid"),
+                           since=item.get("since"))
+            ns.push(base64.b64decode(item.get("unread", "")))
+            ns.received = 0
+            ns.dropped = item.get("dropped", 0)
+            try:
+                self._room()
+                self._add(ns, ("/proc/self/ns/net", os.stat("/proc/self/ns/net").st_ino), uplink)
+            except (P.ProtocolError, MaceError) as e:
+                out.append(f"netns {ns.inode}: cannot resume: {e}")
+                continue
+            out.append(f"netns {ns.inode}: resumed ({describe_path(ns.path, uplink)}), "
+                       f"{ns.queued} unread reports kept")
+        return out
+
+    def _room(self) -> None:
+        if len(self.enabled) >= self.opts.max_namespaces:
+            raise P.ProtocolError(P.BUSY, f"the service already traces {len(self.enabled)} namespaces",
+                                  hint="its --max-namespaces limit; ask the host's administrator")
+
+    def _add(self, ns: Namespace, host: tuple[str, int], uplink: str) -> None:
+        index = self.slots.index(None) if None in self.slots else len(self.slots)
+        containers = [s.path if s else None for s in self.slots] + [None] * (index + 1 - len(self.slots))
+        containers[index] = ns.path
+        plan = Plan(containers, uplink, hops=self.opts.hops, end_at_queue=self.opts.end_at_queue)
+        try:
+            if self.tracer is None:
+                tracer = Tracer(plan, table_size=self.opts.table_size,
+                                max_age_ns=self.opts.max_age_ns, ring_pages=self.opts.ring_pages)
+                tracer.open(bridge=True)
+                try:
+                    tracer.start()
+                except BaseException:
+                    tracer.close()
+                    raise
+                self.tracer = tracer
+            else:
+                self._dispatch(self.tracer.update(plan, raw=True))
+        except MaceError as e:
+            raise P.ProtocolError(P.FAILED, str(e), e.hint or "") from None
+        except OSError as e:
+            raise P.ProtocolError(P.FAILED, f"cannot trace: {e.strerror or e}",
+                                  hint="see the service's log") from None
+        self.host, self.uplink = host, uplink
+        if index == len(self.slots):
+            self.slots.append(None)
+        self.slots[index] = ns
+        ns.index = index
+        self.enabled[ns.inode] = ns
+        self._save()
+
+    def disable(self, ns: Namespace, reason: str) -> None:
+        """Stop tracing `ns`; its queue is freed (the loop learns why)."""
+        if self.enabled.get(ns.inode) is not ns:
+            return
+        containers = [s.path if s is not None and s is not ns else None for s in self.slots]
+        try:
+            if any(containers):
+                plan = Plan(containers, self.uplink, hops=self.opts.hops,
+                            end_at_queue=self.opts.end_at_queue)
+                self._dispatch(self.tracer.update(plan, raw=True))
+            else:
+                self._stop_tracer()        # the last one: no perf event stays open
+                self.host, self.uplink = None, self.opts.uplink
+        finally:
+            self.slots[ns.index] = None
+            del self.enabled[ns.inode]
+            self.loop.call_soon_threadsafe(self._closed, ns, reason)
+            self._save()
+
+    def _stop_tracer(self) -> None:
+        tracer, self.tracer = self.tracer, None
+        if tracer is None:
+            return
+        try:
+            self._dispatch(tracer.stop(raw=True))
+        finally:
+            tracer.close()
+
+    def shutdown(self) -> None:
+        """Stop tracing (the last reports go to their queues) and end the thread."""
+        self._stop_tracer()
+        self.stopping = True
+
+    def find(self, inode: int) -> Namespace | None:
+        """The enabled namespace with this inode, if its veth is still the same interface:
+        a namespace's inode is reused once it is gone, by then its veth is gone too."""
+        ns = self.enabled.get(inode)
+        if ns is None or self.host is None:
+            return ns
+        there = present(self.host[0], [(ns.path.veth, ns.veth_index)])
+        if there is not None and not there[0]:
+            self.disable(ns, "namespace gone")
+            return None
+        return ns
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self, inode: int) -> dict:
+        ns = self.find(inode)
+        if ns is None or self.tracer is None:
+            return {"state": "disabled"}
+        stats = self.tracer.stats()
+        counts = stats["containers"][ns.index]
+        out = {"state": "enabled", "path": describe_path(ns.path, self.uplink),
+               "since": round(ns.since, 3)}
+        for d, name in enumerate(DIRECTIONS):
+            k = counts[name]
+            h = Histogram(self.tracer.correlator.histogram(ns.index, d))
+            out[name] = {"reports": k["reports"], "crossed": k["crossed"],
+                         "coverage": coverage(k), "p50_ns": h.percentile(50),
+                         "p99_ns": h.percentile(99), "max_ns": k["max_ns"],
+                         "missed": {m: k[m] for m in ("orphans", "expired", "evicted", "rejected")}}
+        out["lost"] = stats["rings"]["lost"]      # ring overflows, for all namespaces alike
+        return out
+
+    # -- namespaces that went away --------------------------------------------------------
+
+    def _present(self) -> list[bool | None] | None:
+        """By container index: is its namespace's veth still the same interface."""
+        if self.host is None:
+            return None
+        return present(self.host[0], [None if s is None else (s.path.veth, s.veth_index)
+                                      for s in self.slots])
+
+    def _gone(self, index: int, left: int) -> None:
+        ns = self.slots[index]
+        if ns is not None:
+            self.disable(ns, "namespace gone")
