@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.common import pyplot, save
+from benchmarks.common import DIRECTIONS, pyplot, save
 
 LOADS = (0, 2, 4, 8)
 TARGET_MEDIAN_US = 2.0
@@ -36,7 +36,8 @@ def _level(tb, k: int, count: int, interval: float, rounds: int) -> dict:
     pings of a round see the same moment of a noisy machine), then their median."""
     from mace import demo
 
-    pooled = {key: [] for key in ("raw", "corrected", "native", "egress", "ingress",
+    # corrected, egress, ingress and matched_raw: one entry per matched probe, in one order
+    pooled = {key: [] for key in ("raw", "matched_raw", "corrected", "native", "egress", "ingress",
                                   "plain_raw", "plain_native")}
     per_round = []
     probes = matched = dropped = lost = 0
@@ -58,6 +59,7 @@ def _level(tb, k: int, count: int, interval: float, rounds: int) -> dict:
                 r[f"plain_raw_bias_p{q}"] = _q(plain_raw, q) - _q(plain.native_ns, q)
             per_round.append(r)
         pooled["raw"] += raw
+        pooled["matched_raw"] += [p.rtt_ns for p in m]
         pooled["corrected"] += corrected
         pooled["native"] += traced.native_ns
         pooled["egress"] += [p.egress_ns for p in m]
@@ -160,7 +162,7 @@ def summary(result: dict) -> list[dict]:
         cov = lv["coverage"]
         rows.append({"metric": f"{k} co-located: coverage egress / ingress",
                      "value": " / ".join("-" if cov[d] is None else f"{100 * cov[d]:.2f}%"
-                                         for d in ("egress", "ingress"))
+                                         for d in DIRECTIONS)
                      + (f" (kernel dropped {lv['kernel_dropped']} samples)" if lv["kernel_dropped"] else ""),
                      "target": "100%", "met": all(cov[d] == 1.0 for d in cov)})
     return rows

@@ -1,4 +1,4 @@
-"""Shared plumbing: machine description, result files, plots, and RESULTS.md."""
+"""Shared plumbing: machine description, a quiet machine, tracefs, result files, plots."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import datetime as _dt
 import json
 import os
 import platform
+import time
 from pathlib import Path
+
+from mace.defaults import DIRECTIONS  # noqa: F401  (re-exported: one spelling for every benchmark)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -32,6 +35,58 @@ def machine() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
+
+# -- a quiet machine ---------------------------------------------------------------------------
+
+def cpu_sample() -> tuple[int, int]:
+    """All CPUs' (total, idle + iowait) jiffies so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def busy_since(s0: tuple[int, int]) -> float | None:
+    """Share of all CPUs' time spent busy since the cpu_sample() `s0` (None: no time passed)."""
+    t1, i1 = cpu_sample()
+    return round(1 - (i1 - s0[1]) / (t1 - s0[0]), 3) if t1 > s0[0] else None
+
+
+def wait_quiet(limit_s: float = 2.0, below: float = 0.1) -> float | None:
+    """Wait (at most `limit_s`) until all CPUs together are less than `below` busy, e.g.
+    until the kernel has finished cleaning up the network namespaces of a testbed torn down
+    just before, so that a timing is of the code and not of a neighbour.  Returns the last
+    busy share seen (None without /proc/stat)."""
+    end = time.monotonic() + limit_s
+    busy = None
+    try:
+        while time.monotonic() < end:
+            s0 = cpu_sample()
+            time.sleep(0.1)
+            busy = busy_since(s0)
+            if busy is not None and busy < below:
+                break
+    except (OSError, ValueError):
+        return None
+    return busy
+
+
+# -- tracefs ------------------------------------------------------------------------------------
+
+def tracefs_mounts() -> list[str]:
+    """Where tracefs is mounted now, from the mount table only: looking into
+    /sys/kernel/debug/tracing would automount it."""
+    try:
+        with open("/proc/self/mounts") as f:
+            return [parts[1] for parts in map(str.split, f) if len(parts) > 2 and parts[2] == "tracefs"]
+    except OSError:
+        return []
+
+
+def tracefs_mounted() -> bool:
+    return bool(tracefs_mounts())
+
+
+# -- results ------------------------------------------------------------------------------------
 
 def write_result(name: str, data: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)

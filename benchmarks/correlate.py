@@ -6,7 +6,8 @@
    (whose `eth0` matches the same in-kernel filter), a rate-limited uplink qdisc that
    queues and drops, the peer's echo replies, unrelated `kfree_skb` drops, and skb
    addresses recycled LIFO per CPU from a pool of a few hundred, as the slab allocator
-   does.  The stream comes from a small discrete-event model of the kernel: every call
+   does.  The stream comes from the flood model of mace.testing.kernel (a small
+   discrete-event model of the kernel, shared with the tests): every call
    chain runs on one CPU without interruption (so synchronous steps are adjacent), every
    CPU's clock only moves forward, an address is reused only after its packet was freed,
    and both images are cut at the same instant (a consistent snapshot).
@@ -28,9 +29,7 @@
 from __future__ import annotations
 
 import gc
-import heapq
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -39,14 +38,11 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.common import fmt_rate, pyplot, rate_bars, save
+from benchmarks.common import DIRECTIONS, fmt_rate, pyplot, rate_bars, save, wait_quiet
 
 TARGET_RATE = 10e6
 RING_PAGES = 256
 SYN_CPUS = 2
-SYN_TAG = "5e1a0"                   # device names as a testbed would make them
-SKB_POOL = 384                      # skb addresses the synthetic kernel recycles
-SKB_BASE = 0xFFFF8881_2C400000
 ENTRY_BYTES = 64                    # mace.correlate._correlate.ENTRY_SIZE, checked at run time
 LIVE_SIZES = [1 << k for k in (4, 6, 8, 10, 12, 14, 16)]
 QUICK_SIZES = [1 << k for k in (4, 8, 16)]
@@ -58,345 +54,7 @@ PING_PRELOAD = 32
 UDP_PACED_RATE = 15_000             # datagrams/s per sender in the sweep (the link takes ~1,750)
 
 
-# -- synthetic: a small model of the kernel's event order -----------------------------------
-
-XMIT, RECV, QUEUE, FREE = ("net:net_dev_start_xmit", "net:netif_receive_skb",
-                           "net:net_dev_queue", "skb:kfree_skb")
-ETH_HLEN = 14
-ETH_P_IP = 0x0800                   # the tracepoints store ntohs(skb->protocol)
-F_SOFTIRQ = 0x10                    # common_flags of a sample taken in softirq context
-ICMP_L3 = 84                        # ping -s 56
-UDP_L3 = 20 + 8 + UDP_PAYLOAD
-R_QDISC_DROP, R_NO_SOCKET = 64, 3   # skb_drop_reason values (mace/testing/formats/skb_kfree_skb)
-
-
-def synthetic_plan():
-    from mace.plan import ContainerPath, Plan
-    br = f"m{SYN_TAG}br"
-    return Plan([ContainerPath("c0", "eth0", f"m{SYN_TAG}v0", br),
-                 ContainerPath("c1", "eth0", f"m{SYN_TAG}v1", br)], f"m{SYN_TAG}up")
-
-
-class _Packet:
-    __slots__ = ("skb", "cont", "l3", "kind", "src")
-
-    def __init__(self, skb, cont, l3, kind, src):
-        self.skb, self.cont, self.l3, self.kind, self.src = skb, cont, l3, kind, src
-
-
-class _Source:
-    __slots__ = ("kind", "cont", "cpu", "tid")
-
-    def __init__(self, kind, cont, cpu, tid):
-        self.kind, self.cont, self.cpu, self.tid = kind, cont, cpu, tid
-
-
-class KernelModel:
-    """Discrete-event model of what the traced kernel does for the synthetic plan.
-
-    Actions sit in a heap keyed by the time they become runnable; a call chain (a
-    "segment") starts when its CPU is free and emits its events back to back, so the
-    events of one chain are adjacent on that CPU and each CPU's timestamps only grow.
-    Containers 0 and 1 are monitored (their veths are in the filter), container 2 is not:
-    only its `eth0` events (same name) and its uplink events are seen.
-    """
-
-    GAP_NS = 450            # mean time between two traced steps of one call chain
-    LINK_NS_PER_BYTE = 8    # shaped uplink: 1 Gbit/s
-    LINK_BURST = 3000       # bytes
-    LINK_LIMIT_NS = 2_000_000   # packets that would wait longer are dropped (tbf latency)
-    UDP_INTERVAL_NS = 30_000    # each UDP sender is paced: 3 x 385 Mbit/s offered
-
-    def __init__(self, rng: random.Random, plan, ncpu: int = SYN_CPUS, pool: int = SKB_POOL):
-        self.rng = rng
-        self.ncpu = ncpu
-        self.veth = [c.veth for c in plan.containers] + [None]   # container 2: not traced
-        self.uplink = plan.uplink
-        self.heap: list = []
-        self.seq = 0
-        t0 = 1_000_000_000_000 + rng.randrange(1000)
-        self.clock = [t0] * ncpu            # timestamp of each CPU's last event
-        self.task = [0] * ncpu              # tid current on each CPU (softirqs run in it)
-        self.out: list[list[tuple]] = [[] for _ in range(ncpu)]
-        addrs = [SKB_BASE + i * 0x100 for i in range(pool)]     # 256-byte slab objects
-        rng.shuffle(addrs)
-        self.free = [addrs[i::ncpu] for i in range(ncpu)]       # per-CPU LIFO free lists
-        self.pool = pool
-        self.live = set()
-        self.max_live = 0
-        self.grown = 0
-        self.link_v = t0                    # token bucket: when the link is next free
-        self.queued = 0
-        self.max_queued = 0
-        self.drops = 0
-        self.truth: list[tuple[int, int, int]] = []   # (end ts, container, direction)
-        self.t0 = t0
-
-    # plumbing ------------------------------------------------------------------------------
-
-    def at(self, t: int, fn, *args) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, fn, args))
-
-    def _gap(self) -> int:
-        return 60 + int(self.rng.expovariate(1 / self.GAP_NS))
-
-    def begin(self, cpu: int, t: int, tid: int | None) -> int:
-        """Start a call chain on `cpu` no earlier than t; tid None: whatever runs there."""
-        idle = self.clock[cpu] < t
-        self.clock[cpu] = max(self.clock[cpu], t)
-        if tid is None:
-            tid = 0 if idle else self.task[cpu]
-        self.task[cpu] = tid
-        return tid
-
-    def emit(self, cpu, tid, flags, tp, skb, length, dev, proto=0, reason=0) -> int:
-        ts = self.clock[cpu] + self._gap()
-        self.clock[cpu] = ts
-        self.out[cpu].append((ts, tp, tid, flags, skb, length, dev, proto, reason))
-        return ts
-
-    def work(self, cpu: int, ns: int) -> None:
-        """Untraced work (user space, the peer's stack) keeps the CPU busy."""
-        self.clock[cpu] += ns
-
-    def alloc(self, cpu: int) -> int:
-        for fl in (self.free[cpu], *(self.free[c] for c in range(self.ncpu) if c != cpu)):
-            if fl:
-                skb = fl.pop()
-                break
-        else:
-            skb = SKB_BASE + (self.pool + self.grown) * 0x100
-            self.grown += 1
-        self.live.add(skb)
-        self.max_live = max(self.max_live, len(self.live))
-        return skb
-
-    def release(self, t: int, cpu: int, skb: int) -> None:
-        self.live.discard(skb)
-        self.free[cpu].append(skb)
-
-    def release_after(self, ts: int, cpu: int, skb: int) -> None:
-        # the address may be handed out again only once the free has happened
-        self.at(ts + 1, self.release, cpu, skb)
-
-    # traffic ---------------------------------------------------------------------------------
-
-    def ping_send(self, t: int, src: _Source) -> None:
-        skb = self.alloc(src.cpu)
-        tid = self.begin(src.cpu, t, src.tid)
-        end = self.emit(src.cpu, tid, 0, XMIT, skb, ICMP_L3 + ETH_HLEN, "eth0", ETH_P_IP)
-        pkt = _Packet(skb, src.cont, ICMP_L3, "icmp", src)
-        # veth_xmit -> netif_rx: the backlog runs at local_bh_enable, in the sender's context
-        self.at(end + 150 + self.rng.randrange(300), self.veth_backlog, src.cpu, tid, pkt)
-
-    def udp_send(self, t: int, src: _Source, left: int) -> None:
-        skb = self.alloc(src.cpu)
-        self.work(src.cpu, 800 + self.rng.randrange(1500))      # user space and sendto()
-        tid = self.begin(src.cpu, t, src.tid)
-        end = self.emit(src.cpu, tid, 0, XMIT, skb, UDP_L3 + ETH_HLEN, "eth0", ETH_P_IP)
-        pkt = _Packet(skb, src.cont, UDP_L3, "udp", src)
-        self.at(end + 150 + self.rng.randrange(300), self.veth_backlog, src.cpu, tid, pkt)
-        if left > 1:        # paced from its schedule, not from when the CPU let it run
-            iv = self.UDP_INTERVAL_NS
-            self.at(t + iv // 2 + self.rng.randrange(iv), self.udp_send, src, left - 1)
-
-    def veth_backlog(self, t: int, cpu: int, tid: int, pkt: _Packet) -> None:
-        """Host side: veth receive -> bridge -> route, NAT -> dev_queue_xmit on the uplink
-        -> token bucket: sent now, queued, or dropped."""
-        self.begin(cpu, t, tid)
-        if self.veth[pkt.cont]:
-            self.emit(cpu, tid, F_SOFTIRQ, RECV, pkt.skb, pkt.l3, self.veth[pkt.cont])
-        q = self.emit(cpu, tid, F_SOFTIRQ, QUEUE, pkt.skb, pkt.l3 + ETH_HLEN, self.uplink)
-        size = pkt.l3 + ETH_HLEN
-        start = max(self.link_v, q - self.LINK_BURST * self.LINK_NS_PER_BYTE)
-        depart = max(start, q)
-        if depart - q > self.LINK_LIMIT_NS:
-            self.drops += 1
-            end = self.emit(cpu, tid, F_SOFTIRQ, FREE, pkt.skb, 0, None, ETH_P_IP, R_QDISC_DROP)
-            self.release_after(end, cpu, pkt.skb)
-            if pkt.kind == "icmp":      # ping -f sends on when a reply is overdue
-                self.at(end + 200_000, self.ping_send, pkt.src)
-            return
-        self.link_v = start + size * self.LINK_NS_PER_BYTE
-        if depart == q:
-            self.uplink_xmit(cpu, tid, pkt)
-        else:
-            self.queued += 1
-            self.max_queued = max(self.max_queued, self.queued)
-            self.at(depart, self.dequeue, pkt)
-
-    def dequeue(self, t: int, pkt: _Packet) -> None:
-        """The qdisc watchdog fires on the less busy CPU and sends the head packet."""
-        self.queued -= 1
-        cpu = min(range(self.ncpu), key=lambda c: self.clock[c])
-        tid = self.begin(cpu, t, None)
-        self.uplink_xmit(cpu, tid, pkt)
-
-    def uplink_xmit(self, cpu: int, tid: int, pkt: _Packet) -> None:
-        end = self.emit(cpu, tid, F_SOFTIRQ, XMIT, pkt.skb, pkt.l3 + ETH_HLEN, self.uplink, ETH_P_IP)
-        if self.veth[pkt.cont]:
-            self.truth.append((end, pkt.cont, 0))
-        # veth_xmit into the peer: its backlog runs next on this CPU
-        self.at(end + 300 + self.rng.randrange(700), self.peer, cpu, tid, pkt)
-
-    def peer(self, t: int, cpu: int, tid: int, pkt: _Packet) -> None:
-        """The peer's stack (not traced): answers pings, queues UDP for its sink."""
-        self.begin(cpu, t, tid)
-        self.work(cpu, 1500 + self.rng.randrange(1500))
-        if pkt.kind == "udp":
-            sink_cpu = self.rng.randrange(self.ncpu)
-            self.at(self.clock[cpu] + 5_000 + self.rng.randrange(60_000),
-                    self.release, sink_cpu, pkt.skb)
-            return
-        reply = _Packet(self.alloc(cpu), pkt.cont, ICMP_L3, "reply", pkt.src)
-        self.release_after(self.clock[cpu], cpu, pkt.skb)   # consume_skb(request), untraced
-        self.at(self.clock[cpu] + 300 + self.rng.randrange(700), self.uplink_backlog, cpu, tid, reply)
-
-    def uplink_backlog(self, t: int, cpu: int, tid: int, pkt: _Packet) -> None:
-        """Uplink receive -> de-NAT, route -> bridge -> veth xmit (synchronous)."""
-        self.begin(cpu, t, tid)
-        self.emit(cpu, tid, F_SOFTIRQ, RECV, pkt.skb, pkt.l3, self.uplink)
-        if self.veth[pkt.cont]:
-            end = self.emit(cpu, tid, F_SOFTIRQ, XMIT, pkt.skb, pkt.l3 + ETH_HLEN,
-                            self.veth[pkt.cont], ETH_P_IP)
-        else:
-            end = self.clock[cpu] + 400        # bridge to an unmonitored veth: not traced
-        self.at(end + 150 + self.rng.randrange(400), self.inner_backlog, cpu, tid, pkt)
-
-    def inner_backlog(self, t: int, cpu: int, tid: int, pkt: _Packet) -> None:
-        self.begin(cpu, t, tid)
-        end = self.emit(cpu, tid, F_SOFTIRQ, RECV, pkt.skb, pkt.l3, "eth0")
-        if self.veth[pkt.cont]:
-            self.truth.append((end, pkt.cont, 1))
-        # ping wakes up, reads the reply (freeing it) and, flooding, sends the next request
-        self.at(end + 3_000 + self.rng.randrange(12_000), self.ping_recv, pkt)
-
-    def ping_recv(self, t: int, pkt: _Packet) -> None:
-        src = pkt.src
-        self.begin(src.cpu, t, src.tid)
-        self.work(src.cpu, 1000 + self.rng.randrange(1000))
-        self.release(t, src.cpu, pkt.skb)
-        self.ping_send(self.clock[src.cpu], src)
-
-    def noise_drop(self, t: int) -> None:
-        """A packet the host drops (no socket, ...): its only traced event is kfree_skb."""
-        cpu = self.rng.randrange(self.ncpu)
-        skb = self.alloc(cpu)
-        tid = self.begin(cpu, t, None)
-        end = self.emit(cpu, tid, F_SOFTIRQ, FREE, skb, 0, None, ETH_P_IP, R_NO_SOCKET)
-        self.release_after(end, cpu, skb)
-        self.at(t + int(self.rng.expovariate(1 / 50_000)), self.noise_drop)
-
-    def run(self, until_bytes: int, sizes: dict[str, int]) -> None:
-        """Start the sources and run until every CPU wrote `until_bytes` of records."""
-        rng = self.rng
-        for cont in range(3):
-            ping = _Source("icmp", cont, cont % self.ncpu, 3100 + cont)
-            for i in range(PING_PRELOAD):
-                self.at(self.t0 + i * 4000 + rng.randrange(2000), self.ping_send, ping)
-            udp = _Source("udp", cont, (cont + 1) % self.ncpu, 3200 + cont)
-            self.at(self.t0 + rng.randrange(5000), self.udp_send, udp, 10**9)
-        self.at(self.t0 + 1000, self.noise_drop)
-        written = [0] * self.ncpu
-        seen = [0] * self.ncpu
-        while self.heap and min(written) < until_bytes:
-            t, _, fn, args = heapq.heappop(self.heap)
-            fn(t, *args)
-            for c in range(self.ncpu):
-                for ev in self.out[c][seen[c]:]:
-                    written[c] += sizes[ev[1]]
-                seen[c] = len(self.out[c])
-
-
-def build_images(plan, probes, pages: int = RING_PAGES, seed: int = 11):
-    """Two RingImages cut at one instant, as full as the busier ring allows."""
-    from mace.testing.synthetic import RingImage, builtin_format, net_values, raw_record, sample
-
-    fmts = {p.tracepoint: builtin_format(p.tracepoint) for p in probes}
-    rng = random.Random(seed)
-    model = KernelModel(rng, plan)
-
-    def record(cpu, ev) -> bytes:
-        ts, tp, tid, flags, skb, length, dev, proto, reason = ev
-        fmt = fmts[tp]
-        values = net_values(fmt, skb, length, dev, proto)
-        if "reason" in fmt.fields:
-            values["reason"] = reason
-            values["location"] = 0xFFFFFFFF_81C0_0000 + 0x1F0 * reason
-        return sample(ts, cpu, tid, raw_record(fmt, values, flags=flags, pid=tid))
-
-    sizes = {tp: len(record(0, (0, tp, 0, 0, 1, 0, "eth0", 0, 0))) for tp in fmts}
-    cap = pages * 4096
-    model.run(cap + 4096, sizes)
-    # the instant at which the first ring is full; everything up to it goes in, on both
-    cut = None
-    for cpu in range(SYN_CPUS):
-        used = 0
-        for ev in model.out[cpu]:
-            if used + sizes[ev[1]] > cap:
-                cut = ev[0] - 1 if cut is None else min(cut, ev[0] - 1)
-                break
-            used += sizes[ev[1]]
-    images, counts, kinds = [], [], {}
-    for cpu in range(SYN_CPUS):
-        img = RingImage(pages)
-        n = 0
-        for ev in model.out[cpu]:
-            if ev[0] > cut:
-                break
-            if not img.write(record(cpu, ev)):
-                raise RuntimeError("synthetic record did not fit")
-            n += 1
-            kinds[ev[1]] = kinds.get(ev[1], 0) + 1
-        images.append(img)
-        counts.append(n)
-    truth = [0, 0]
-    for ts, _cont, d in model.truth:
-        if ts <= cut:
-            truth[d] += 1
-    info = {
-        "records_per_ring": counts,
-        "fill_per_ring": [round((img.head - img.tail) / cap, 4) for img in images],
-        "events_by_tracepoint": kinds,
-        "span_ms": round((cut - model.t0) / 1e6, 2),
-        "skb_pool": SKB_POOL,
-        "skb_max_live": model.max_live,
-        "skb_pool_grown": model.grown,
-        "qdisc_max_queued": model.max_queued,
-        "qdisc_drops": model.drops,
-        "expected_reports": {"egress": truth[0], "ingress": truth[1]},
-    }
-    return images, info
-
-
-def _cpu_busy(interval: float) -> float:
-    """Share of all CPUs' time spent busy over `interval` (/proc/stat)."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]            # total, idle + iowait
-    t0, i0 = sample()
-    time.sleep(interval)
-    t1, i1 = sample()
-    return 1 - (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
-
-
-def _wait_quiet(limit_s: float = 2.0, below: float = 0.1) -> float | None:
-    """Wait (bounded) until the machine is idle while we are, e.g. until the kernel has
-    finished cleaning up the network namespaces of a testbed torn down just before, so
-    that the timings are of the hot loop and not of a neighbour.  Returns the last busy
-    share seen (None without /proc/stat)."""
-    end = time.monotonic() + limit_s
-    busy = None
-    try:
-        while time.monotonic() < end:
-            busy = _cpu_busy(0.1)
-            if busy < below:
-                break
-    except (OSError, ValueError):
-        return None
-    return round(busy, 3) if busy is not None else None
+# -- synthetic: the flood model of mace.testing.kernel in two ring images ----------------------
 
 
 def _rings(bufs, layouts, devices):
@@ -441,14 +99,15 @@ def synthetic(quick: bool) -> dict:
     from mace.capture._ring import EVENT_SIZE
     from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
     from mace.output.report import unpack
+    from mace.testing.kernel import build_images, model_plan
     from mace.testing.synthetic import builtin_layout
     from mace.tracer import DEFAULT_TABLE_SIZE, DEFAULT_MAX_AGE_NS
 
-    plan = synthetic_plan()
+    plan = model_plan()
     probes = plan.probes()
     layouts = [builtin_layout(p.tracepoint) for p in probes]
     t_build = time.monotonic()
-    images, info = build_images(plan, probes)
+    images, info = build_images(plan, probes, pages=RING_PAGES, ncpu=SYN_CPUS)
     build_s = time.monotonic() - t_build
     total = sum(info["records_per_ring"])
     reps = 25 if quick else 300
@@ -464,7 +123,7 @@ def synthetic(quick: bool) -> dict:
         return plan.correlator(probes, table_size=DEFAULT_TABLE_SIZE, max_age_ns=DEFAULT_MAX_AGE_NS,
                                ncpu=SYN_CPUS)
 
-    busy = _wait_quiet()
+    busy = wait_quiet()
     gc_was = gc.isenabled()
     gc.disable()
     try:
@@ -535,12 +194,12 @@ def synthetic(quick: bool) -> dict:
                   for r in unpack(cy_raw)]
     ref_reports = [(r.container, r.dir, r.seq, r.t0, r.latency, r.len, r.cpu) for r in ref.reports]
     cy_dirs = _direction_counts(cy_raw)
-    ref_counts = [{d: dict(ref.count[c][i]) for i, d in enumerate(("egress", "ingress"))}
+    ref_counts = [{d: dict(ref.count[c][i]) for i, d in enumerate(DIRECTIONS)}
                   for c in range(len(plan.containers))]
     cy_counts = [{d: {k: v for k, v in cy_counters["containers"][c][d].items()
                       if k in ("crossed", "reports", "local", "dropped", "orphans", "expired",
                                "evicted", "rejected")}
-                  for d in ("egress", "ingress")} for c in range(len(plan.containers))]
+                  for d in DIRECTIONS} for c in range(len(plan.containers))]
 
     full_med = statistics.median(full_times)
     corr_med = statistics.median(corr_times)
@@ -698,7 +357,7 @@ def _live_run(tb, plan, table_size: int, seconds: int, udp_count: int, ping_coun
     traced = range(len(plan.containers))
     rings = stats["rings"]
     per_dir = {}
-    for d in ("egress", "ingress"):
+    for d in DIRECTIONS:
         k = _sum_dir(stats, d, traced)
         cov = coverage(k)
         per_dir[d] = {**k, "coverage": cov, "reports_seen": nreports[0 if d == "egress" else 1]}
@@ -797,7 +456,7 @@ def _full(run_: dict) -> bool:
     """Strictly 100% in both directions (a direction without packets does not count), and
     nothing left in flight once the uplink's queue had drained: such a packet will never be
     reported either, though `coverage` does not count it."""
-    covs = [run_[d]["coverage"] for d in ("egress", "ingress")]
+    covs = [run_[d]["coverage"] for d in DIRECTIONS]
     return (all(c in (1.0, None) for c in covs) and any(c is not None for c in covs)
             and _left(run_) == 0)
 
@@ -807,7 +466,7 @@ def _left(run_: dict) -> int:
 
 
 def _misses(run_: dict) -> int:
-    return sum(run_[d][k] for d in ("egress", "ingress")
+    return sum(run_[d][k] for d in DIRECTIONS
                for k in ("orphans", "expired", "evicted", "rejected"))
 
 
@@ -883,7 +542,7 @@ def plot(result: dict, path: Path) -> None:
         lv = result["live"]
         xs = [r["table_size"].bit_length() - 1 for r in runs]
         fl = f.get("flood")
-        cov = [r[d]["coverage"] for r in runs + ([fl] if fl else []) for d in ("egress", "ingress")
+        cov = [r[d]["coverage"] for r in runs + ([fl] if fl else []) for d in DIRECTIONS
                if r[d]["coverage"] is not None]
         lo = min(cov) * 100 if cov else 0.0
         ymin = max(0.0, lo - (100 - lo) * 0.3 - 2)
@@ -1094,7 +753,7 @@ def notes(result: dict) -> list[str]:
         split = ", ".join(f"{tp} {n:,}" for tp, n in sorted(by_tp.items(), key=lambda t: -t[1]))
         clean = [r for r in runs if _evicted(r) == 0]
         lost_steps = {d: sum(r[d]["expired"] + r[d]["rejected"] + r[d]["in_flight"] for r in clean)
-                      for d in ("egress", "ingress")}
+                      for d in DIRECTIONS}
         out.append(
             f"Samples the kernel dropped without a LOST record: {min(kd):,}-{max(kd):,} per run"
             + (f" (all runs: {split})" if split else "")

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import pyplot, save
+from benchmarks.common import busy_since, cpu_sample, pyplot, save, tracefs_mounts, wait_quiet
 
 CONFIGS = ["none", "mace", "ftrace", "perf", "bpftrace"]
 QUICK_CONFIGS = ["none", "mace", "ftrace"]
@@ -63,16 +63,6 @@ def _params(quick: bool) -> dict:
 
 # -- tracefs mount -------------------------------------------------------------------------------
 
-def _tracefs_mounts() -> list[str]:
-    # only the mount table: looking into /sys/kernel/debug/tracing would automount tracefs
-    try:
-        with open("/proc/self/mounts") as f:
-            return [line.split()[1] for line in f if len(line.split()) > 2
-                    and line.split()[2] == "tracefs"]
-    except OSError:
-        return []
-
-
 class TracefsMount:
     """tracefs at /sys/kernel/tracing for the whole benchmark (ftrace's instance needs it;
     perf and bpftrace look tracepoints up there too, and perf would otherwise mount it
@@ -84,7 +74,7 @@ class TracefsMount:
         self.root = TRACEFS
 
     def __enter__(self) -> "TracefsMount":
-        mounts = _tracefs_mounts()
+        mounts = tracefs_mounts()
         self.was_mounted = bool(mounts)
         if str(TRACEFS) in mounts:
             self.root = TRACEFS
@@ -117,7 +107,7 @@ class TracefsMount:
 
     def restored(self) -> bool:
         """The mount table shows tracefs exactly as before the benchmark."""
-        return bool(_tracefs_mounts()) == self.was_mounted
+        return bool(tracefs_mounts()) == self.was_mounted
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -524,52 +514,23 @@ def _ping(ctx: Ctx, count: int, interval: float) -> dict:
     return res
 
 
-def _cpu_sample() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v), v[3] + v[4]            # total, idle + iowait
-
-
-def _busy_since(s0: tuple[int, int]) -> float | None:
-    t1, i1 = _cpu_sample()
-    return round(1 - (i1 - s0[1]) / (t1 - s0[0]), 3) if t1 > s0[0] else None
-
-
-def _wait_quiet(limit_s: float, below: float) -> float | None:
-    """Wait (bounded) until all CPUs together are less than `below` busy, so that a run
-    does not start in the middle of someone else's burst (or of the previous tracer's
-    exit).  Returns the last busy share seen."""
-    end = time.monotonic() + limit_s
-    busy = None
-    try:
-        while time.monotonic() < end:
-            s0 = _cpu_sample()
-            time.sleep(0.1)
-            busy = _busy_since(s0)
-            if busy is not None and busy < below:
-                break
-    except (OSError, ValueError):
-        return None
-    return busy
-
-
 def _measure(ctx: Ctx, name: str, count: int, interval: float, t_origin: float,
              quiet: bool) -> dict:
     tracer = TRACERS[name]()
     res: dict = {}
     if quiet:
-        res["busy_before"] = _wait_quiet(QUIET_LIMIT_S, QUIET_BELOW)
+        res["busy_before"] = wait_quiet(QUIET_LIMIT_S, QUIET_BELOW)
     t_start = time.monotonic()
     try:
         tracer.start(ctx)
         res["ready_s"] = round(time.monotonic() - t_start, 3)
         time.sleep(SETTLE_S)
         res["t_s"] = round(time.monotonic() - t_origin, 2)
-        s0 = _cpu_sample()
+        s0 = cpu_sample()
         pids = tracer.pids()
         c0 = [_proc_cpu_s(pid) for pid in pids]
         res.update(_ping(ctx, count, interval))
-        res["busy_during"] = _busy_since(s0)
+        res["busy_during"] = busy_since(s0)
         c1 = [_proc_cpu_s(pid) for pid in pids]
         if pids and None not in c0 + c1:
             # the tracer's own CPU while the pings ran (the rest of cpu_s is start and stop)

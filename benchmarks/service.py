@@ -19,7 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.common import pyplot, save
+from benchmarks.common import DIRECTIONS, pyplot, save
 
 READER = textwrap.dedent("""
     import json, socket, sys, time
@@ -97,7 +97,7 @@ def _handover(tb, changes: int, seconds: float) -> dict:
             "changes": n,
             "update_ms": [round(1000 * t, 2) for t in took],
             "reports": len(reports),
-            "coverage": {d: coverage(a[d]) for d in ("egress", "ingress")},
+            "coverage": {d: coverage(a[d]) for d in DIRECTIONS},
             "orphans": a["egress"]["orphans"] + a["ingress"]["orphans"],
             "duplicates": sum(len(s) - len(set(s)) for s in seqs.values()),
             "in_order": all(s == sorted(s) for s in seqs.values()),
@@ -181,7 +181,7 @@ def plot(result: dict, path: Path) -> None:
     a1.set_title("handover time, A flooding")
     runs = result["handover"]
     names = list(runs)
-    for k, d in enumerate(("egress", "ingress")):
+    for k, d in enumerate(DIRECTIONS):
         a2.bar([i + 0.4 * k for i in range(len(names))],
                [100 * (runs[n]["coverage"][d] or 0) for n in names], width=0.4, label=d)
     a2.set_xticks([i + 0.2 for i in range(len(names))])

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.common import pyplot, save
+from benchmarks.common import DIRECTIONS, pyplot, save
 
 BLAST = textwrap.dedent("""
     import socket, sys, time
@@ -69,8 +69,8 @@ def _step(tb, plan, name: str, argv_for, seconds: float) -> dict:
         reports += len(tr.stop())
         cpu1 = os.times()
         st = tr.stats()
-    crossed = sum(c[d]["crossed"] - c[d]["local"] for c in st["containers"] for d in ("egress", "ingress"))
-    covs = [coverage(c[d]) for c in st["containers"] for d in ("egress", "ingress")]
+    crossed = sum(c[d]["crossed"] - c[d]["local"] for c in st["containers"] for d in DIRECTIONS)
+    covs = [coverage(c[d]) for c in st["containers"] for d in DIRECTIONS]
     covs = [c for c in covs if c is not None]
     return {"step": name, "seconds": round(wall, 2), "packets_per_s": crossed / wall,
             "events_per_s": st["rings"]["events"] / wall, "reports": reports,

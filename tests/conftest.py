@@ -3,6 +3,10 @@
 System tests (marked `system`) need root, tracefs and the tools that send traffic.  On a
 developer's machine without them they skip with the reason; in CI (CI=true) they fail,
 because a skip there would hide a broken install step.
+
+Helpers the system tests share (pings, output read as it comes, the one-line error check)
+are plain functions in tests/helpers.py: `from helpers import ...` (this directory is on
+sys.path because this conftest.py is in it).
 """
 
 from __future__ import annotations

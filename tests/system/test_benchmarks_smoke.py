@@ -4,6 +4,7 @@ assertions: these machines are shared)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import re
 import subprocess
@@ -33,15 +34,38 @@ def test_ring_benchmark_quick(tmp_path):
 
 
 def test_accuracy_benchmark_quick(tmp_path):
+    """Structure and honesty, not physics: the bias itself depends on a noisy shared machine
+    (a bound on it failed 3 of 7 runs in a review)."""
+    from mace.demo import quantiles
+
     res = run_quick("accuracy", tmp_path)
+    count, rounds = res["count"], res["rounds"]
     levels = res["levels"]
     assert [lv["colocated"] for lv in levels] == [0, 2]
     for lv in levels:
-        assert lv["matched"] >= 0.9 * lv["probes"] > 0
-        # sane magnitudes: expenses are positive and smaller than the RTT they came from
-        assert all(0 < e < r for e, r in zip(lv["egress"], lv["raw"]))
-        assert 0 < min(lv["native"]) and 0 < min(lv["corrected"])
-        assert lv["coverage"]["egress"] > 0.9 and lv["coverage"]["ingress"] > 0.9
+        # counts: every probe is a reply ping got; matched ones have both reports
+        assert 0 < lv["matched"] <= lv["probes"] <= count * rounds, lv
+        assert len(lv["raw"]) == lv["probes"]
+        for key in ("matched_raw", "corrected", "egress", "ingress"):
+            assert len(lv[key]) == lv["matched"], key
+        assert len(lv["native"]) > 0 and len(lv["plain_raw"]) > 0 and len(lv["plain_native"]) > 0
+        assert len(lv["rounds"]) == rounds
+        # honesty: corrected is the raw RTT minus the measured expense, probe by probe
+        for raw, e, i, c in zip(lv["matched_raw"], lv["egress"], lv["ingress"], lv["corrected"]):
+            assert c == raw - e - i
+            assert e > 0 and i > 0          # a report's latency is never 0
+        assert not Counter(lv["matched_raw"]) - Counter(lv["raw"])     # matched probes are probes
+        # the biases shown are those of these numbers (one round: no median in between)
+        if rounds == 1:
+            for q, name in ((50, "median"), (99, "p99")):
+                nat = quantiles(lv["native"])[name]
+                assert lv[f"raw_bias_p{q}"] == quantiles(lv["raw"])[name] - nat
+                assert lv[f"corrected_bias_p{q}"] == quantiles(lv["corrected"])[name] - nat
+        # the counters behind coverage are reported, whatever they say
+        for d in ("egress", "ingress"):
+            cov = lv["coverage"][d]
+            assert cov is None or 0 <= cov <= 1, (d, cov)
+        assert lv["kernel_dropped"] >= 0 and lv["lost"] >= 0
 
 
 def test_correlate_benchmark_quick(tmp_path):

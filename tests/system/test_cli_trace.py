@@ -14,10 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+from helpers import Lines, finish, inode_of, ping_argv, pings
+from helpers import one_line_error as check_one_line_error
+from helpers import ping as _ping
 from pyroute2 import netns
 
 N = 5                       # pings per run (at -i 0.1)
@@ -57,27 +59,16 @@ class Proc:
     def __init__(self, argv, *, mace=None, stdout=subprocess.PIPE):
         self.argv = list(argv)
         self.mace = list(mace or argv)          # mace's own command line, for the leftover check
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self.cond = threading.Condition()
         self.t_start = time.time()
         self.t_end = None
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=stdout,
                                      stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
         _LAUNCHED.append(self)
-        self.threads = [threading.Thread(target=self._pump, args=(f, lines), daemon=True)
-                        for f, lines in ((self.proc.stderr, self.err), (self.proc.stdout, self.out))
-                        if f is not None]
-        for t in self.threads:
-            t.start()
-
-    def _pump(self, f, lines):
-        for line in f:
-            with self.cond:
-                lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.cond.notify_all()
+        self.streams = [Lines(self.proc.stderr)]
+        if self.proc.stdout is not None:
+            self.streams.append(Lines(self.proc.stdout, self.streams[0].cond))
+        self.err = self.streams[0].lines
+        self.out = self.streams[1].lines if len(self.streams) > 1 else []
 
     def text(self) -> str:
         return "\n".join(self.err)
@@ -85,19 +76,17 @@ class Proc:
     def wait_err(self, pattern, count=1, timeout=WAIT) -> list[str]:
         """Wait until `count` stderr lines match `pattern`; return them."""
         pat = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                hits = [line for line in self.err if pat.search(line)]
-                if len(hits) >= count:
-                    return hits
-                if self.proc.poll() is not None and not self.threads[0].is_alive():
-                    pytest.fail(f"exited {self.proc.returncode} before {pattern!r} on stderr:\n"
-                                + self.text())
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(f"no {pattern!r} on stderr within {timeout} s:\n" + self.text())
-                self.cond.wait(min(left, 0.1))
+
+        def hits(lines):
+            found = [line for line in lines if pat.search(line)]
+            return found if len(found) >= count else None
+
+        found = self.streams[0].wait(hits, timeout, self.proc, step=0.1)
+        if found:
+            return found
+        if self.proc.poll() is not None and not self.streams[0].open:
+            pytest.fail(f"exited {self.proc.returncode} before {pattern!r} on stderr:\n" + self.text())
+        pytest.fail(f"no {pattern!r} on stderr within {timeout} s:\n" + self.text())
 
     def ready(self, targets=1) -> list[str]:
         """Wait for the discovery lines, then for the tracer to start (it does right after)."""
@@ -107,15 +96,10 @@ class Proc:
 
     def finish(self, timeout=WAIT) -> int:
         """Wait for the command to end by itself; fails (and kills it) if it does not."""
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"{shlex.join(self.argv)} did not end within {timeout} s; stderr:\n"
-                        + self.text())
-        for t in self.threads:
-            t.join(5)
+        rc = finish(self.proc, timeout, lambda: f"{shlex.join(self.argv)} did not end within "
+                                                f"{timeout} s; stderr:\n" + self.text())
+        for lines in self.streams:
+            lines.join(5)
         self.t_end = time.time()
         return rc
 
@@ -176,28 +160,9 @@ def _nothing_left_behind():
 
 # -- traffic and the testbed ----------------------------------------------------------------
 
-def ping_argv(tb, n=N, size=56, interval="0.1"):
-    return ["ping", "-n", "-q", "-c", str(n), "-i", interval, "-s", str(size), tb.peer_ip]
-
-
 def ping(tb, c, n=N, size=56) -> tuple[float, float]:
-    """n pings from container c, all answered; returns the wall-clock window they took."""
-    t0 = time.time()
-    r = tb.run(c.ns, ping_argv(tb, n, size), timeout=30)
-    t1 = time.time()
-    assert r.returncode == 0 and f" {n} received" in r.stdout, r.stdout + r.stderr
-    return t0, t1
-
-
-def pings(tb, plan) -> tuple[float, float]:
-    """Concurrent pings: plan is [(container, count, size)]."""
-    t0 = time.time()
-    procs = [tb.popen(c.ns, ping_argv(tb, n, size), stdout=subprocess.PIPE, text=True)
-             for c, n, size in plan]
-    for p, (c, n, _) in zip(procs, plan):
-        out, _ = p.communicate(timeout=30)
-        assert p.returncode == 0 and f" {n} received" in out, (c.ns, out)
-    return t0, time.time()
+    """n pings from container c (every 0.1 s), all answered; the wall-clock window."""
+    return _ping(tb, c, n, size=size)
 
 
 def wait_in_namespace(pid: int, timeout=5) -> None:
@@ -213,10 +178,6 @@ def forget_namespace(tb, ns: str) -> None:
     """Remove a container's namespace as a stopping container would lose it."""
     netns.remove(ns)
     tb._made.remove(ns)
-
-
-def inode_of(tb, c) -> int:
-    return os.stat(tb.ns_path(c.ns)).st_ino
 
 
 # -- parsing the output ---------------------------------------------------------------------
@@ -318,16 +279,6 @@ def check_discovery(line, tb, c, who, inode):
     m = DISCOVERY.match(line)
     assert m, line
     assert m.groups() == (str(inode), who, c.inner, c.veth, tb.bridge, tb.uplink), line
-
-
-def check_one_line_error(r, code, message):
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("mace: error: "), lines[0]
-    assert re.search(message, lines[0]), lines[0]
-    assert "Traceback" not in r.stderr
-    assert r.stdout == ""
 
 
 # -- targets --------------------------------------------------------------------------------

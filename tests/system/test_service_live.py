@@ -11,16 +11,17 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+from helpers import WAIT, Lines, finish, inode_of, one_line_error, wait_for
+from helpers import ping as _ping
+from helpers import pings as _pings
 from pyroute2 import netns
 
 # a client inside a container: uid 0 (the test tree is root's), but no capability at all
 NOPRIV = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 SETTLE = 0.4            # reports go through a 2 ms reorder window and a 200 ms poll
-WAIT = 15               # longest anything may take that should be quick
 REPORT_KEYS = {"ts", "netns", "target", "dir", "seq", "latency_ns", "len", "cpu"}
 ECHO_LEN = 20 + 8 + 56  # IPv4 + ICMP headers + ping's default payload
 MACE_LINE = re.compile(r"^\[(\d+)\.(\d{6})\] \((\d+)\) (egress|ingress): (\d+)$")
@@ -148,39 +149,22 @@ class Service:
         self.proc = tb.popen(tb.host_ns, self.argv, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.pid = self.proc.pid        # nsenter execs: the service itself
-        self.log: list[str] = []
-        self.cond = threading.Condition()
-        self.pump = threading.Thread(target=self._pump, daemon=True)
-        self.pump.start()
-
-    def _pump(self):
-        for line in self.proc.stderr:
-            with self.cond:
-                self.log.append(line.rstrip("\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.cond.notify_all()
+        self.pump = Lines(self.proc.stderr)
+        self.log = self.pump.lines
 
     def text(self) -> str:
-        with self.cond:
-            return "\n".join(self.log)
+        return self.pump.text()
 
     def wait_log(self, pattern: str, timeout: float = WAIT) -> str:
         pat = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for line in self.log:
-                    if pat.search(line):
-                        return line
-                if self.proc.poll() is not None and not self.pump.is_alive():
-                    pytest.fail(f"the service exited {self.proc.returncode} before logging "
-                                f"{pattern!r}:\n" + "\n".join(self.log))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    pytest.fail(f"the service did not log {pattern!r} in {timeout} s:\n"
-                                + "\n".join(self.log))
-                self.cond.wait(min(left, 0.05))
+        line = self.pump.wait(lambda log: next((x for x in log if pat.search(x)), None), timeout,
+                              self.proc)
+        if line is not None:
+            return line
+        if self.proc.poll() is not None and not self.pump.open:
+            pytest.fail(f"the service exited {self.proc.returncode} before logging "
+                        f"{pattern!r}:\n" + self.text())
+        pytest.fail(f"the service did not log {pattern!r} in {timeout} s:\n" + self.text())
 
     def ready(self) -> "Service":
         deadline = time.monotonic() + WAIT
@@ -195,12 +179,8 @@ class Service:
 
     def stop(self, sig=signal.SIGTERM, timeout: float = WAIT) -> int:
         self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"the service did not stop within {timeout} s of signal {sig}:\n" + self.text())
+        rc = finish(self.proc, timeout,
+                    lambda: f"the service did not stop within {timeout} s of signal {sig}:\n" + self.text())
         self.pump.join(5)
         return rc
 
@@ -349,27 +329,13 @@ def check_reports(reports, inode, n, *, first=1, window=None):
     assert len(reports) == 2 * n
 
 
-def inode_of(tb, c) -> int:
-    return os.stat(tb.ns_path(c.ns)).st_ino
-
-
 def ping(tb, c, n, interval="0.02") -> tuple[float, float]:
-    t0 = time.time()
-    r = tb.run(c.ns, ["ping", "-n", "-q", "-c", str(n), "-i", interval, tb.peer_ip], timeout=30)
-    t1 = time.time()
-    assert r.returncode == 0 and f" {n} received" in r.stdout, r.stdout + r.stderr
-    return t0, t1
+    return _ping(tb, c, n, interval=interval)
 
 
 def pings(tb, plan) -> tuple[float, float]:
-    """Concurrent pings, plan [(container, count)]: all answered."""
-    t0 = time.time()
-    procs = [(tb.popen(c.ns, ["ping", "-n", "-q", "-c", str(n), "-i", "0.02", tb.peer_ip],
-                       stdout=subprocess.PIPE, text=True), n) for c, n in plan]
-    for p, n in procs:
-        out, _ = p.communicate(timeout=30)
-        assert p.returncode == 0 and f" {n} received" in out, out
-    return t0, time.time()
+    """Concurrent pings every 0.02 s, plan [(container, count)]: all answered."""
+    return _pings(tb, plan, interval="0.02")
 
 
 def enable(tb, c, sock) -> str:
@@ -384,63 +350,25 @@ def status_json(tb, c, sock) -> dict:
     return json.loads(ok(mace_client(tb, c, sock, "status", "--json")).stdout)
 
 
-def one_line_error(r, code: int, message: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("mace: error: ") and re.search(message, lines[0]), lines[0]
-    assert r.stdout == ""
-    return lines[0]
-
-
-def wait_for(pred, timeout=WAIT, what="condition"):
-    """Poll pred until true; `what` (a string, or a function giving one) names it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"no {what() if callable(what) else what} within {timeout} s"
-        time.sleep(0.05)
-
-
 class Background:
     """A command in a container whose stdout lines are read as they come."""
 
     def __init__(self, tb, c, argv):
         self.proc = tb.popen(c.ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        self.out: list[str] = []
+        self.pump = Lines(self.proc.stdout)
+        self.out = self.pump.lines
         self.err = ""
-        self.cond = threading.Condition()
-        self.pump = threading.Thread(target=self._pump, daemon=True)
-        self.pump.start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            with self.cond:
-                self.out.append(line.rstrip("\n"))
-                self.cond.notify_all()
 
     def wait_lines(self, pred, timeout=WAIT, what="lines"):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not pred(self.out):
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self.pump.is_alive()):
-                    err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-                    pytest.fail(f"no {what} within {timeout} s: rc {self.proc.poll()}, "
-                                f"out {self.out[-5:]}, err {err}")
-                self.cond.wait(min(left, 0.05))
-            return list(self.out)
+        with self.pump.cond:
+            if self.pump.wait(lambda out: pred(out) or None, timeout, self.proc):
+                return list(self.out)
+        err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+        pytest.fail(f"no {what} within {timeout} s: rc {self.proc.poll()}, out {self.out[-5:]}, err {err}")
 
     def finish(self, timeout=WAIT) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"{self.proc.args} did not end within {timeout} s")
+        rc = finish(self.proc, timeout, lambda: f"{self.proc.args} did not end within {timeout} s")
         self.pump.join(5)
         self.err = self.proc.stderr.read()
         return rc

@@ -1,0 +1,127 @@
+"""Helpers the system tests share: pings from a testbed's containers, output read as it
+comes from a running command, and the one-line error check.  Plain functions, imported
+as `from helpers import ...` (tests/ is on sys.path through tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+WAIT = 15                   # longest anything may take that should be quick
+
+
+def inode_of(tb, c) -> int:
+    """The network namespace inode of testbed container c (what reports call netns)."""
+    return os.stat(tb.ns_path(c.ns)).st_ino
+
+
+def ping_argv(tb, n: int, *, size: int = 56, interval: str = "0.1") -> list[str]:
+    return ["ping", "-n", "-q", "-c", str(n), "-i", interval, "-s", str(size), tb.peer_ip]
+
+
+def ping(tb, c, n: int, *, size: int = 56, interval: str = "0.1") -> tuple[float, float]:
+    """n pings from container c, all answered; returns the wall-clock window they took."""
+    t0 = time.time()
+    r = tb.run(c.ns, ping_argv(tb, n, size=size, interval=interval), timeout=30)
+    t1 = time.time()
+    assert r.returncode == 0 and f" {n} received" in r.stdout, r.stdout + r.stderr
+    return t0, t1
+
+
+def pings(tb, plan, *, interval: str = "0.1") -> tuple[float, float]:
+    """Concurrent pings, plan [(container, count)] or [(container, count, size)], all
+    answered; returns the wall-clock window they took."""
+    t0 = time.time()
+    procs = []
+    for c, n, *size in plan:
+        argv = ping_argv(tb, n, size=size[0] if size else 56, interval=interval)
+        procs.append((tb.popen(c.ns, argv, stdout=subprocess.PIPE, text=True), c, n))
+    for p, c, n in procs:
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 0 and f" {n} received" in out, (c.ns, out)
+    return t0, time.time()
+
+
+def one_line_error(r, code: int, message: str) -> str:
+    """r (a CompletedProcess) failed with `code` and one line `mace: error: ...` matching
+    `message` on stderr, nothing on stdout, no traceback; returns that line."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("mace: error: ") and re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    return lines[0]
+
+
+def wait_for(pred, timeout=WAIT, what="condition"):
+    """Poll pred until true; `what` (a string, or a function giving one) names it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what() if callable(what) else what} within {timeout} s"
+        time.sleep(0.05)
+
+
+class Lines:
+    """The lines of a running command's stream, read by a thread as they come, so that a
+    test can wait for one and still get everything.  `cond` guards `lines`; it may be
+    shared by several streams of one command."""
+
+    def __init__(self, stream, cond: threading.Condition | None = None):
+        self.lines: list[str] = []
+        self.cond = cond or threading.Condition()
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, stream):
+        for line in stream:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    @property
+    def open(self) -> bool:
+        """Whether more lines may come."""
+        return self.thread.is_alive()
+
+    def text(self) -> str:
+        with self.cond:
+            return "\n".join(self.lines)
+
+    def wait(self, pred, timeout: float, proc: subprocess.Popen, step: float = 0.05):
+        """Wait until pred(lines) is true: its value; None once the command ended without it
+        or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                value = pred(self.lines)
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0 or (proc.poll() is not None and not self.open):
+                    return None
+                self.cond.wait(min(left, step))
+
+    def join(self, timeout: float = 5) -> None:
+        self.thread.join(timeout)
+
+
+def finish(proc: subprocess.Popen, timeout: float, what) -> int:
+    """Wait for proc to end by itself; kills it and fails the test if it does not.
+    `what`: a function giving the failure message."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(what())
