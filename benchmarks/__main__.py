@@ -38,8 +38,9 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(SUITE)}")
     if args.out:
-        import benchmarks.common as common
         from pathlib import Path
+
+        import benchmarks.common as common
         common.RESULTS = Path(args.out)
     import benchmarks.common as common
     for name in names:

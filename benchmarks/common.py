@@ -32,7 +32,7 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "memory_gib": round(mem_gib, 1),
         "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
@@ -129,7 +129,7 @@ def rate_bars(ax, names, vals, colors, target: float, headroom: float) -> None:
     ax.axhline(target, color="tab:red", ls="--", lw=1)
     ax.text(len(vals) - 0.55, target * 1.12, f"target {fmt_rate(target)}", color="tab:red",
             ha="right", fontsize=8)
-    for b, v in zip(bars, vals):
+    for b, v in zip(bars, vals, strict=True):
         ax.text(b.get_x() + b.get_width() / 2, v * 1.15, fmt_rate(v), ha="center", fontsize=9)
     ax.set_ylim(min(vals) / 3, max(max(vals), target) * headroom)
 

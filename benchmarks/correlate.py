@@ -95,13 +95,13 @@ def _direction_counts(raw: bytes) -> list[int]:
 
 
 def synthetic(quick: bool) -> dict:
-    from mace.correlate import _correlate
     from mace.capture._ring import EVENT_SIZE
-    from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
+    from mace.correlate import _correlate
     from mace.output.report import unpack
     from mace.testing.kernel import build_images, model_plan
+    from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
     from mace.testing.synthetic import builtin_layout
-    from mace.tracer import DEFAULT_TABLE_SIZE, DEFAULT_MAX_AGE_NS
+    from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
 
     plan = model_plan()
     probes = plan.probes()
@@ -116,7 +116,7 @@ def synthetic(quick: bool) -> dict:
     views = [memoryview(img.buf) for img in images]   # also pins the buffers' size
 
     def restore():
-        for v, o in zip(views, originals):
+        for v, o in zip(views, originals, strict=True):
             v[:] = o
 
     def correlator():
@@ -553,7 +553,7 @@ def plot(result: dict, path: Path) -> None:
                   for r in runs]
             a1.plot(xs, ys, marker=marker, color=color,
                     label=f"{d}, paced UDP ({lv['udp_paced_rate'] // 1000}k/s per sender)")
-            for x, y in zip(xs, ys):
+            for x, y in zip(xs, ys, strict=True):
                 if y == y:
                     a1.annotate(f"{y:.2f}" if y < 100 else "100", (x, y), fontsize=7, color=color,
                                 xytext=(-6, 7 if d == "egress" else -12),
@@ -571,7 +571,7 @@ def plot(result: dict, path: Path) -> None:
                             xytext=(7, 7 if d == "egress" else -12), textcoords="offset points")
         a1.set_ylim(ymin, ytop)
         a1.axhline(100, color="gray", lw=0.8, ls=":")
-        for x, r in zip(xs, runs):
+        for x, r in zip(xs, runs, strict=True):
             a1.text(x, ymin + span * 0.02,
                     f"{_mem(r['table_bytes'])}\nevicted {_evicted(r):,}\nleft {_left(r):,}"
                     f"\nkdrop {r['kernel_dropped']:,}" + (f"\nlost {r['lost']:,}" if r["lost"] else ""),

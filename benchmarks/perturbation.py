@@ -73,7 +73,7 @@ class TracefsMount:
         self.was_mounted = False
         self.root = TRACEFS
 
-    def __enter__(self) -> "TracefsMount":
+    def __enter__(self) -> TracefsMount:
         mounts = tracefs_mounts()
         self.was_mounted = bool(mounts)
         if str(TRACEFS) in mounts:
@@ -768,7 +768,7 @@ def plot(result: dict, path: Path) -> None:
     configs = result["configs"]
     fig, axes = plt.subplots(len(phases), 2, figsize=(14, 4.6 * len(phases)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1.5]})
-    for row, ph in zip(axes, phases):
+    for row, ph in zip(axes, phases, strict=True):
         a1, a2 = row
         tracers = [c for c in configs if c != "none"]
         add = ph["added"]
@@ -788,7 +788,7 @@ def plot(result: dict, path: Path) -> None:
             top = max(d["per_round_us"] + [d["median_us"]])
             a1.annotate(label, (i, top), xytext=(0, 4), textcoords="offset points",
                         ha="center", va="bottom", fontsize=8)
-        for name, s in result.get("skipped_configs", {}).items():
+        for name in result.get("skipped_configs", {}):
             tracers.append(name)
             a1.text(len(tracers) - 1, 0, "skipped", ha="center", fontsize=8, rotation=90)
         a1.axhline(0, color="black", lw=0.7)

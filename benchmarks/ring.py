@@ -151,7 +151,7 @@ def _time_drain(images, layouts, reps: int, expect: int) -> tuple[list[float], o
     times = []
     try:
         for rep in range(reps + 1):
-            for v, o in zip(views, originals):
+            for v, o in zip(views, originals, strict=True):
                 v[:] = o
             t0 = time.perf_counter()
             n = rings.drain(final=True)
@@ -163,7 +163,7 @@ def _time_drain(images, layouts, reps: int, expect: int) -> tuple[list[float], o
                 times.append(dt)
         return times, rings
     finally:
-        for v, o in zip(views, originals):
+        for v, o in zip(views, originals, strict=True):
             v[:] = o
         for v in views:
             v.release()
@@ -438,7 +438,7 @@ def plot(result: dict, path: Path) -> None:
         ev = [r["events_per_s"] / 1e3 for r in runs]
         colors = ["tab:green" if r.get("role") != "diagnostic" else "tab:olive" for r in runs]
         b2 = a2.bar(x, ev, color=colors, width=0.55, label="events/s")
-        for b, r in zip(b2, runs):
+        for b, r in zip(b2, runs, strict=True):
             cpu = r.get("reader_cpu_s_per_M")
             a2.text(b.get_x() + b.get_width() / 2, b.get_height() + max(ev) * 0.02,
                     f"{fmt_rate(r['events_per_s'])}\nlost {r['lost']:,}\n({_lost_pct(r):.2f}%)"

@@ -134,7 +134,7 @@ def plot(result: dict, path: Path) -> None:
     x = range(len(steps))
     bars = ax.bar(x, [s["packets_per_s"] / 1000 for s in steps],
                   color=["tab:green" if s["lost"] == 0 else "tab:red" for s in steps])
-    for b, s in zip(bars, steps):
+    for b, s in zip(bars, steps, strict=True):
         cov = "-" if s["coverage_min"] is None else f"{100 * s['coverage_min']:.1f}%"
         ax.text(b.get_x() + b.get_width() / 2, b.get_height(),
                 f"{s['events_per_s'] / 1000:.0f}k ev/s\nlost {s['lost']}\ncover ≥ {cov}\n"

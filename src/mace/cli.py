@@ -14,9 +14,19 @@ import time
 from contextlib import ExitStack
 
 from mace._version import __version__
-from mace.defaults import (DEFAULT_MAX_AGE_NS, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_NAMESPACES,
-                           DEFAULT_QUEUE, DEFAULT_SOCKET, DEFAULT_STATE_DIR, DEFAULT_TABLE_SIZE,
-                           DIRECTIONS, FORMATS, PRESENCE_EVERY, SOCKET_ENV)
+from mace.defaults import (
+    DEFAULT_MAX_AGE_NS,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_NAMESPACES,
+    DEFAULT_QUEUE,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TABLE_SIZE,
+    DIRECTIONS,
+    FORMATS,
+    PRESENCE_EVERY,
+    SOCKET_ENV,
+)
 from mace.errors import MaceError, PermissionProblem, UsageError, exit_status_text
 
 # Only the standard library and mace's light modules at the top: `mace on|off|status|read`
@@ -285,9 +295,9 @@ def _client_lines(reply: dict) -> list[str]:
 
 
 def cmd_trace(args) -> int:
-    from mace.targets.netns import discover, resolve
     from mace.output.sinks import make_sink
     from mace.output.summary import build, format_text
+    from mace.targets.netns import discover, resolve
     from mace.tracer import Tracer
 
     _check_positive("--duration", args.duration)
@@ -433,9 +443,9 @@ def cmd_demo(args) -> int:
 
 def cmd_events(args) -> int:
     from mace.capture.perf import Capture, Probe, check_tracepoint_name
-    from mace.testing.testbed import Testbed
     from mace.capture.tracefs import read_formats
     from mace.output.clock import wall, wall_offset_ns
+    from mace.testing.testbed import Testbed
     from mace.tracer import follow
 
     _check_positive("--duration", args.duration)

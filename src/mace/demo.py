@@ -86,7 +86,7 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
         recv = int(p.received * 1e9)
         sent = recv - p.rtt_ns
         best = None
-        for i, (t, r) in enumerate(ing):
+        for i, (t, _) in enumerate(ing):
             if i in used_i or not sent < t <= recv + slack:
                 continue
             if best is None or abs(recv - t) < abs(recv - ing[best][0]):
@@ -95,7 +95,7 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
             used_i.add(best)
             p.ingress_ns = ing[best][1].latency
         best = None
-        for i, (t, r) in enumerate(eg):
+        for i, (t, _) in enumerate(eg):
             if i in used_e or not sent - slack <= t < recv:
                 continue
             if best is None or abs(t - sent) < abs(eg[best][0] - sent):

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mace.correlate import _correlate
 from mace.capture.perf import Probe
+from mace.correlate import _correlate
 
 XMIT = "net:net_dev_start_xmit"
 RECV = "net:netif_receive_skb"
@@ -94,11 +94,11 @@ class Plan:
     def inner_names(self) -> list[str]:
         return list(dict.fromkeys(c.inner for _, c in self.active))
 
-    def same_shape(self, other: "Plan") -> bool:
+    def same_shape(self, other: Plan) -> bool:
         """Whether `other` traces the same tracepoints the same way (only containers differ)."""
         return (self.uplink, self.hops, self.end_at_queue) == (other.uplink, other.hops, other.end_at_queue)
 
-    def rebased(self, previous: "Plan") -> "Plan":
+    def rebased(self, previous: Plan) -> Plan:
         """This plan with the device slots of `previous` kept where the name is still
         needed: a correlator reconfigured between the two then reads every slot the same way
         before and after, except slots that changed hands (see Correlator.reconfigure)."""

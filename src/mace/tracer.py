@@ -17,13 +17,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from mace.capture.perf import Capture
-from mace.plan import Plan, tracepoints
 from mace.capture.tracefs import read_formats
 from mace.defaults import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE, DIRECTIONS, PRESENCE_EVERY
 from mace.output.report import Report, unpack
+from mace.plan import Plan, tracepoints
 
 
 def _cut_time() -> int:
@@ -57,7 +57,7 @@ class Tracer:
         self.started_at: float | None = None
         self.stopped_at: float | None = None
 
-    def open(self, *, bridge: bool | None = None) -> "Tracer":
+    def open(self, *, bridge: bool | None = None) -> Tracer:
         """Open the events (disabled).  bridge: see Plan.correlator."""
         self.formats = formats = read_formats(tracepoints(self.plan.hops))
         self.capture = Capture(self.plan.probes(formats), self.plan.devices, **self._capture_kw)
@@ -71,7 +71,7 @@ class Tracer:
             raise
         return self
 
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         return self.open()
 
     def __exit__(self, *exc) -> bool:

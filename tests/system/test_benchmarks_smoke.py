@@ -4,11 +4,11 @@ assertions: these machines are shared)."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_accuracy_benchmark_quick(tmp_path):
         assert len(lv["native"]) > 0 and len(lv["plain_raw"]) > 0 and len(lv["plain_native"]) > 0
         assert len(lv["rounds"]) == rounds
         # honesty: corrected is the raw RTT minus the measured expense, probe by probe
-        for raw, e, i, c in zip(lv["matched_raw"], lv["egress"], lv["ingress"], lv["corrected"]):
+        for raw, e, i, c in zip(lv["matched_raw"], lv["egress"], lv["ingress"], lv["corrected"], strict=True):
             assert c == raw - e - i
             assert e > 0 and i > 0          # a report's latency is never 0
         assert not Counter(lv["matched_raw"]) - Counter(lv["raw"])     # matched probes are probes

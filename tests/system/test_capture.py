@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from mace.errors import MaceError, TracepointMissing
 from mace.capture.perf import Capture, Probe, online_cpus
 from mace.capture.tracefs import _mounted_tracefs, read_formats
+from mace.errors import MaceError, TracepointMissing
 
 PAYLOAD = 177         # an unusual ping size: no other traffic on the machine matches it
 ECHO_L3 = 20 + 8 + PAYLOAD

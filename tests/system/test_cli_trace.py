@@ -45,7 +45,7 @@ ECHO_LEN = 20 + 8       # IPv4 + ICMP headers: a report's len is this plus ping'
 
 # -- running mace ---------------------------------------------------------------------------
 
-_LAUNCHED: list["Proc"] = []
+_LAUNCHED: list[Proc] = []
 
 
 def mace_argv(*args) -> list[str]:
@@ -330,10 +330,10 @@ def test_several_targets_each_report_attributed_and_others_ignored(testbed_facto
     counts, sizes = (4, 6, 5), (100, 200, 300)      # c2 pings too, but is not traced
     run = mace("--netns", c0.ns, "--netns", c1.ns, "-f", fmt, *RING)
     lines = run.ready(2)
-    window = pings(tb, list(zip(tb.containers, counts, sizes)))
+    window = pings(tb, list(zip(tb.containers, counts, sizes, strict=True)))
     time.sleep(0.3)
     assert run.stop(signal.SIGINT) == 0, run.text()
-    for line, c in zip(lines, (c0, c1)):
+    for line, c in zip(lines, (c0, c1), strict=True):
         check_discovery(line, tb, c, c.ns, inode_of(tb, c))
     reports = parse(fmt, run.out, [c0.ns, c1.ns])
     for i, c in enumerate((c0, c1)):

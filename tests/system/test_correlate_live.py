@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from mace.plan import ContainerPath, Plan
 from mace.output.report import coverage
+from mace.plan import ContainerPath, Plan
 from mace.tracer import Tracer
 
 COUNTERS = ("reports", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")

@@ -166,7 +166,7 @@ class Service:
                         f"{pattern!r}:\n" + self.text())
         pytest.fail(f"the service did not log {pattern!r} in {timeout} s:\n" + self.text())
 
-    def ready(self) -> "Service":
+    def ready(self) -> Service:
         deadline = time.monotonic() + WAIT
         while not os.path.exists(self.sock):
             assert self.proc.poll() is None, f"the service exited {self.proc.returncode}:\n{self.text()}"
@@ -481,7 +481,7 @@ def test_crafted_requests_are_refused_and_change_nothing(bed, tmp_path):
     finally:
         in_b.kill()
         in_b.wait()
-    for (data, code, message), s in zip(cases, results):
+    for (data, code, message), s in zip(cases, results, strict=True):
         assert s["closed"] in ("eof", "reset"), (data and data[:80], s)
         assert len(s["lines"]) == 1, (data and data[:80], s)
         reply = json.loads(s["lines"][0])
@@ -952,7 +952,7 @@ def test_odd_requests_under_the_size_limit_are_refused_too(bed, tmp_path):
     results = raw(tb, a, tmp_path, sock, [{"send": data, "stop": "one", "timeout": 5}
                                           for data in cases.values()])
     got = {}
-    for name, s in zip(cases, results):
+    for name, s in zip(cases, results, strict=True):
         replies = [json.loads(line) for line in s["lines"]]
         got[name] = [(r.get("ok"), r.get("code")) for r in replies] or s["closed"]
     r = ok(mace_client(tb, a, sock, "status"))      # still serving

@@ -13,7 +13,6 @@ import mace.tracer
 from mace.plan import ContainerPath, Plan
 from mace.tracer import Tracer
 
-
 PINGS = 100000
 
 
@@ -43,7 +42,7 @@ def test_a_drain_between_the_cut_and_the_old_capture_cut_duplicates_nothing(test
         for plan in (Plan([pa, pb], tb.uplink), Plan([pa, None], tb.uplink), Plan([pa, pb], tb.uplink)):
             reports += tr.update(plan)
             deadline = time.monotonic() + 0.2
-            tr.run(until=lambda: time.monotonic() > deadline, on_reports=reports.extend)
+            tr.run(until=lambda deadline=deadline: time.monotonic() > deadline, on_reports=reports.extend)
         tr.run(until=lambda: flood.poll() is not None, on_reports=reports.extend)
         time.sleep(0.02)
         reports += tr.stop()

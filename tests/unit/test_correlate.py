@@ -20,14 +20,29 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mace.correlate import _correlate
 from mace.capture._ring import RECORD_FORMAT, Rings
 from mace.capture.perf import Event
-from mace.plan import RECV, XMIT, ContainerPath, Plan
-from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
+from mace.correlate import _correlate
 from mace.output.report import Report, unpack
-from mace.testing.kernel import (ARP, BRIDGE, EGRESS, ETH_HLEN, INGRESS, INNER, IP, TP, UPLINK, Box, Kernel,
-                                 Stream, World, make_plan, tell)
+from mace.plan import RECV, XMIT, ContainerPath, Plan
+from mace.testing.kernel import (
+    ARP,
+    BRIDGE,
+    EGRESS,
+    ETH_HLEN,
+    INGRESS,
+    INNER,
+    IP,
+    TP,
+    UPLINK,
+    Box,
+    Kernel,
+    Stream,
+    World,
+    make_plan,
+    tell,
+)
+from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
 from mace.testing.synthetic import PAGE, RingImage, builtin_layout
 
 COUNTERS = _correlate.CONTAINER_COUNTERS

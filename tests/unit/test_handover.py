@@ -72,10 +72,10 @@ def test_every_hit_is_delivered_once_across_the_cut(history):
     hits, enable, cut, stop = history
     old, old_imgs = rings(2)
     new, new_imgs = rings(2)
-    for n, o, cpu, skb, tp in sorted(hits, key=lambda h: h[1]):
+    for _, o, cpu, skb, tp in sorted(hits, key=lambda h: h[1]):
         if o < stop:
             assert old_imgs[cpu].write(event(o, cpu, skb, tp))
-    for n, o, cpu, skb, tp in sorted(hits):
+    for n, _, cpu, skb, tp in sorted(hits):
         if n >= enable:
             assert new_imgs[cpu].write(event(n, cpu, skb, tp))
     old.cut_at(cut)

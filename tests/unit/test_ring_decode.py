@@ -9,8 +9,19 @@ import pytest
 from mace.capture._ring import DEV_NONE, DEV_OTHER, EVENT_SIZE, RECORD_FORMAT, EventSink, Rings
 from mace.capture.perf import Event
 from mace.testing.reference import ReferenceDecoder
-from mace.testing.synthetic import (PAGE, PERF_RECORD_SAMPLE, NetEvent, RingImage, builtin_format, builtin_layout, lost, other,
-                            raw_record, sample, throttle)
+from mace.testing.synthetic import (
+    PAGE,
+    PERF_RECORD_SAMPLE,
+    NetEvent,
+    RingImage,
+    builtin_format,
+    builtin_layout,
+    lost,
+    other,
+    raw_record,
+    sample,
+    throttle,
+)
 
 XMIT = "net:net_dev_start_xmit"
 RECV = "net:netif_receive_skb"
@@ -721,7 +732,7 @@ def test_close_while_another_thread_drains_is_safe():
         stop = threading.Event()
         errors = []
 
-        def reader():
+        def reader(rings=rings, stop=stop, errors=errors):
             while not stop.is_set():
                 try:
                     rings.drain(final=True)

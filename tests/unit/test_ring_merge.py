@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 from mace.capture._ring import DEV_NONE, DEV_OTHER, Rings
 from mace.capture.perf import Event
 from mace.testing.reference import ReferenceDecoder, merge
-from mace.testing.synthetic import PAGE, NetEvent, RingImage, builtin_format, builtin_layout, lost, other, sample, throttle
+from mace.testing.synthetic import (
+    PAGE,
+    NetEvent,
+    RingImage,
+    builtin_format,
+    builtin_layout,
+    lost,
+    other,
+    sample,
+    throttle,
+)
 
 XMIT = "net:net_dev_start_xmit"
 RECV = "net:netif_receive_skb"

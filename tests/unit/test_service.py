@@ -13,15 +13,14 @@ import types
 import pytest
 
 from mace.correlate import _correlate
+from mace.errors import ResourceError, UsageError
+from mace.output.report import REPORT_SIZE, unpack
+from mace.plan import ContainerPath
 from mace.service import protocol as P
 from mace.service.client import mace_line
-from mace.errors import ResourceError, UsageError
-from mace.plan import ContainerPath
-from mace.output.report import REPORT_SIZE, unpack
 from mace.service.identity import Peer
 from mace.service.queue import Namespace
 from mace.service.server import Options, Service
-
 
 # -- requests ---------------------------------------------------------------------------------
 

@@ -100,8 +100,8 @@ def test_jsonl_hops_are_named_per_direction_and_none_is_null():
     text = write("jsonl", [report(hops=(10, None, 30, 40)), report(d=1, hops=(5, 6, None))],
                  hops=True)
     eg, ing = map(json.loads, text.splitlines())
-    assert list(eg["hops"].items()) == list(zip(EGRESS_HOPS, [10, None, 30, 40]))
-    assert list(ing["hops"].items()) == list(zip(INGRESS_HOPS, [5, 6, None]))
+    assert list(eg["hops"].items()) == list(zip(EGRESS_HOPS, [10, None, 30, 40], strict=True))
+    assert list(ing["hops"].items()) == list(zip(INGRESS_HOPS, [5, 6, None], strict=True))
     assert '"veth backlog":null' in text.splitlines()[0]
 
 

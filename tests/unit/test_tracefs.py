@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from importlib import resources
 
 import pytest
 
-from mace.errors import MaceError, TracepointMissing
 from mace.capture.perf import kind_layout
-from mace.testing.synthetic import builtin_format
 from mace.capture.tracefs import EventFormat, Field, parse_format
+from mace.errors import MaceError, TracepointMissing
+from mace.testing.synthetic import builtin_format
 
 FORMAT_DIR = resources.files("mace.testing").joinpath("formats")
 FORMAT_FILES = sorted(p.name for p in FORMAT_DIR.iterdir() if p.name.endswith(".format"))
@@ -85,7 +87,7 @@ def test_parse_captured_format(fname):
         assert (f.offset, f.size, f.signed, f.data_loc) == (off, sz, signed, data_loc), fname_
     # every field lies inside the fixed part, and no two fields overlap
     spans = sorted((f.offset, f.offset + f.size) for f in fmt.fields.values())
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+    for (_, a1), (b0, _) in itertools.pairwise(spans):
         assert a1 <= b0
     assert spans[-1][1] == fmt.size
     # the file name and builtin_format agree with the parse
@@ -273,5 +275,5 @@ def test_unsupported_layouts_raise_tracepoint_missing(fields):
 
 def test_field_dataclass_is_frozen():
     f = Field("x", "int", 8, 4, True)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         f.offset = 12  # type: ignore[misc]

@@ -92,7 +92,7 @@ class LiveView:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         self.live = Live(console=self.console, auto_refresh=False, screen=True,
                          redirect_stderr=False, redirect_stdout=False)
         self.live.__enter__()
@@ -228,9 +228,9 @@ class LiveView:
         t.add_column("share")
         egress_names = EGRESS_SEGMENTS[:-1] if self.plan.end_at_queue else EGRESS_SEGMENTS
         for d, names in enumerate((egress_names, INGRESS_SEGMENTS)):
-            means = [s / n if n else None for s, n in zip(self.hop_sums[c][d], self.hop_counts[c][d])]
+            means = [s / n if n else None for s, n in zip(self.hop_sums[c][d], self.hop_counts[c][d], strict=True)]
             total = sum(m for m in means if m) or 1
-            for i, (name, m) in enumerate(zip(names, means)):
+            for i, (name, m) in enumerate(zip(names, means, strict=False)):
                 bar = "█" * int(round(20 * (m or 0) / total))
                 t.add_row(DIRECTIONS[d] if i == 0 else "",
                           name, _us(m), bar)

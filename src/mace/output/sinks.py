@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import csv
 import json
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 from mace.defaults import DIRECTIONS, FORMATS  # noqa: F401 - FORMATS: where sinks are chosen
 from mace.output import clock
@@ -25,7 +26,7 @@ HOP_NAMES = (EGRESS_HOPS, INGRESS_HOPS)
 
 
 def hop_columns() -> list[str]:
-    return [f"{d}_{h.replace(' ', '_')}_ns" for d, names in zip(DIRECTIONS, HOP_NAMES)
+    return [f"{d}_{h.replace(' ', '_')}_ns" for d, names in zip(DIRECTIONS, HOP_NAMES, strict=True)
             for h in names]
 
 
@@ -71,7 +72,7 @@ def jsonl_line(r: Report, ts: str, netns: int, target: str, hops: bool) -> str:
     obj = {"netns": netns, "target": target, "dir": r.direction, "seq": r.seq,
            "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
     if hops:
-        obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops))
+        obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops, strict=True))
     return '{"ts":' + ts + "," + json.dumps(obj, separators=(",", ":"))[1:] + "\n"
 
 

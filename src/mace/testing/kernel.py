@@ -312,7 +312,7 @@ class Stream:
     def truths(self) -> list[tuple]:
         """Per reportable packet: (container, dir, l3, start times, end times, all times)."""
         by_story: dict[int, list[tuple[Act, int]]] = {}
-        for em, ts in zip(self.emitted, self.ts):
+        for em, ts in zip(self.emitted, self.ts, strict=True):
             by_story.setdefault(em.story, []).append((em, ts))
         out = []
         eaq = self.world.plan.end_at_queue

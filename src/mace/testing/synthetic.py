@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from mace.capture.tracefs import EventFormat, parse_format
@@ -23,7 +23,7 @@ PERF_RECORD_SAMPLE = 9
 HEAD_AT, TAIL_AT, DATA_OFFSET_AT, DATA_SIZE_AT = 1024, 1032, 1040, 1048
 
 
-@lru_cache(maxsize=None)
+@cache
 def builtin_format(qualified: str) -> EventFormat:
     """The layout of `system:name` as captured on Linux 6.18 (see formats/)."""
     system, _, name = qualified.partition(":")
@@ -31,7 +31,7 @@ def builtin_format(qualified: str) -> EventFormat:
     return parse_format(text, system)
 
 
-@lru_cache(maxsize=None)
+@cache
 def builtin_layout(qualified: str) -> dict:
     """`Rings.add_kind` arguments for a captured tracepoint."""
     from mace.capture.perf import kind_layout

@@ -28,8 +28,8 @@ import secrets
 import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pyroute2 import IPRoute, netns
 
@@ -96,7 +96,7 @@ class Testbed:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         self._old_term = signal.getsignal(signal.SIGTERM)
         if self._old_term in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, _TermToExit(self._owner))
