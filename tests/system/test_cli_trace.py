@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from helpers import Lines, finish, inode_of, ping_argv, pings
+from helpers import Lines, finish, inode_of, ping_argv, pings, resolve_peer
 from helpers import one_line_error as check_one_line_error
 from helpers import ping as _ping
 from pyroute2 import netns
@@ -328,6 +328,7 @@ def test_several_targets_each_report_attributed_and_others_ignored(testbed_facto
     tb = testbed_factory(containers_n=3)
     c0, c1, c2 = tb.containers
     counts, sizes = (4, 6, 5), (100, 200, 300)      # c2 pings too, but is not traced
+    resolve_peer(tb)
     run = mace("--netns", c0.ns, "--netns", c1.ns, "-f", fmt, *RING)
     lines = run.ready(2)
     window = pings(tb, list(zip(tb.containers, counts, sizes, strict=True)))

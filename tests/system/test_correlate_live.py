@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import pytest
+from helpers import resolve_peer
 
 from mace.output.report import coverage
 from mace.plan import ContainerPath, Plan
@@ -205,6 +206,7 @@ def test_update_switches_containers_without_a_gap_or_a_duplicate(testbed_factory
     full = plan_for(tb)
     pa, pb = full.containers
     n, interval = 150, 0.01
+    resolve_peer(tb)
     with Tracer(Plan([pa], tb.uplink)) as tr:
         tr.start()
         pings = [tb.popen(c.ns, ["ping", "-n", "-c", str(n), "-i", str(interval), tb.peer_ip],
