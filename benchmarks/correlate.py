@@ -186,7 +186,8 @@ def synthetic(quick: bool) -> dict:
         released, _kept = merge([dec.decode(d)[0] for d in data])
         ref = ReferenceCorrelator(kinds, classes, owner, plan.inner_slots(),
                                   max_age_ns=DEFAULT_MAX_AGE_NS, hops=plan.hops,
-                                  bridge=bool(plan.bridges), end_at_queue=plan.end_at_queue)
+                                  bridge=bool(plan.bridges), end_at_queue=plan.end_at_queue,
+                                  veth_start=plan.start_at_veth)
         ref.feed(released)
         ref.finish()
         ref_times.append(time.perf_counter() - t0)

@@ -3,9 +3,14 @@ them, for a set of containers behind one uplink.
 
 What is measured, per packet:
 
-- egress: from `net_dev_start_xmit` on the container's inner device to `net_dev_start_xmit`
-  on the host's uplink (or `net_dev_queue` there with `end_at_queue`, for uplinks where
-  segmentation replaces the skb before the driver sees it);
+- egress: from `netif_rx_entry` on the container's host-side veth (veth_xmit hands the
+  packet over there, inside the container's own transmit call) to `net_dev_start_xmit` on
+  the host's uplink (or `net_dev_queue` there with `end_at_queue`, for uplinks where
+  segmentation replaces the skb before the driver sees it).  The veth's name is unique on
+  the host, so no other container's transmits pass the kernel's filter and each packet
+  is attributed from its first event; with `start_at_veth=False` the start is
+  `net_dev_start_xmit` on the inner device, the original plan, for veths with XDP or GRO,
+  which skip netif_rx;
 - ingress: from `netif_receive_skb` on the uplink to `netif_receive_skb` on the
   container's inner device.
 
@@ -13,10 +18,11 @@ Inner device names are ambiguous (every container has an eth0), so a packet is a
 to a container by its host-side veth, whose name is unique on the host.  The events in
 between make the chain safe against skb address reuse (see mace.correlate._correlate):
 
-    egress   xmit inner  [netif_rx veth]  receive veth  [receive bridge]  queue uplink  xmit uplink
+    egress   [xmit inner]  netif_rx veth  receive veth  [receive bridge]  queue uplink  xmit uplink
     ingress  receive uplink  [xmit bridge]  xmit veth  [netif_rx inner]  receive inner
 
-Bracketed steps are traced only with `hops`; the others are the minimum for a safe chain,
+Bracketed steps are traced only with `hops`, except xmit inner: it is the start with
+`start_at_veth=False`, and netif_rx veth then a hop.  The others are the minimum for a safe chain,
 and already split the expense in two (egress: before/after the veth's backlog, then the
 uplink's qdisc; ingress: routing and bridge, then the container's backlog).  kfree_skb is
 traced so that a packet dropped on the way ends its entry.
@@ -31,7 +37,7 @@ from mace.correlate import _correlate
 
 XMIT = "net:net_dev_start_xmit"
 RECV = "net:netif_receive_skb"
-RX = "net:netif_rx"
+RX = "net:netif_rx_entry"      # netif_rx with the protocol: the veth start must know it
 QUEUE = "net:net_dev_queue"
 FREE = "skb:kfree_skb"
 
@@ -61,6 +67,7 @@ class Plan:
     uplink: str
     hops: bool = False
     end_at_queue: bool = False
+    start_at_veth: bool = True
     devices: list[str | None] = field(init=False)
 
     def __post_init__(self):
@@ -96,7 +103,8 @@ class Plan:
 
     def same_shape(self, other: Plan) -> bool:
         """Whether `other` traces the same tracepoints the same way (only containers differ)."""
-        return (self.uplink, self.hops, self.end_at_queue) == (other.uplink, other.hops, other.end_at_queue)
+        return ((self.uplink, self.hops, self.end_at_queue, self.start_at_veth)
+                == (other.uplink, other.hops, other.end_at_queue, other.start_at_veth))
 
     def rebased(self, previous: Plan) -> Plan:
         """This plan with the device slots of `previous` kept where the name is still
@@ -111,7 +119,7 @@ class Plan:
                 slots[slots.index(None)] = name
             else:
                 slots.append(name)
-        out = Plan(list(self.containers), self.uplink, self.hops, self.end_at_queue)
+        out = Plan(list(self.containers), self.uplink, self.hops, self.end_at_queue, self.start_at_veth)
         out.devices = slots
         return out
 
@@ -125,14 +133,17 @@ class Plan:
         inner = tuple(self.inner_names)
         bridges = tuple(self.bridges) if self.hops else ()
         uplink = () if self.end_at_queue else (self.uplink,)
+        # Starting egress at the host-side veth leaves every container's inner xmit out of
+        # the kernel's filter: other containers' egress is never sampled.
+        starts = () if self.start_at_veth else inner
         probes = [
-            Probe(XMIT, devices=_unique(inner + veths + bridges + uplink)),
+            Probe(XMIT, devices=_unique(starts + veths + bridges + uplink)),
             Probe(RECV, devices=_unique((self.uplink,) + veths + inner + bridges)),
             Probe(QUEUE, devices=(self.uplink,)),
             Probe(FREE, condition=_free_condition(formats)),
         ]
-        if self.hops:
-            probes.append(Probe(RX, devices=_unique(veths + inner)))
+        if self.hops or self.start_at_veth:
+            probes.append(Probe(RX, devices=_unique(veths + (inner if self.hops else ()))))
         return probes
 
     def device_classes(self) -> tuple[list[int], list[int]]:
@@ -168,7 +179,21 @@ class Plan:
             kinds, classes, owner, self.inner_slots(), table_size=table_size,
             max_age_ns=max_age_ns, hops=self.hops,
             bridge=bool(self.bridges) if bridge is None else bridge,
-            end_at_queue=self.end_at_queue, ncpu=ncpu, report_cap=report_cap)
+            end_at_queue=self.end_at_queue, ncpu=ncpu, report_cap=report_cap,
+            veth_start=self.start_at_veth)
+
+    def samples_per_packet(self) -> dict[str, int]:
+        """By direction, the events of one reported packet's chain (see the module's table):
+        what mace samples per packet it reports, at the least."""
+        bridge = bool(self.bridges)
+        veth_start = getattr(self, "start_at_veth", False)
+        egress = (0 if veth_start else 1)                   # xmit inner
+        egress += 1 if self.hops or veth_start else 0       # netif_rx veth
+        egress += 1 + (self.hops and bridge)                # receive veth, receive bridge
+        egress += 1 + (not self.end_at_queue)               # queue uplink, xmit uplink
+        # receive uplink, xmit bridge, xmit veth, netif_rx inner, receive inner
+        ingress = 1 + (self.hops and bridge) + 1 + self.hops + 1
+        return {"egress": int(egress), "ingress": int(ingress)}
 
 
 def _free_condition(formats: dict | None) -> str | None:
@@ -179,7 +204,7 @@ def _free_condition(formats: dict | None) -> str | None:
 
 def tracepoints(hops: bool) -> list[str]:
     """Every tracepoint a plan may open."""
-    return [XMIT, RECV, QUEUE, FREE] + ([RX] if hops else [])
+    return [XMIT, RECV, QUEUE, FREE, RX]
 
 
 def _unique(names) -> tuple[str, ...]:

@@ -268,7 +268,8 @@ def test_reference_takes_its_constants_from_the_compiled_module():
         assert getattr(reference, name) == getattr(_correlate, name), name
     assert reference.DEV_NONE == _ring.DEV_NONE and reference.DEV_OTHER == _ring.DEV_OTHER
     assert {"net:net_dev_start_xmit": reference.T_XMIT, "net:netif_receive_skb": reference.T_RECV,
-            "net:netif_rx": reference.T_RX, "net:net_dev_queue": reference.T_QUEUE,
+            "net:netif_rx": reference.T_RX, "net:netif_rx_entry": reference.T_RX,
+            "net:net_dev_queue": reference.T_QUEUE,
             "skb:kfree_skb": reference.T_FREE} == _correlate.TYPES
     assert {"inner": reference.C_INNER, "veth": reference.C_VETH, "bridge": reference.C_BRIDGE,
             "uplink": reference.C_UPLINK} == _correlate.CLASSES

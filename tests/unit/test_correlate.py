@@ -27,6 +27,7 @@ from mace.output.report import Report, unpack
 from mace.plan import RECV, XMIT, ContainerPath, Plan
 from mace.testing.kernel import (
     ARP,
+    ARP_L3,
     BRIDGE,
     EGRESS,
     ETH_HLEN,
@@ -68,7 +69,8 @@ def worlds(draw, max_cpus: int = 4) -> World:
         on_bridge = bridged and draw(st.integers(0, 4)) > 0
         mon = i if i < n_mon else None
         boxes.append(Box(f"m{i}v0" if mon is not None else f"u{i}v0", BRIDGE if on_bridge else None, mon))
-    plan = make_plan(boxes, hops=draw(st.booleans()), end_at_queue=draw(st.booleans()))
+    plan = make_plan(boxes, hops=draw(st.booleans()), end_at_queue=draw(st.booleans()),
+                     start_at_veth=draw(st.booleans()))
     cpus = sorted(draw(st.permutations(range(NCPU)))[:draw(st.integers(1, max_cpus))])
     npool = draw(st.integers(4, 16))
     slots = random.Random(draw(st.integers(0, 2**32 - 1))).sample(range(256), npool)
@@ -139,7 +141,8 @@ def reference(plan: Plan, *, max_age: int, explain=None) -> ReferenceCorrelator:
     kinds = [_correlate.TYPES.get(p.tracepoint, 0) for p in plan.probes()]
     return ReferenceCorrelator(kinds, classes, owner, plan.inner_slots(), max_age_ns=max_age,
                                hops=plan.hops, bridge=bool(plan.bridges),
-                               end_at_queue=plan.end_at_queue, explain=explain)
+                               end_at_queue=plan.end_at_queue, veth_start=plan.start_at_veth,
+                               explain=explain)
 
 
 def run_reference(plan: Plan, events, *, max_age: int, explain=None) -> Outcome:
@@ -384,6 +387,42 @@ def test_plain_egress_and_ingress_reports_with_hops(hops):
         assert counts(out, 0, d, "crossed", "reports") == (1, 1)
     assert out.in_flight == [[0, 0]]
     assert out.glob["inserts"] == 2
+
+
+def test_egress_from_the_veth_samples_no_inner_xmit_and_knows_its_container_at_once():
+    plan = make_plan([M0, M1], hops=False, end_at_queue=False, start_at_veth=True)
+    assert not Kernel(plan).visible(XMIT, INNER)         # no container's egress xmit is sampled
+    s = Script(plan)
+    s("rx", "m1v0", A, 84, cpu=0, tid=1, at=1000)        # veth_xmit: netif_rx on the host side
+    s("recv", "m1v0", A, 84, cpu=1, tid=7, at=1500)      # from the backlog, elsewhere
+    s("queue", UPLINK, A, 98, cpu=1, tid=7, at=1700)
+    s("xmit", UPLINK, A, 98, cpu=2, tid=9, at=2500)      # from the qdisc, elsewhere
+    out = correlate(s)
+    assert out.reports == [Report(1, EGRESS, 1, 1000, 1500, 84, 2, (None, 500, None, 700))]
+    assert counts(out, 1, "egress", "crossed", "reports") == (1, 1)
+    assert counts(out, 0, "egress", "crossed", "reports") == (0, 0)
+
+
+def test_arp_from_a_container_starts_nothing_at_the_veth():
+    s = Script(make_plan([M0], hops=False, end_at_queue=False, start_at_veth=True))
+    s("rx", "m0v0", R, ARP_L3, proto=ARP, at=1000)
+    s("recv", "m0v0", R, ARP_L3, tid=2, at=1500)
+    out = correlate(s)
+    assert out.reports == [] and out.glob["nonip"] == 1 and out.glob["inserts"] == 0
+    assert counts(out, 0, "egress", "crossed") == (0,)
+
+
+def test_a_veth_start_still_needs_the_chain_the_inner_start_needs():
+    # the host's own packet reusing the address after a silent local delivery: the uplink
+    # queue is not in the old entry's call chain, so nothing is paired
+    s = Script(make_plan([M0], hops=False, end_at_queue=False, start_at_veth=True))
+    s("rx", "m0v0", A, 84, tid=1, at=1000)
+    s("recv", "m0v0", A, 84, tid=2, at=1500)             # delivered to the host, freed silently
+    s("recv", UPLINK, C, 84, tid=3, at=1600)             # the CPU moves on
+    s("queue", UPLINK, A, 98, tid=4, at=2000)            # the host's own packet, same address
+    s("xmit", UPLINK, A, 98, tid=4, at=2100)
+    out = correlate(s)
+    assert [r for r in out.reports if r.dir == EGRESS] == []
 
 
 def test_end_at_queue_ends_egress_at_the_queue_event():

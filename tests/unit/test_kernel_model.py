@@ -51,7 +51,8 @@ def reference_reports(plan, probes, data):
     classes, owner = plan.device_classes()
     ref = ReferenceCorrelator([_correlate.TYPES.get(p.tracepoint, 0) for p in probes], classes, owner,
                               plan.inner_slots(), max_age_ns=MAX_AGE, hops=plan.hops,
-                              bridge=bool(plan.bridges), end_at_queue=plan.end_at_queue)
+                              bridge=bool(plan.bridges), end_at_queue=plan.end_at_queue,
+                              veth_start=plan.start_at_veth)
     ref.feed(released)
     ref.finish()
     return [(r.container, r.dir, r.seq, r.t0, r.latency, r.len, r.cpu) for r in ref.reports]

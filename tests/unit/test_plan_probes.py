@@ -38,12 +38,17 @@ DB = ContainerPath("db", "eth0", "veth2b", "br0")
 SOLO = ContainerPath("solo", "ens1", "vsolo", None)
 
 
+def Inner(*args, **kw) -> Plan:
+    """A plan whose egress starts at the container's inner device (start_at_veth=False)."""
+    return Plan(*args, start_at_veth=False, **kw)
+
+
 def test_the_captured_kernel_names_no_socket():
     assert isinstance(NO_SOCKET, int)
 
 
 def test_one_container_behind_a_bridge():
-    assert filters(Plan([WEB], "up0")) == {
+    assert filters(Inner([WEB], "up0")) == {
         XMIT: names("eth0", "veth1a", "up0"),
         RECV: names("up0", "veth1a", "eth0"),
         QUEUE: names("up0"),
@@ -52,15 +57,14 @@ def test_one_container_behind_a_bridge():
 
 
 def test_probes_come_in_kind_order():
-    assert [p.tracepoint for p in Plan([WEB], "up0").probes(FORMATS)] == [XMIT, RECV, QUEUE, FREE]
-    assert [p.tracepoint for p in Plan([WEB], "up0", hops=True).probes(FORMATS)] == \
+    assert [p.tracepoint for p in Inner([WEB], "up0").probes(FORMATS)] == [XMIT, RECV, QUEUE, FREE]
+    assert [p.tracepoint for p in Inner([WEB], "up0", hops=True).probes(FORMATS)] == \
         [XMIT, RECV, QUEUE, FREE, RX]
-    assert tracepoints(False) == [XMIT, RECV, QUEUE, FREE]
-    assert tracepoints(True) == [XMIT, RECV, QUEUE, FREE, RX]
+    assert tracepoints(False) == tracepoints(True) == [XMIT, RECV, QUEUE, FREE, RX]
 
 
 def test_hops_add_the_bridge_and_the_backlog():
-    assert filters(Plan([WEB], "up0", hops=True)) == {
+    assert filters(Inner([WEB], "up0", hops=True)) == {
         XMIT: names("eth0", "veth1a", "br0", "up0"),
         RECV: names("up0", "veth1a", "eth0", "br0"),
         QUEUE: names("up0"),
@@ -70,34 +74,34 @@ def test_hops_add_the_bridge_and_the_backlog():
 
 
 def test_end_at_queue_leaves_the_uplink_out_of_xmit():
-    f = filters(Plan([WEB], "up0", end_at_queue=True))
+    f = filters(Inner([WEB], "up0", end_at_queue=True))
     assert f[XMIT] == names("eth0", "veth1a")
     assert f[RECV] == names("up0", "veth1a", "eth0")
     assert f[QUEUE] == names("up0")
 
 
 def test_containers_sharing_an_inner_name_and_a_bridge_name_each_device_once():
-    f = filters(Plan([WEB, DB], "up0", hops=True))
+    f = filters(Inner([WEB, DB], "up0", hops=True))
     assert f[XMIT] == names("eth0", "veth1a", "veth2b", "br0", "up0")
     assert f[RECV] == names("up0", "veth1a", "veth2b", "eth0", "br0")
     assert f[RX] == names("veth1a", "veth2b", "eth0")
 
 
 def test_without_a_bridge_and_with_other_inner_names():
-    f = filters(Plan([WEB, SOLO], "enp3s0", hops=True))
+    f = filters(Inner([WEB, SOLO], "enp3s0", hops=True))
     assert f[XMIT] == names("eth0", "ens1", "veth1a", "vsolo", "br0", "enp3s0")
     assert f[RECV] == names("enp3s0", "veth1a", "vsolo", "eth0", "ens1", "br0")
     assert f[RX] == names("veth1a", "vsolo", "eth0", "ens1")
 
 
 def test_unused_indexes_are_not_traced():
-    f = filters(Plan([None, SOLO, None], "up0"))
+    f = filters(Inner([None, SOLO, None], "up0"))
     assert f[XMIT] == names("ens1", "vsolo", "up0")
     assert f[RECV] == names("up0", "vsolo", "ens1")
 
 
 def test_kfree_skb_is_unfiltered_without_formats():
-    f = filters(Plan([WEB], "up0"), formats=None)
+    f = filters(Inner([WEB], "up0"), formats=None)
     assert f[FREE] is None
     assert f[XMIT] == names("eth0", "veth1a", "up0")
 
@@ -118,7 +122,7 @@ format:
 
 print fmt: "skbaddr=%p protocol=%u location=%p", REC->skbaddr, REC->protocol, REC->location
 """, "skb")
-    assert filters(Plan([WEB], "up0"), formats={FREE: old})[FREE] is None
+    assert filters(Inner([WEB], "up0"), formats={FREE: old})[FREE] is None
 
 
 def test_filter_text_joins_devices_and_condition():
@@ -131,7 +135,7 @@ def test_filter_text_joins_devices_and_condition():
 
 
 def test_every_filtered_field_is_in_the_captured_format():
-    for p in Plan([WEB, DB], "up0", hops=True).probes(FORMATS):
+    for p in Inner([WEB, DB], "up0", hops=True).probes(FORMATS):
         if p.devices:
             assert "name" in FORMATS[p.tracepoint].fields, p.tracepoint
     assert "reason" in FORMATS[FREE].fields
@@ -146,3 +150,20 @@ def test_every_filtered_field_is_in_the_captured_format():
 def test_plans_that_cannot_be_traced_are_refused(bad):
     with pytest.raises(ValueError):
         Plan(bad["containers"], bad["uplink"])
+
+
+def test_by_default_egress_starts_at_the_veth_and_no_inner_xmit_is_sampled():
+    assert filters(Plan([WEB, DB], "up0")) == {
+        XMIT: names("veth1a", "veth2b", "up0"),
+        RECV: names("up0", "veth1a", "veth2b", "eth0"),
+        QUEUE: names("up0"),
+        FREE: f"reason != {NO_SOCKET}",
+        RX: names("veth1a", "veth2b"),
+    }
+    assert filters(Plan([WEB], "up0", hops=True))[RX] == names("veth1a", "eth0")
+    assert filters(Plan([WEB], "up0", hops=True))[XMIT] == names("veth1a", "br0", "up0")
+
+
+def test_the_start_is_part_of_a_plans_shape():
+    assert not Plan([WEB], "up0").same_shape(Inner([WEB], "up0"))
+    assert Plan([WEB], "up0").rebased(Plan([DB], "up0")).start_at_veth

@@ -51,6 +51,9 @@ EXPECTED = {
     "net_netif_rx.format": ("net", "netif_rx", 2302, {
         "skbaddr": (8, 8, False, False), "len": (16, 4, False, False),
         "name": (20, 4, False, True)}, 24),
+    "net_netif_rx_entry.format": ("net", "netif_rx_entry", 2297, {
+        "name": (8, 4, False, True), "skbaddr": (24, 8, False, False),
+        "protocol": (38, 2, False, False), "len": (52, 4, False, False)}, 78),
     "skb_consume_skb.format": ("skb", "consume_skb", 2309, {
         "skbaddr": (8, 8, False, False), "location": (16, 8, False, False)}, 24),
     "skb_kfree_skb.format": ("skb", "kfree_skb", 2310, {
@@ -195,6 +198,7 @@ LAYOUTS = {
     "net:net_dev_queue": dict(tp_id=2304, skb_off=8, len_off=16, name_off=20, proto_off=-1, min_raw=24),
     "net:net_dev_xmit": dict(tp_id=2306, skb_off=8, len_off=16, name_off=24, proto_off=-1, min_raw=28),
     "net:netif_receive_skb_entry": dict(tp_id=2299, skb_off=24, len_off=52, name_off=8, proto_off=38, min_raw=78),
+    "net:netif_rx_entry": dict(tp_id=2297, skb_off=24, len_off=52, name_off=8, proto_off=38, min_raw=78),
     "net:napi_gro_receive_entry": dict(tp_id=2300, skb_off=24, len_off=52, name_off=8, proto_off=38, min_raw=78),
     "skb:kfree_skb": dict(tp_id=2310, skb_off=8, len_off=-1, name_off=-1, proto_off=32, min_raw=40),
     "skb:consume_skb": dict(tp_id=2309, skb_off=8, len_off=-1, name_off=-1, proto_off=-1, min_raw=24),

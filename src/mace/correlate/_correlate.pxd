@@ -59,6 +59,7 @@ cdef class Correlator(EventSink):
     cdef step_t steps[2][8]
     cdef int nsteps[2]
     cdef int boundary[2]            # the step whose event counts a crossing
+    cdef bint veth_start            # egress starts at netif_rx_entry on the host-side veth
     cdef uint8_t *kind_type         # kind -> T_*
     cdef int nkinds
     cdef uint8_t *dev_class         # device slot -> class bits
@@ -88,7 +89,7 @@ cdef class Correlator(EventSink):
     cdef uint64_t *ghost            # skbs of unattributed ingress entries the table gave up
     cdef uint64_t ghost_mask
 
-    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue) except -1
+    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start) except -1
     cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1
     cdef void _zero(self, int cd) noexcept
     cdef uint64_t _home(self, uint64_t skb) noexcept nogil

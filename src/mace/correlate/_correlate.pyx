@@ -8,6 +8,7 @@ a path of steps; see mace.plan for the paths and the reasoning behind them.  In 
 
     egress  E0 xmit inner -> [E1 netif_rx veth] -> E2 receive veth -> [E3 receive bridge]
             -> E4 queue uplink -> E5 xmit uplink
+            (veth_start: E0 is not traced and E1 starts the entry, attributed at once)
     ingress I0 receive uplink -> [I1 xmit bridge] -> I2 xmit veth -> [I3 netif_rx inner]
             -> I4 receive inner
 
@@ -95,7 +96,8 @@ cpdef enum:
     PQ = 64             # a CPU's pending call chains: NAPI handles up to 64 packets a batch
 
 TYPES = {"net:net_dev_start_xmit": T_XMIT, "net:netif_receive_skb": T_RECV,
-         "net:netif_rx": T_RX, "net:net_dev_queue": T_QUEUE, "skb:kfree_skb": T_FREE}
+         "net:netif_rx": T_RX, "net:netif_rx_entry": T_RX, "net:net_dev_queue": T_QUEUE,
+         "skb:kfree_skb": T_FREE}
 CLASSES = {"inner": C_INNER, "veth": C_VETH, "bridge": C_BRIDGE, "uplink": C_UPLINK}
 CONTAINER_COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired",
                       "evicted", "rejected")
@@ -192,7 +194,7 @@ cdef class Correlator(EventSink):
     def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
                  uint64_t table_size=65536, uint64_t max_age_ns=1_000_000_000, bint hops=False,
                  bint bridge=True, bint end_at_queue=False, int ncpu=256, size_t report_cap=REPORT_CAP,
-                 int probe_limit=32):
+                 int probe_limit=32, bint veth_start=False):
         cdef int i
         if table_size < 2 or table_size & (table_size - 1):
             raise ValueError(f"table size must be a power of two >= 2, not {table_size}")
@@ -231,7 +233,7 @@ cdef class Correlator(EventSink):
         for i, t in enumerate(kind_types):
             self.kind_type[i] = t
         self._configure(dev_classes, dev_containers, inner_slots)
-        self._plan(hops, bridge, end_at_queue)
+        self._plan(hops, bridge, end_at_queue, veth_start)
 
     def reconfigure(self, dev_classes, dev_containers, inner_slots, reset=()):
         """Change the devices and containers between two events (no thread may be feeding).
@@ -369,12 +371,13 @@ cdef class Correlator(EventSink):
         free(self.reports)
         free(self.ghost)
 
-    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue) except -1:
+    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start) except -1:
         memset(self.steps, 0, sizeof(self.steps))
+        self.veth_start = veth_start
         eg = [
             # type,   class,    prev steps,   sync,  traced,                attr,  end,          hop
-            (T_XMIT,  C_INNER,  0,             False, True,                  False, False,        -1),  # E0
-            (T_RX,    C_VETH,   1 << 0,        True,  hops,                  True,  False,         0),  # E1
+            (T_XMIT,  C_INNER,  0,             False, not veth_start,        False, False,        -1),  # E0
+            (T_RX,    C_VETH,   1 << 0,        True,  hops or veth_start,    True,  False,         0),  # E1
             (T_RECV,  C_VETH,   1 << 0 | 1 << 1, False, True,                True,  False,         1),  # E2
             (T_RECV,  C_BRIDGE, 1 << 2,        True,  hops and bridge,       False, False,         2),  # E3
             (T_QUEUE, C_UPLINK, 1 << 2 | 1 << 3, True, True,                 False, end_at_queue,
@@ -400,7 +403,7 @@ cdef class Correlator(EventSink):
                 self.steps[d][i].end = end
                 self.steps[d][i].hop = hop
         # the crossing of a container's boundary is counted at its first veth event
-        self.boundary[EGRESS] = 1 if hops else 2
+        self.boundary[EGRESS] = 1 if hops or veth_start else 2
         self.boundary[INGRESS] = 2
         return 0
 
@@ -748,12 +751,33 @@ cdef class Correlator(EventSink):
         cdef mace_entry *e
         cdef int x
         cdef uint64_t g
-        if t == T_XMIT and cls & C_INNER:
+        if t == T_XMIT and cls & C_INNER and not self.veth_start:
             e = self._insert(ev.skb)
             e.dir = EGRESS
             e.l3 = ev.len - ETH_HLEN
             e.proto = ev.proto
             e.start_dev = ev.dev
+        elif t == T_RX and cls & C_VETH and self.veth_start:
+            # Into the host from a container: the veth's name says which, from the start.
+            if not _is_ip(ev.proto):
+                self.gcount[G_NONIP] += 1     # ARP and friends: not what mace measures
+                return
+            x = self.dev_container[ev.dev]
+            MACE_ASSERT(x >= 0, "a veth names its container")
+            e = self._insert(ev.skb)
+            e.dir = EGRESS
+            e.l3 = ev.len
+            e.proto = ev.proto
+            e.start_dev = ev.dev
+            e.container = x
+            e.step = 1
+            self.ccount[(x * 2 + EGRESS) * NCC + CC_CROSSED] += 1
+            e.t0 = ev.ts
+            e.cpu = ev.cpu
+            e.tid = ev.tid
+            e.ctx = ev.flags & CTX_BITS
+            self._pending(e, ev, False)
+            return
         elif t == T_RECV and cls & C_UPLINK:
             e = self._insert(ev.skb)
             e.dir = INGRESS

@@ -105,10 +105,10 @@ class World:
         return Kernel(self.plan)
 
 
-def make_plan(boxes: list[Box], *, hops: bool, end_at_queue: bool) -> Plan:
+def make_plan(boxes: list[Box], *, hops: bool, end_at_queue: bool, start_at_veth: bool = False) -> Plan:
     mon = sorted((b for b in boxes if b.mon is not None), key=lambda b: b.mon)
     return Plan([ContainerPath(f"ns{b.mon}", b.inner, b.veth, b.bridge) for b in mon], UPLINK,
-                hops=hops, end_at_queue=end_at_queue)
+                hops=hops, end_at_queue=end_at_queue, start_at_veth=start_at_veth)
 
 
 # -- stories ----------------------------------------------------------------------------------
@@ -122,7 +122,8 @@ class Act(NamedTuple):
     skb: int
     len: int
     proto: int = 0
-    role: str | None = None     # "start", "end" (ingress end, egress xmit uplink), "endq"
+    role: str | None = None     # "start", "vstart" (egress start at the veth), "end" (ingress
+                                # end, egress xmit uplink), "endq"
 
 
 @dataclass
@@ -136,7 +137,8 @@ class Story:
 
 def egress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
     """xmit inner -> netif_rx veth || receive veth -> receive bridge -> queue uplink || xmit uplink"""
-    a = [Act("xmit", box.inner, skb, L + ETH_HLEN, proto, "start"), Act("rx", box.veth, skb, L)]
+    a = [Act("xmit", box.inner, skb, L + ETH_HLEN, proto, "start"),
+         Act("rx", box.veth, skb, L, proto, "vstart")]
     b = [Act("recv", box.veth, skb, L)]
     if box.bridge:
         b.append(Act("recv", box.bridge, skb, L))
@@ -149,7 +151,7 @@ def ingress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
     a = [Act("recv", UPLINK, skb, L, 0, "start")]
     if box.bridge:
         a.append(Act("xmit", box.bridge, skb, L + ETH_HLEN, proto))
-    a += [Act("xmit", box.veth, skb, L + ETH_HLEN, proto), Act("rx", box.inner, skb, L)]
+    a += [Act("xmit", box.veth, skb, L + ETH_HLEN, proto), Act("rx", box.inner, skb, L, proto)]
     return [a, [Act("recv", box.inner, skb, L, 0, "end")]]
 
 
@@ -244,7 +246,7 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
         elif how == "c2c":
             to = rnd.choice([o for o in w.boxes if o is not box])
             a, b, _ = segs
-            b = [b[0], Act("xmit", to.veth, skb, L + ETH_HLEN, IP), Act("rx", to.inner, skb, L)]
+            b = [b[0], Act("xmit", to.veth, skb, L + ETH_HLEN, IP), Act("rx", to.inner, skb, L, IP)]
             segs = [a, b, [Act("recv", to.inner, skb, L)]]
             truth = None
         story = story or Story(f"egress-{how}", segs, tuple(skbs), truth)
@@ -260,7 +262,7 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
             a, e = segs
             arp = skbs[1]
             req = ([Act("xmit", box.bridge, arp, ARP_L3 + ETH_HLEN, ARP)] if box.bridge else []) + [
-                Act("xmit", box.veth, arp, ARP_L3 + ETH_HLEN, ARP), Act("rx", box.inner, arp, ARP_L3)]
+                Act("xmit", box.veth, arp, ARP_L3 + ETH_HLEN, ARP), Act("rx", box.inner, arp, ARP_L3, ARP)]
             segs = [a[:1] + req, a[1:], e]
             if rnd.random() < 0.2:
                 segs = [a[:1] + req, [Act("free", None, skb, 0, IP)]]
@@ -322,7 +324,8 @@ class Stream:
             c, d, L = story.truth
             mine = [(em, ts) for em, ts in by_story.get(i, []) if em.act.skb == story.skbs[0]]
             end_role = "endq" if d == EGRESS and eaq else "end"
-            starts = {ts for em, ts in mine if em.act.role == "start"}
+            start_role = "vstart" if d == EGRESS and self.world.plan.start_at_veth else "start"
+            starts = {ts for em, ts in mine if em.act.role == start_role}
             ends = {ts: em.cpu for em, ts in mine if em.act.role == end_role}
             out.append((c, d, L, starts, ends, {ts for _, ts in mine}))
         return out
@@ -482,6 +485,7 @@ class KernelModel:
         self.ncpu = ncpu
         self.veth = [c.veth for c in plan.containers] + [None]   # container 2: not traced
         self.uplink = plan.uplink
+        self.filters = Kernel(plan)
         self.heap: list = []
         self.seq = 0
         t0 = 1_000_000_000_000 + rng.randrange(1000)
@@ -523,7 +527,8 @@ class KernelModel:
     def emit(self, cpu, tid, flags, tp, skb, length, dev, proto=0, reason=0) -> int:
         ts = self.clock[cpu] + self._gap()
         self.clock[cpu] = ts
-        self.out[cpu].append((ts, tp, tid, flags, skb, length, dev, proto, reason))
+        if self.filters.visible(tp, dev):       # what the plan's in-kernel filters let through
+            self.out[cpu].append((ts, tp, tid, flags, skb, length, dev, proto, reason))
         return ts
 
     def work(self, cpu: int, ns: int) -> None:
@@ -556,15 +561,24 @@ class KernelModel:
         skb = self.alloc(src.cpu)
         tid = self.begin(src.cpu, t, src.tid)
         end = self.emit(src.cpu, tid, 0, XMIT, skb, ICMP_L3 + ETH_HLEN, INNER, IP)
+        end = self.veth_rx(src, tid, skb, ICMP_L3, end)
         pkt = _Packet(skb, src.cont, ICMP_L3, "icmp", src)
         # veth_xmit -> netif_rx: the backlog runs at local_bh_enable, in the sender's context
         self.at(end + 150 + self.rng.randrange(300), self.veth_backlog, src.cpu, tid, pkt)
+
+    def veth_rx(self, src: _Source, tid: int, skb: int, l3: int, end: int) -> int:
+        """veth_xmit hands the packet to its peer: netif_rx on the host-side veth, at once."""
+        veth = self.veth[src.cont]
+        if veth is None:
+            return end
+        return self.emit(src.cpu, tid, 0, RX, skb, l3, veth, IP)
 
     def udp_send(self, t: int, src: _Source, left: int) -> None:
         skb = self.alloc(src.cpu)
         self.work(src.cpu, 800 + self.rng.randrange(1500))      # user space and sendto()
         tid = self.begin(src.cpu, t, src.tid)
         end = self.emit(src.cpu, tid, 0, XMIT, skb, UDP_L3 + ETH_HLEN, INNER, IP)
+        end = self.veth_rx(src, tid, skb, UDP_L3, end)
         pkt = _Packet(skb, src.cont, UDP_L3, "udp", src)
         self.at(end + 150 + self.rng.randrange(300), self.veth_backlog, src.cpu, tid, pkt)
         if left > 1:        # paced from its schedule, not from when the CPU let it run
@@ -698,7 +712,8 @@ def build_images(plan, probes, pages: int = MODEL_RING_PAGES, seed: int = 11, nc
             values["location"] = 0xFFFFFFFF_81C0_0000 + 0x1F0 * reason
         return sample(ts, cpu, tid, raw_record(fmt, values, flags=flags, pid=tid))
 
-    sizes = {tp: len(record(0, (0, tp, 0, 0, 1, 0, INNER, 0, 0))) for tp in fmts}
+    longest = max((d for d in plan.devices if d), key=len)      # the largest record of each
+    sizes = {tp: len(record(0, (0, tp, 0, 0, 1, 0, longest, 0, 0))) for tp in fmts}
     cap = pages * 4096
     model.run(cap + 4096, sizes)
     # the instant at which the first ring is full; everything up to it goes in, on both

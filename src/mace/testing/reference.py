@@ -157,11 +157,12 @@ class Step:
     hop: int = -1
 
 
-def paths(hops: bool, bridge: bool, end_at_queue: bool) -> tuple[list[Step], list[Step]]:
+def paths(hops: bool, bridge: bool, end_at_queue: bool,
+          veth_start: bool = False) -> tuple[list[Step], list[Step]]:
     """The two paths, as in Correlator._plan."""
     egress = [
-        Step(T_XMIT, C_INNER, frozenset(), False, True),
-        Step(T_RX, C_VETH, frozenset({0}), True, hops, attr=True, hop=0),
+        Step(T_XMIT, C_INNER, frozenset(), False, not veth_start),
+        Step(T_RX, C_VETH, frozenset({0}), True, hops or veth_start, attr=True, hop=0),
         Step(T_RECV, C_VETH, frozenset({0, 1}), False, True, attr=True, hop=1),
         Step(T_RECV, C_BRIDGE, frozenset({2}), True, hops and bridge, hop=2),
         Step(T_QUEUE, C_UPLINK, frozenset({2, 3}), True, True, end=end_at_queue,
@@ -216,14 +217,15 @@ class ReferenceCorrelator:
 
     def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
                  max_age_ns=1_000_000_000, hops=False, bridge=True, end_at_queue=False,
-                 explain=None):
+                 veth_start=False, explain=None):
         self.kind_types = list(kind_types)
         self.dev_classes = list(dev_classes)
         self.dev_containers = list(dev_containers)
         self.inner_of = list(inner_slots)
         self.max_age = max_age_ns
-        self.paths = paths(hops, bridge, end_at_queue)
-        self.boundary = (1 if hops else 2, 2)
+        self.paths = paths(hops, bridge, end_at_queue, veth_start)
+        self.veth_start = veth_start
+        self.boundary = (1 if hops or veth_start else 2, 2)
         self.table: dict[int, Entry] = {}
         # cpu -> [(skb, ts of its entry's last move)], oldest first: call chains awaiting
         # their next synchronous step (several when a batch of receives precedes forwarding)
@@ -424,9 +426,17 @@ class ReferenceCorrelator:
         return False
 
     def _fresh(self, ev, t: int, cls: int) -> None:
-        if t == T_XMIT and cls & C_INNER:
+        if t == T_XMIT and cls & C_INNER and not self.veth_start:
             e = Entry(EGRESS, ev.ts, ev.len - ETH_HLEN, ev.dev, ev.proto, ev.cpu, ev.tid,
                       ctx=ev.flags & CTX_BITS)
+        elif t == T_RX and cls & C_VETH and self.veth_start:
+            if ev.proto not in (0x0800, 0x86DD):
+                self._g("nonip")
+                return
+            x = self.dev_containers[ev.dev]
+            e = Entry(EGRESS, ev.ts, ev.len, ev.dev, ev.proto, ev.cpu, ev.tid,
+                      step=1, container=x, ctx=ev.flags & CTX_BITS)
+            self._c(x, EGRESS, "crossed")
         elif t == T_RECV and cls & C_UPLINK:
             e = Entry(INGRESS, ev.ts, ev.len, ev.dev, 0, ev.cpu, ev.tid, ctx=ev.flags & CTX_BITS)
         else:
