@@ -135,3 +135,17 @@ def resolve_peer(tb) -> None:
     test about something else must not fail by it when its pings happen to coincide."""
     r = tb.run(tb.host_ns, ["ping", "-n", "-q", "-c", "1", "-W", "2", tb.peer_ip], timeout=10)
     assert r.returncode == 0, r.stderr
+
+
+def need_tool(tool: str) -> str:
+    """The path of `tool`; a test without it fails in CI (.ci/run installs it), skips elsewhere."""
+    import os
+    import shutil
+
+    import pytest
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
+        pytest.skip(f"needs {tool}")
+    return path

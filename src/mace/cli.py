@@ -295,6 +295,7 @@ def _client_lines(reply: dict) -> list[str]:
 
 
 def cmd_trace(args) -> int:
+    from mace.capture import others
     from mace.output.sinks import make_sink
     from mace.output.summary import build, format_text
     from mace.targets.netns import discover, resolve
@@ -337,10 +338,15 @@ def cmd_trace(args) -> int:
             from mace.output.live import LiveView
             live = stack.enter_context(LiveView(tracer, labels, plan))
         tracer.start()
-        if not args.quiet and live is None:
-            # after start: once these lines are out, every packet is traced
-            for line in topo.describe():
-                print(line, file=err, flush=True)
+        if not args.quiet:
+            warnings = others.warn_lines(tracer.other_tracers)
+            if live is None:
+                # after start: once these lines are out, every packet is traced
+                for line in topo.describe() + warnings:
+                    print(line, file=err, flush=True)
+            else:
+                for line in warnings:
+                    live.message(line)
         deadline = time.monotonic() + args.duration if args.duration else None
         taken = 0
 

@@ -20,3 +20,11 @@ DEFAULT_MAX_NAMESPACES = 128            # the kernel takes a page of filter text
 DEFAULT_MAX_CLIENTS = 1024
 DEFAULT_STATE_DIR = "/var/lib/mace"     # root's only: never the directory containers mount
 PRESENCE_EVERY = 1.0                    # s between checks that traced containers still exist
+
+# What one tracepoint hit costs the CPU it runs on, for the summary's estimate of mace's own
+# cost inside its segments.  Measured on the VM these defaults were chosen on (see
+# /work/shared/design/KERNEL-NOTES.md, "What one sample costs here"): a sample of a net
+# tracepoint (its record is tens of bytes plus the device name) about 1 µs; a hit that the
+# event's filter rejects about 170 ns, because the kernel builds the record before filtering.
+SAMPLE_COST_NS = 1000
+FILTERED_HIT_COST_NS = 170

@@ -19,8 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mace.capture import others
 from mace.errors import MaceError, ResourceError
 from mace.output.clock import wall_offset_ns
 from mace.output.report import Report
@@ -54,6 +56,7 @@ class Run:
     native_ns: list[int]
     counters: dict = field(default_factory=dict)
     colocated: int = 0
+    other_tracers: list = field(default_factory=list)   # on mace's tracepoints (capture.others)
 
     @property
     def matched(self) -> list[Probe]:
@@ -111,9 +114,11 @@ def need_ping() -> None:
 
 
 def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
-            trace: bool = True, tracer_kw: dict | None = None) -> Run:
+            trace: bool = True, tracer_kw: dict | None = None,
+            warn: Callable[[str], None] | None = None) -> Run:
     """Ping the peer from container 0 and from the host namespace at the same time, with
-    containers 1..colocated flooding the peer, tracing container 0 unless `trace` is off."""
+    containers 1..colocated flooding the peer, tracing container 0 unless `trace` is off.
+    `warn` hears of other tracers of mace's tracepoints, a line each, before the pings."""
     c = tb.containers[0]
     floods = []
     deadline = int(count * interval + 10)
@@ -122,6 +127,8 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
     if trace:
         topo = discover([resolve(tb.ns_path(c.ns))])
         tracer = Tracer(topo.plan(), **(tracer_kw or {})).open()
+        for line in others.warn_lines(tracer.other_tracers) if warn is not None else ():
+            warn(line)
     reports: list[Report] = []
     try:
         for other in tb.containers[1:1 + colocated]:
@@ -162,7 +169,8 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
     if not probes:
         raise MaceError("the container's ping got no replies", hint="is the testbed working? (nft, ip_forward)")
     match(probes, reports, offset)
-    return Run(probes, [rtt for _, _, rtt in parse_ping(host_out)], counters, colocated)
+    return Run(probes, [rtt for _, _, rtt in parse_ping(host_out)], counters, colocated,
+               tracer.other_tracers if tracer is not None else [])
 
 
 def quantiles(values: list[float]) -> dict:
@@ -218,7 +226,8 @@ def main(count: int, interval: float, colocated: int, console=None) -> int:
         # one ping first: ARP and the first packet's connection tracking are not the topic
         tb.run(tb.containers[0].ns, ["ping", "-n", "-c", "2", "-i", "0.2", tb.peer_ip], timeout=10)
         tb.run(tb.host_ns, ["ping", "-n", "-c", "2", "-i", "0.2", tb.peer_ip], timeout=10)
-        run = measure(tb, count=count, interval=interval, colocated=colocated)
+        run = measure(tb, count=count, interval=interval, colocated=colocated,
+                      warn=lambda line: print(line, file=sys.stderr, flush=True))
     render(summarize(run), console)
     return 0
 

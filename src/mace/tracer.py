@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from mace.capture import others
 from mace.capture.perf import Capture
 from mace.capture.tracefs import read_formats
 from mace.defaults import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE, DIRECTIONS, PRESENCE_EVERY
@@ -56,9 +57,11 @@ class Tracer:
         self.in_flight: list[list[int]] | None = None
         self.started_at: float | None = None
         self.stopped_at: float | None = None
+        self.other_tracers: list[others.OtherTracer] = []   # found by open()
 
     def open(self, *, bridge: bool | None = None) -> Tracer:
-        """Open the events (disabled).  bridge: see Plan.correlator."""
+        """Open the events (disabled), and find the other tracers of the same tracepoints
+        (`other_tracers`, see mace.capture.others).  bridge: see Plan.correlator."""
         self.formats = formats = read_formats(tracepoints(self.plan.hops))
         self.capture = Capture(self.plan.probes(formats), self.plan.devices, **self._capture_kw)
         cap = self.capture.open(formats)
@@ -66,6 +69,10 @@ class Tracer:
             self.correlator = self.plan.correlator(
                 cap.probes, table_size=self.table_size, max_age_ns=self.max_age_ns,
                 ncpu=max(cap.cpus) + 1, bridge=bridge)
+            try:
+                self.other_tracers = others.find(tracepoints(self.plan.hops))
+            except OSError:     # /proc unreadable: a warning the less, not a reason to stop
+                self.other_tracers = []
         except BaseException:
             cap.close()
             raise

@@ -4,26 +4,15 @@ program, which can suppress mace's samples) and `perf record` (plain perf events
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 
 import pytest
+from helpers import need_tool
 
 from mace.capture import others
 from mace.plan import tracepoints
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{tool} is not installed (.ci/run installs it)")
-        pytest.skip(f"needs {tool}")
-    return path
 
 
 def _wait_for(pred, what: str, limit: float = 20.0):
@@ -47,7 +36,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_a_bpftrace_program_on_a_traced_tracepoint_is_found_by_its_pid():
-    bpftrace = _need("bpftrace")
+    bpftrace = need_tool("bpftrace")
     proc = subprocess.Popen([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -64,7 +53,7 @@ def test_a_bpftrace_program_on_a_traced_tracepoint_is_found_by_its_pid():
 
 
 def test_perf_record_is_reported_as_a_perf_user():
-    perf = _need("perf")
+    perf = need_tool("perf")
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen([perf, "record", "-q", "-e", "net:netif_receive_skb", "-a",
                                  "-o", os.path.join(tmp, "perf.data"), "--", "sleep", "30"],

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mace.correlate import _correlate
 from mace.output.report import Histogram
 from mace.output.summary import COUNTERS, build, format_text
+from mace.plan import ContainerPath, Plan
 
 NB = _correlate.BUCKETS          # per container and direction
 MAX_LATENCY = 4_000_000_000     # --max-age is at most 4 s: no report is older
@@ -116,6 +117,9 @@ class FakeTracer:
 
     def __init__(self, stats, hists, started_at=100.0, stopped_at=112.3456):
         self._stats = stats
+        self.plan = Plan([ContainerPath("web", "eth0", "vethaa", "br0"),
+                          ContainerPath("db", "eth0", "vethbb", "br0")], "up0")
+        self.other_tracers = []
         self.correlator = FakeCorrelator(hists)
         self.started_at = started_at
         self.stopped_at = stopped_at
@@ -174,7 +178,7 @@ def test_build_without_a_finished_run_has_no_duration():
 def test_format_text_one_line_per_target_and_direction_then_totals():
     text = format_text(build(make_tracer(), ["web", "/run/netns/db"], [11, 22]))
     lines = text.splitlines()
-    assert len(lines) == 1 + 4 + 1
+    assert len(lines) == 1 + 4 + 1 + 1          # the observer's cost last (see test_observer.py)
     head = lines[0].split()
     assert head[:9] == ["target", "dir", "count", "cover", "min", "p50", "p90", "p99", "max"]
     # targets are shown whole, and the columns line up behind the longest
@@ -188,6 +192,7 @@ def test_format_text_one_line_per_target_and_direction_then_totals():
     assert lines[4].split()[4:9] == ["7.0"] * 5
     assert lines[5] == ("1234 events in 12.346 s; lost (ring full) 5, malformed 2, table 4096 "
                         "entries (256 KiB), evicted before attribution 3")
+    assert lines[6].startswith("observer: ")
     assert "warning" not in text
 
 

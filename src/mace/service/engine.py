@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mace.capture import others
 from mace.defaults import DIRECTIONS, PRESENCE_EVERY
 from mace.errors import MaceError
 from mace.output.report import REPORT_SIZE, Histogram, coverage, split
@@ -37,9 +38,11 @@ class Engine(threading.Thread):
     reports to the event loop already attributed to its namespace."""
 
     def __init__(self, opts: Options, deliver: Callable, closed: Callable,
-                 loop: asyncio.AbstractEventLoop, save: Callable):
+                 loop: asyncio.AbstractEventLoop, save: Callable,
+                 log: Callable[[str], None] | None = None):
         super().__init__(name="mace-engine", daemon=True)
         self.opts = opts
+        self._log = log or (lambda line: None)      # called from this thread
         self._deliver = deliver
         self._closed = closed
         self.loop = loop
@@ -222,6 +225,8 @@ class Engine(threading.Thread):
                     tracer.close()
                     raise
                 self.tracer = tracer
+                for line in others.warn_lines(tracer.other_tracers):
+                    self._log(line)
             else:
                 self._dispatch(self.tracer.update(plan, raw=True))
         except MaceError as e:

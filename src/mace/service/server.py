@@ -247,8 +247,10 @@ class Service:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         saved = self._load_state()
+        # other tracers are found when a tracer opens (the first namespace enabled or resumed)
         self.engine = Engine(self.opts, self._deliver, self._closed, loop,
-                             lambda: self.save_state(queues=False))
+                             lambda: self.save_state(queues=False),
+                             log=lambda line: loop.call_soon_threadsafe(self.log, line))
         self.engine.start()
         # Not loop.add_signal_handler: its wakeup fd is shared with the children pyroute2
         # forks (and stops with SIGTERM), whose signals would then stop the service.
