@@ -169,6 +169,10 @@ def _tracer_options(p: argparse.ArgumentParser) -> None:
                    help="also trace the bridge and the veth backlog, and report each hop")
     p.add_argument("--end-at-queue", action="store_true",
                    help="end egress at net_dev_queue on the uplink (uplinks that segment or offload)")
+    p.add_argument("--start-at-inner", action="store_true",
+                   help="start egress at the container's own device, not at its host-side veth "
+                        "(veths with XDP or GRO skip netif_rx; costs a sample per transmit of "
+                        "every container with the same device name)")
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -241,6 +245,7 @@ def cmd_serve(args) -> int:
                          hint="e.g. 666 (anyone), 660 (owner and group)")
     _check_privileges()
     opts = Options(uplink=args.uplink, hops=args.hops, end_at_queue=args.end_at_queue,
+                   start_at_veth=not args.start_at_inner,
                    table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
                    ring_pages=args.ring_pages, queue_size=args.queue,
                    max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode,
@@ -308,7 +313,8 @@ def cmd_trace(args) -> int:
     err = sys.stderr
     targets = [resolve(spec) for spec in args.netns]
     topo = discover(targets, args.uplink)
-    plan = topo.plan(hops=args.hops, end_at_queue=args.end_at_queue)
+    plan = topo.plan(hops=args.hops, end_at_queue=args.end_at_queue,
+                     start_at_veth=not args.start_at_inner)
     labels = [t.label for t in targets]
     inodes = [t.inode for t in targets]
     out = sys.stdout

@@ -213,7 +213,8 @@ class Engine(threading.Thread):
         index = self.slots.index(None) if None in self.slots else len(self.slots)
         containers = [s.path if s else None for s in self.slots] + [None] * (index + 1 - len(self.slots))
         containers[index] = ns.path
-        plan = Plan(containers, uplink, hops=self.opts.hops, end_at_queue=self.opts.end_at_queue)
+        plan = Plan(containers, uplink, hops=self.opts.hops, end_at_queue=self.opts.end_at_queue,
+                    start_at_veth=self.opts.start_at_veth)
         try:
             if self.tracer is None:
                 tracer = Tracer(plan, table_size=self.opts.table_size,
@@ -250,7 +251,8 @@ class Engine(threading.Thread):
         try:
             if any(containers):
                 plan = Plan(containers, self.uplink, hops=self.opts.hops,
-                            end_at_queue=self.opts.end_at_queue)
+                            end_at_queue=self.opts.end_at_queue,
+                            start_at_veth=self.opts.start_at_veth)
                 self._dispatch(self.tracer.update(plan, raw=True))
             else:
                 self._stop_tracer()        # the last one: no perf event stays open

@@ -76,6 +76,7 @@ class Options:
     uplink: str | None = None
     hops: bool = False
     end_at_queue: bool = False
+    start_at_veth: bool = True
     table_size: int = DEFAULT_TABLE_SIZE
     max_age_ns: int = DEFAULT_MAX_AGE_NS
     ring_pages: int | None = None
