@@ -38,7 +38,7 @@ from pathlib import Path
 
 from benchmarks.common import busy_since, cpu_sample, pyplot, save, tracefs_mounts, wait_quiet
 
-CONFIGS = ["none", "mace", "ftrace", "perf", "bpftrace"]
+CONFIGS = ["none", "mace", "mace-inner", "ftrace", "perf", "bpftrace"]
 QUICK_CONFIGS = ["none", "mace", "ftrace"]
 TARGET_US = 3.0
 TRACEFS = Path("/sys/kernel/tracing")
@@ -49,7 +49,8 @@ READY_TIMEOUT_S = 15.0
 QUIET_LIMIT_S = 1.0       # at load 0, wait at most this long for the CPUs to go idle ...
 QUIET_BELOW = 0.15        # ... i.e. less than this share busy, before each run
 STOP_TIMEOUT_S = 15.0
-COLORS = {"none": "tab:gray", "mace": "tab:blue", "ftrace": "tab:orange", "perf": "tab:green",
+COLORS = {"none": "tab:gray", "mace": "tab:blue", "mace-inner": "tab:cyan", "ftrace": "tab:orange",
+          "perf": "tab:green",
           "bpftrace": "tab:purple"}
 
 
@@ -189,6 +190,9 @@ class Ctx:
         self.tb = tb
         self.ns_path = tb.ns_path(tb.containers[0].ns)
         self.probes = probes
+        from mace.plan import Plan
+        # the plan before egress started at the veth (mace --start-at-inner)
+        self.inner_probes = Plan(plan.containers, plan.uplink, start_at_veth=False).probes()
         self.inner = plan.containers[0].inner
         self.veth = plan.containers[0].veth
         self.uplink = plan.uplink
@@ -270,6 +274,17 @@ class MaceTracer(_Proc):
         # it prints nothing with -q: ready once every probe is open on every CPU (enabled
         # right after), and never before MACE_MIN_START_S
         self._wait_fds(len(ctx.probes) * ctx.ncpu, MACE_MIN_START_S)
+
+
+class MaceInnerTracer(_Proc):
+    """mace with the egress start of before: xmit on the inner device, whose name every
+    container shares (so the co-located floods' transmits pass its filter too)."""
+    name = "mace-inner"
+
+    def start(self, ctx: Ctx) -> None:
+        self._spawn(ctx, [sys.executable, "-m", "mace", "trace", "--netns", ctx.ns_path,
+                          "--start-at-inner", "-q", "-f", "jsonl", "-o", "/dev/null"])
+        self._wait_fds(len(ctx.inner_probes) * ctx.ncpu, MACE_MIN_START_S)
 
 
 class PerfTracer(_Proc):
@@ -456,7 +471,7 @@ def _ftrace_stats(inst: Path) -> dict:
     return {"read_events": written, "overrun": overrun}
 
 
-TRACERS = {"none": NoTracer, "mace": MaceTracer, "ftrace": FtraceTracer, "perf": PerfTracer,
+TRACERS = {"none": NoTracer, "mace": MaceTracer, "mace-inner": MaceInnerTracer, "ftrace": FtraceTracer, "perf": PerfTracer,
            "bpftrace": BpftraceTracer}
 
 
