@@ -102,6 +102,7 @@ def test_containers_sharing_eth0_are_told_apart_and_others_ignored(testbed_facto
     tb = testbed_factory(containers_n=3, masquerade=True)
     plan = plan_for(tb, [0, 1])               # the third container is not monitored
     counts, sizes = (7, 11, 13), (100, 200, 300)
+    resolve_peer(tb)
 
     def start():
         return [tb.popen(c.ns, ["ping", "-n", "-q", "-c", str(counts[i]), "-s", str(sizes[i]),
