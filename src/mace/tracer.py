@@ -204,7 +204,7 @@ class Tracer:
                 self._pull(final=True, capture=old)
                 # A hit both captures recorded is stamped twice, a sample apart: the new
                 # capture learns which of the hits stamped near the cut the old one delivered.
-                new.rings.start_at(cut, old.rings.twin_log())
+                new.rings.start_at(cut, old.rings.twin_log(), _traced(old, new))
                 self.correlator.reconfigure(classes, owner, inner, reset)
                 self.capture, self.plan = new, plan
                 previous = self._take(raw)
@@ -288,6 +288,13 @@ class Tracer:
             rings["kernel_dropped"] = (sum(self.capture.kernel_dropped().values())
                                        + self._retired["kernel_dropped"])
         return {"rings": rings, "correlator": c["global"], "containers": per}
+
+
+def _traced(old: Capture, new: Capture) -> list[list[int] | None]:
+    """Per kind of `new`, the device slots of `new` that `old`'s filter passed (None: all)."""
+    slot = {n: i for i, n in enumerate(new.devices) if n is not None}
+    return [None if not p.devices else [slot[n] for n in p.devices if n in slot]
+            for p in old.probes]
 
 
 def follow(poll: Callable[[int], list], until: Callable[[], bool] | None = None,

@@ -24,8 +24,12 @@ def test_a_drain_between_the_cut_and_the_old_capture_cut_duplicates_nothing(test
     main = threading.main_thread()
 
     def slow_cut() -> int:
-        # Take the cut, then give the drain thread time to release events stamped after it
-        # (the reorder delay is 100 µs here): the race the handover must close.
+        # Let both captures run a while before the cut (B's packets then fall wholly inside
+        # the window, which B's old capture did not trace), take it, then give the drain
+        # thread time to release events stamped after it (the reorder delay is 100 µs
+        # here): the races the handover must close.
+        if threading.current_thread() is main:
+            time.sleep(0.05)
         t = real()
         if threading.current_thread() is main:
             time.sleep(0.15)
@@ -34,6 +38,10 @@ def test_a_drain_between_the_cut_and_the_old_capture_cut_duplicates_nothing(test
     with Tracer(Plan([pa], tb.uplink), reorder_us=100) as tr:
         tr.start()
         flood = tb.popen(a.ns, ["ping", "-n", "-q", "-f", "-c", str(PINGS), "-w", "30", tb.peer_ip],
+                         stdout=subprocess.DEVNULL)
+        # B, added and dropped by the updates, pings too: its packets inside the switch
+        # window belong to neither capture, and must not come out restamped at the cut
+        other = tb.popen(b.ns, ["ping", "-n", "-q", "-i", "0.002", "-w", "4", tb.peer_ip],
                          stdout=subprocess.DEVNULL)
         reports = []
         deadline = time.monotonic() + 0.4
@@ -48,6 +56,9 @@ def test_a_drain_between_the_cut_and_the_old_capture_cut_duplicates_nothing(test
         reports += tr.stop()
         stats = tr.stats()
     assert flood.wait(timeout=5) == 0
+    other.wait(timeout=10)
+    theirs = [r for r in reports if r.container == 1]
+    assert theirs and all(r.latency > 1000 for r in theirs), min(r.latency for r in theirs)
     assert stats["rings"]["updates"] == 3
     assert stats["rings"]["cut"] > 0              # both captures saw the switch window
     assert stats["rings"]["inexact"] == 0         # the old capture's log covered the cut

@@ -116,3 +116,35 @@ def test_a_cut_after_events_were_released_past_the_log_window_is_counted_inexact
     old.drain(final=True)                           # released up to 5 ms
     old.cut_at(6_000_000)                           # the log would start at 4 ms
     assert old.stats()["inexact"] == 1
+
+
+def test_a_device_the_old_capture_did_not_trace_starts_at_the_cut():
+    # update() adds a container: its veth is in the new capture's filter only, so its hits
+    # before the cut have no twin because the old capture never saw them, not because the
+    # cut fell between two stamps; they belong to neither capture
+    old, old_imgs = rings(1)
+    new, new_imgs = rings(1)
+    old_imgs[0].write(event(10_000, 0, 0x1000, XMIT))                   # veth1, traced by both
+    new_imgs[0].write(event(9_500, 0, 0x1000, XMIT),
+                      NetEvent(XMIT, ts=9_800, cpu=0, tid=100, skb=0x2000, len=84, dev="br0").encode(),
+                      NetEvent(XMIT, ts=10_200, cpu=0, tid=100, skb=0x2000, len=84, dev="br0").encode())
+    old.cut_at(10_100)
+    old.drain(final=True)
+    assert [e[0] for e in old.batch()] == [10_000]
+    veth1 = DEVICES.index("veth1")
+    new.start_at(10_100, old.twin_log(), [[veth1], [veth1]])           # XMIT, RECV: veth1 only
+    new.drain(final=True)
+    assert [(e[0], e[1]) for e in new.batch()] == [(10_200, 0x2000)]    # nothing restamped
+    assert new.stats()["straddled"] == 0
+
+
+def test_copies_with_equal_stamps_are_twins():
+    old, old_imgs = rings(1)
+    new, new_imgs = rings(1)
+    old_imgs[0].write(event(10_000, 0, 0x1000, XMIT))
+    new_imgs[0].write(event(10_000, 0, 0x1000, XMIT))
+    old.cut_at(10_001)
+    old.drain(final=True)
+    new.start_at(10_001, old.twin_log())
+    new.drain(final=True)
+    assert len(old.batch()) == 1 and new.batch() == []

@@ -68,6 +68,11 @@ cdef class Rings:
     cdef size_t twins_cap
     cdef uint64_t twins_from    # start_at(): events from here to `since` are matched with twins
     cdef uint64_t inexact       # handovers whose twin log may be incomplete
+    cdef uint8_t *twin_traced   # start_at(): per kind, the device slots the older capture traced
+    cdef uint8_t *twin_all      # start_at(): per kind, 1 if the older capture traced every device
+    cdef int twin_rows
+    cdef int twin_cols
+    cdef bint log_short         # cut_at(): the twin log ran out of room (inexact once)
     cdef bint draining          # a thread is inside drain()/feed(): one at a time
     cdef size_t stage_cap       # events each ring's stage holds
     cdef mace_event *out        # the batch handed to the consumer
@@ -112,4 +117,5 @@ cdef class Rings:
     cdef size_t _release(self, uint64_t horizon) noexcept nogil
     cdef void _log_twins(self, size_t start, size_t end) noexcept nogil
     cdef size_t _before_start(self, ring_t *r, size_t k) noexcept nogil
+    cdef bint _old_traced(self, const mace_event *e) noexcept nogil
     cdef size_t _drain(self, bint final, uint64_t horizon) noexcept nogil

@@ -111,6 +111,8 @@ cdef class Rings:
         self.pos = NULL
         self.scratch = NULL
         self.twins = NULL
+        self.twin_traced = NULL
+        self.twin_all = NULL
         self.fds = NULL
         self.fd_kind = NULL
         self.leader = NULL
@@ -205,6 +207,8 @@ cdef class Rings:
         free(self.kind_of_tp)
         free(self.scratch)
         free(self.twins)
+        free(self.twin_traced)
+        free(self.twin_all)
         free(self.out)
         free(self.fds)
         free(self.fd_kind)
@@ -777,7 +781,9 @@ cdef class Rings:
                 if cap <= MAX_TWINS:
                     grown = <mace_event *>realloc(self.twins, cap * sizeof(mace_event))
                 if grown == NULL:
-                    self.inexact += 1
+                    if not self.log_short:
+                        self.log_short = True
+                        self.inexact += 1
                     return
                 self.twins = grown
                 self.twins_cap = cap
@@ -805,18 +811,30 @@ cdef class Rings:
             twin = False
             for t in range(self.ntwins):
                 o = &self.twins[t]
-                if (o.ts > e.ts and o.cpu == e.cpu and o.kind == e.kind and o.skb == e.skb
+                if (o.ts >= e.ts and o.cpu == e.cpu and o.kind == e.kind and o.skb == e.skb
                         and o.tid == e.tid and o.len == e.len and o.dev == e.dev
                         and o.proto == e.proto and o.flags == e.flags):
                     twin = True
                     break
-            if not twin:
+            if not twin and self._old_traced(e):
                 r.stage[w] = e[0]
                 r.stage[w].ts = self.since
                 w += 1
         MACE_ASSERT(w <= k, "kept events among the examined ones")
         r.st.straddled += w
         return w
+
+    cdef bint _old_traced(self, const mace_event *e) noexcept nogil:
+        # Could the older capture have recorded this hit?  Its filters may have passed fewer
+        # devices (update() adds containers): a hit it could not see has no twin because it
+        # was never its own, and belongs to neither capture before the cut.
+        if self.twin_all == NULL:
+            return True
+        if e.kind >= self.twin_rows:
+            return False
+        if self.twin_all[e.kind]:
+            return True
+        return 0 <= e.dev < self.twin_cols and self.twin_traced[e.kind * self.twin_cols + e.dev] != 0
 
     cdef size_t _drain(self, bint final, uint64_t horizon) noexcept nogil:
         cdef int i, full
@@ -913,6 +931,7 @@ cdef class Rings:
         self.until = ts
         self.log_from = ts - self.reorder_ns if ts > self.reorder_ns else 1
         self.ntwins = 0
+        self.log_short = False
         if self.released_ts >= self.log_from:
             self.inexact += 1       # a stage filled and was released past the log's start
 
@@ -920,14 +939,18 @@ cdef class Rings:
         """(from, packed events): what this capture delivered from `from` up to its cut."""
         return self.log_from, (<char *>self.twins)[:self.ntwins * sizeof(mace_event)] if self.ntwins else b""
 
-    def start_at(self, uint64_t ts, twins=None):
+    def start_at(self, uint64_t ts, twins=None, traced=None):
         """Discard the hits the older capture delivered (counted as `cut`): the successor's
         half of cut_at.  `twins` is the older capture's twin_log() after its last drain;
-        without it, every event stamped before `ts` is discarded."""
+        without it, every event stamped before `ts` is discarded.  `traced`, per kind (in
+        add_kind order), the device slots the older capture's filter passed (None: all of
+        them); without it, the older capture is taken to have traced what this one does."""
         cdef const unsigned char[::1] raw
         cdef size_t n = 0
         self.since = ts
         self.twins_from = ts
+        if traced is not None:
+            self._set_traced(traced)
         if twins is None:
             return
         start, packed = twins
@@ -945,6 +968,29 @@ cdef class Rings:
             memcpy(self.twins, &raw[0], n * sizeof(mace_event))
             self.ntwins = self.twins_cap = n
         self.twins_from = min(<uint64_t>start, ts)
+
+    def _set_traced(self, traced):
+        cdef int k, d, rows = len(traced), cols = 1
+        for slots in traced:
+            if slots is not None:
+                for d in slots:
+                    if d < 0:
+                        raise ValueError(f"device slot {d} is not a slot")
+                    cols = max(cols, d + 1)
+        free(self.twin_traced)
+        free(self.twin_all)
+        self.twin_traced = <uint8_t *>calloc(max(rows, 1) * cols, 1)
+        self.twin_all = <uint8_t *>calloc(max(rows, 1), 1)
+        if self.twin_traced == NULL or self.twin_all == NULL:
+            raise MemoryError()
+        self.twin_rows = rows
+        self.twin_cols = cols
+        for k, slots in enumerate(traced):
+            if slots is None:
+                self.twin_all[k] = 1
+            else:
+                for d in slots:
+                    self.twin_traced[k * cols + d] = 1
 
     @property
     def more(self):
