@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 from mace.capture import others
 from mace.capture.perf import Capture
-from mace.capture.tracefs import read_formats
+from mace.capture.tracefs import read_formats_with
 from mace.defaults import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE, DIRECTIONS, PRESENCE_EVERY
 from mace.output.report import Report, unpack
 from mace.plan import Plan, tracepoints
@@ -62,7 +62,11 @@ class Tracer:
     def open(self, *, bridge: bool | None = None) -> Tracer:
         """Open the events (disabled), and find the other tracers of the same tracepoints
         (`other_tracers`, see mace.capture.others).  bridge: see Plan.correlator."""
-        self.formats = formats = read_formats(tracepoints(self.plan.hops))
+        tps = tracepoints(self.plan.hops)
+        # one read of tracefs (a private mount, a child process, when it is not mounted)
+        # for the layouts and for whether ftrace records the same tracepoints
+        formats, enable = read_formats_with(tps, others.enable_paths(tps))
+        self.formats = formats
         self.capture = Capture(self.plan.probes(formats), self.plan.devices, **self._capture_kw)
         cap = self.capture.open(formats)
         try:
@@ -70,7 +74,7 @@ class Tracer:
                 cap.probes, table_size=self.table_size, max_age_ns=self.max_age_ns,
                 ncpu=max(cap.cpus) + 1, bridge=bridge)
             try:
-                self.other_tracers = others.find(tracepoints(self.plan.hops))
+                self.other_tracers = others.find(tps, enable_files=enable)
             except OSError:     # /proc unreadable: a warning the less, not a reason to stop
                 self.other_tracers = []
         except BaseException:

@@ -105,11 +105,12 @@ def _tracer_fds(pid: int):
             yield int(name), link
 
 
-def find(tracepoints: list[str], *, own_pid: int | None = None,
-         ftrace: bool = True) -> list[OtherTracer]:
+def find(tracepoints: list[str], *, own_pid: int | None = None, ftrace: bool = True,
+         enable_files: dict[str, str | None] | None = None) -> list[OtherTracer]:
     """Other users of `tracepoints` (system:name) on this host, and processes holding perf
     events whose tracepoints cannot be told.  Needs root (CAP_SYS_ADMIN) to see BPF programs;
-    without it, processes are reported as perf users only."""
+    without it, processes are reported as perf users only.  `enable_files`: the tracefs
+    files of enable_paths() if the caller has read them already (tracefs.read_formats_with)."""
     own_pid = os.getpid() if own_pid is None else own_pid
     by_name = {tp.partition(":")[2]: tp for tp in tracepoints}
     bpf = _Bpf()
@@ -135,18 +136,24 @@ def find(tracepoints: list[str], *, own_pid: int | None = None,
         if plain and not progs:     # a BPF tracer's own helper events are not news
             found.append(OtherTracer(pid, comm, "perf", None, plain))
     if ftrace:
-        found += _ftrace_users(tracepoints)
+        found += _ftrace_users(tracepoints, enable_files)
     return found
 
 
-def _ftrace_users(tracepoints: list[str]) -> list[OtherTracer]:
+def enable_paths(tracepoints: list[str]) -> list[str]:
+    """The tracefs files that say whether ftrace records `tracepoints`."""
+    return ["events/{}/{}/enable".format(*tp.split(":", 1)) for tp in tracepoints]
+
+
+def _ftrace_users(tracepoints: list[str], files: dict[str, str | None] | None = None) -> list[OtherTracer]:
     from mace.capture.tracefs import read_tracefs
     from mace.errors import MaceError
-    paths = {tp: "events/{}/{}/enable".format(*tp.split(":", 1)) for tp in tracepoints}
-    try:
-        files = read_tracefs(list(paths.values()))
-    except (MaceError, OSError):
-        return []
+    paths = dict(zip(tracepoints, enable_paths(tracepoints), strict=True))
+    if files is None:
+        try:
+            files = read_tracefs(list(paths.values()))
+        except (MaceError, OSError):
+            return []
     # "1", or "0*"/"1*" when only some instances enable it (the star: soft-disabled/mixed)
     return [OtherTracer(None, "ftrace", "ftrace", tp)
             for tp, path in paths.items() if (files.get(path) or "0").strip().lstrip("0*")]

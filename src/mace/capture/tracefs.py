@@ -235,17 +235,24 @@ def read_format(root: Path, qualified: str) -> EventFormat:
 def read_formats(names: list[str]) -> dict[str, EventFormat]:
     """Formats of several tracepoints.  Uses the mounted tracefs, or reads them through a
     private mount that disappears with the child that made it."""
+    return read_formats_with(names, [])[0]
+
+
+def read_formats_with(names: list[str], paths: list[str]) -> tuple[dict[str, EventFormat],
+                                                                  dict[str, str | None]]:
+    """read_formats, and in the same read the tracefs files `paths` (see read_tracefs):
+    without a mounted tracefs, one private mount serves both."""
     found = _mounted_tracefs()
     if found is not None:
-        return {n: read_format(found, n) for n in names}
-    files = _read_privately([_event_file(n, "format") for n in names])
+        return {n: read_format(found, n) for n in names}, _read_all(found, paths)
+    files = _read_privately([_event_file(n, "format") for n in names] + list(paths))
     out = {}
     for name in names:
         text = files[_event_file(name, "format")]
         if text is None:
             raise _missing(name)
         out[name] = parse_format(text, name.partition(":")[0])
-    return out
+    return out, {p: files[p] for p in paths}
 
 
 def _missing(qualified: str) -> TracepointMissing:
@@ -253,4 +260,5 @@ def _missing(qualified: str) -> TracepointMissing:
                              hint="mace needs the net and skb tracepoints (CONFIG_TRACEPOINTS, Linux >= 4.x)")
 
 
-__all__ = ["Field", "EventFormat", "parse_format", "read_format", "read_formats", "read_tracefs"]
+__all__ = ["Field", "EventFormat", "parse_format", "read_format", "read_formats", "read_formats_with",
+           "read_tracefs"]
