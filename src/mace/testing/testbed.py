@@ -1,21 +1,34 @@
 """Throwaway container topologies in network namespaces, built with pyroute2.
 
+topology="bridge" (the default), as Docker's default network::
+
     peer ns ("the internet")             host ns                       container ns (xN)
     m<tag>pe 198.19.0.2/24  <== veth ==>  m<tag>up 198.19.0.1/24
                                           m<tag>br 198.18.0.1/24  <-- m<tag>v<i> <== veth ==> eth0 198.18.0.<10+i>/24
 
+topology="routed", as Calico: no bridge; each container has a /32 and a default route to
+a gateway address (198.18.0.1) that exists nowhere, which the host-side veth answers ARP
+for (proxy_arp); the host routes each container's /32 to its veth::
+
+    peer ns                              host ns                       container ns (xN)
+    m<tag>pe 198.19.0.2/24  <== veth ==>  m<tag>up 198.19.0.1/24
+                                          198.18.0.<10+i>/32 dev m<tag>v<i> <== veth ==> eth0 198.18.0.<10+i>/32
+                                                                                 default via 198.18.0.1 onlink
+
 The "host" is a namespace of its own, so tests never touch the machine's real network.
-Every link name but the containers' eth0 carries a per-run tag, so the names mace filters
-on in the kernel (which sees every namespace) cannot collide with another run; the eth0s
-are deliberately ambiguous, as on a real container host.  Addresses come only from
-198.18.0.0/15, the range reserved for benchmarking (RFC 2544).
+Every link name but the containers' eth0 (and, if asked for, the peer's) carries a per-run
+tag, so the names mace filters on in the kernel (which sees every namespace) cannot collide
+with another run; the eth0s are deliberately ambiguous, as on a real container host, and
+`peer_dev="eth0"` makes the next hop's device one more of them, as when it is another
+machine's eth0.  Addresses come only from 198.18.0.0/15, the range reserved for
+benchmarking (RFC 2544).
 
 Teardown is guaranteed by the context manager, on SIGTERM (turned into SystemExit while a
 testbed is up) and, for runs that were killed outright, by `remove_stale()`.
 
 Example::
 
-    with Testbed(containers_n=2, masquerade=True) as tb:
+    with Testbed(containers_n=2, masquerade=True, topology="routed") as tb:
         out = tb.run(tb.containers[0].ns, ["ping", "-c", "3", "-i", "0.2", tb.peer_ip])
 """
 
@@ -35,9 +48,13 @@ from pyroute2 import IPRoute, netns
 
 NS_PREFIX = "mace-tb"
 NS_RUN_DIR = "/run/netns"
-HOST_NET = ipaddress.ip_network("198.18.0.0/24")     # bridge, containers
+HOST_NET = ipaddress.ip_network("198.18.0.0/24")     # bridge (or routed gateway), containers
 PEER_NET = ipaddress.ip_network("198.19.0.0/24")     # host uplink <-> peer
 _NS_RE = re.compile(rf"^{NS_PREFIX}-(\d+)-([0-9a-f]+)-")
+TOPOLOGIES = ("bridge", "routed")
+IFNAMSIZ = 16
+RTNH_F_ONLINK = 4
+RT_SCOPE_LINK = 253
 
 
 def _in_benchmark_range(addr: str) -> bool:
@@ -57,29 +74,38 @@ class Container:
 
 @dataclass
 class Testbed:
-    """A host namespace with a bridge, an uplink to a peer namespace, and N containers.
+    """A host namespace with a bridge (or routes), an uplink to a peer namespace, and N containers.
 
     containers_n: how many container namespaces.  masquerade: NAT the containers' traffic
     to the uplink address with nftables (then the peer has no route back to them).
     ipv6: leave IPv6 on (off by default so router solicitations and MLD do not add traffic
     the tests did not send).  uplink_rate_kbit: a token-bucket qdisc limiting what the host
-    sends on its uplink, so that packets queue there, many at a time.
+    sends on its uplink, so that packets queue there, many at a time.  topology: "bridge"
+    (host-side veths enslaved to a bridge) or "routed" (Calico's layout: /32 routes and
+    proxy ARP, no bridge; then `bridge` is None).  peer_dev: the name of the peer's end of
+    the uplink (default m<tag>pe); it lives in the peer namespace only.
     """
 
     containers_n: int = 1
     masquerade: bool = False
     ipv6: bool = False
     uplink_rate_kbit: int = 0
+    topology: str = "bridge"
+    peer_dev: str | None = None
     tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])
     containers: list[Container] = field(default_factory=list)
 
     def __post_init__(self):
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, not {self.topology!r}")
+        if self.peer_dev is not None and not 0 < len(self.peer_dev) < IFNAMSIZ:
+            raise ValueError(f"peer_dev {self.peer_dev!r} is not a valid interface name")
         base = f"{NS_PREFIX}-{os.getpid()}-{self.tag}"
         self.host_ns = f"{base}-host"
         self.peer_ns = f"{base}-peer"
-        self.bridge = f"m{self.tag}br"
+        self.bridge: str | None = f"m{self.tag}br" if self.topology == "bridge" else None
         self.uplink = f"m{self.tag}up"
-        self.peer_dev = f"m{self.tag}pe"
+        self.peer_dev = self.peer_dev or f"m{self.tag}pe"
         self.host_ip = str(PEER_NET.network_address + 1)
         self.peer_ip = str(PEER_NET.network_address + 2)
         self.gateway = str(HOST_NET.network_address + 1)
@@ -117,14 +143,8 @@ class Testbed:
             self._made.append(ns)
         with IPRoute(netns=self.host_ns, flags=0) as host:
             _up(host, "lo")
-            host.link("add", ifname=self.bridge, kind="bridge")
-            br = _index(host, self.bridge)
-            # A bridge takes the lowest MAC of its ports unless given one, and changes it when
-            # that port leaves: the containers' ARP entries for the gateway would go stale.
-            host.link("set", index=br, address=f"02:6d:{int(self.tag, 16) >> 12 & 0xff:02x}:"
-                                                 f"{int(self.tag, 16) >> 4 & 0xff:02x}:00:01")
-            host.addr("add", index=br, address=self.gateway, prefixlen=HOST_NET.prefixlen)
-            host.link("set", index=br, state="up")
+            if self.bridge is not None:
+                br = self._build_bridge(host)
             host.link("add", ifname=self.uplink, kind="veth",
                       peer={"ifname": self.peer_dev, "net_ns_fd": self.peer_ns})
             up = _index(host, self.uplink)
@@ -134,8 +154,11 @@ class Testbed:
                 host.link("add", ifname=c.veth, kind="veth",
                           peer={"ifname": c.inner, "net_ns_fd": c.ns})
                 v = _index(host, c.veth)
-                host.link("set", index=v, master=br)
+                if self.bridge is not None:
+                    host.link("set", index=v, master=br)
                 host.link("set", index=v, state="up")
+                if self.bridge is None:
+                    host.route("add", dst=f"{c.ip}/32", oif=v, scope=RT_SCOPE_LINK)
             host.route("add", dst="default", gateway=self.peer_ip)
             if self.uplink_rate_kbit:
                 host.tc("add", "tbf", index=up, handle="1:", rate=f"{self.uplink_rate_kbit}kbit",
@@ -151,10 +174,24 @@ class Testbed:
             with IPRoute(netns=c.ns, flags=0) as cr:
                 _up(cr, "lo")
                 i = _index(cr, c.inner)
-                cr.addr("add", index=i, address=c.ip, prefixlen=HOST_NET.prefixlen)
-                cr.link("set", index=i, state="up")
-                cr.route("add", dst="default", gateway=self.gateway)
+                if self.bridge is not None:
+                    cr.addr("add", index=i, address=c.ip, prefixlen=HOST_NET.prefixlen)
+                    cr.link("set", index=i, state="up")
+                    cr.route("add", dst="default", gateway=self.gateway)
+                else:
+                    # The gateway is on no subnet of the container's: onlink makes it reachable
+                    # on eth0 all the same, and the host's proxy ARP answers for it.
+                    cr.addr("add", index=i, address=c.ip, prefixlen=32)
+                    cr.link("set", index=i, state="up")
+                    cr.route("add", dst="default", gateway=self.gateway, oif=i, flags=RTNH_F_ONLINK)
         self.sysctl(self.host_ns, "net/ipv4/ip_forward", "1")
+        if self.bridge is None:
+            for c in self.containers:
+                self.sysctl(self.host_ns, f"net/ipv4/conf/{c.veth}/proxy_arp", "1")
+                # ARP requests are broadcasts, which proxy ARP answers only after a random delay
+                # of up to proxy_delay (0.8 s): a container's first packet would wait that long.
+                # Calico sets it to 0 too.
+                self.sysctl(self.host_ns, f"net/ipv4/neigh/{c.veth}/proxy_delay", "0")
         if not self.ipv6:
             for ns in self._made:
                 self.sysctl(ns, "net/ipv6/conf/all/disable_ipv6", "1")
@@ -165,6 +202,17 @@ class Testbed:
                      "  chain post { type nat hook postrouting priority srcnat; policy accept;\n"
                      f'    oifname "{self.uplink}" masquerade\n'
                      "  }\n}\n")
+
+    def _build_bridge(self, host: IPRoute) -> int:
+        host.link("add", ifname=self.bridge, kind="bridge")
+        br = _index(host, self.bridge)
+        # A bridge takes the lowest MAC of its ports unless given one, and changes it when
+        # that port leaves: the containers' ARP entries for the gateway would go stale.
+        host.link("set", index=br, address=f"02:6d:{int(self.tag, 16) >> 12 & 0xff:02x}:"
+                                             f"{int(self.tag, 16) >> 4 & 0xff:02x}:00:01")
+        host.addr("add", index=br, address=self.gateway, prefixlen=HOST_NET.prefixlen)
+        host.link("set", index=br, state="up")
+        return br
 
     def teardown(self) -> None:
         """Remove every namespace this testbed made (their links go with them)."""
