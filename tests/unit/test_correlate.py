@@ -252,7 +252,7 @@ def run_pipeline(stream: Stream, *, max_age: int) -> tuple[Outcome, list[list[Ev
     for i, evs in enumerate(per_ring):
         img = RingImage(pages)
         assert img.write(*(k.net_event(ev).encode() for ev in evs)) == len(evs)
-        assert decoder.decode(img.data())[0] == evs      # the images say what we meant
+        assert decoder.decode(img.data(), w.cpus[i])[0] == evs      # the images say what we meant
         rings.attach(i, img.buf)
     corr = w.plan.correlator(k.probes, table_size=BIG_TABLE, max_age_ns=max_age, ncpu=NCPU)
     rings.feed(corr, final=True)

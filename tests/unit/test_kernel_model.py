@@ -47,7 +47,7 @@ def cython_reports(plan, probes, images):
 
 def reference_reports(plan, probes, data):
     dec = ReferenceDecoder(kinds=[builtin_layout(p.tracepoint) for p in probes], devices=plan.devices)
-    released, _ = merge([dec.decode(d)[0] for d in data])
+    released, _ = merge([dec.decode(d, cpu)[0] for cpu, d in enumerate(data)])
     classes, owner = plan.device_classes()
     ref = ReferenceCorrelator([_correlate.TYPES.get(p.tracepoint, 0) for p in probes], classes, owner,
                               plan.inner_slots(), max_age_ns=MAX_AGE, hops=plan.hops,

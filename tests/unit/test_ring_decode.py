@@ -12,6 +12,7 @@ from mace.testing.reference import ReferenceDecoder
 from mace.testing.synthetic import (
     PAGE,
     PERF_RECORD_SAMPLE,
+    RAW_AT,
     NetEvent,
     RingImage,
     builtin_format,
@@ -136,7 +137,7 @@ def test_decoded_fields_match_reference_decoder():
 
 
 def test_header_fields_tid_cpu_flags():
-    rings = make_rings()
+    rings = make_rings(cpus=(300,))
     img = attach(rings)
     e = NetEvent(RECV, ts=2**63 + 5, cpu=300, tid=2**32 - 1, skb=2**64 - 1, len=2**32 - 1,
                  dev="eth0", flags=0xFF)
@@ -144,11 +145,15 @@ def test_header_fields_tid_cpu_flags():
     assert drain_all(rings) == [(2**63 + 5, 2**64 - 1, 2**32 - 1, 2**32 - 1, 300, 1, 0xFF, 0, 0)]
 
 
-def test_pid_is_not_taken_for_tid():
-    rings = make_rings()
-    img = attach(rings)
+def test_thread_is_the_common_pid_and_cpu_the_rings():
+    # mace asks for TIME|RAW only: the record's common header names the thread, and a ring
+    # holds one CPU's events, so neither PERF_SAMPLE_TID nor PERF_SAMPLE_CPU is paid for
+    rings = make_rings(cpus=(5, 3))
+    img = attach(rings, ring=1)
     raw = raw_record(fmt(RECV), dict(skbaddr=1, len=2, name="eth0"), pid=555)
-    img.write(sample(10, 3, 77, raw, pid=555))
+    rec = sample(10, 0, 77, raw)
+    assert struct.unpack_from("<i", rec, RAW_AT + 4)[0] == 77        # nothing else carries it
+    img.write(rec)
     (ev,) = drain_all(rings)
     assert ev[3] == 77 and ev[4] == 3
 
@@ -201,7 +206,7 @@ def test_record_filling_the_whole_ring_wraps():
     rings = make_rings()
     img = attach(rings, start=PAGE // 2)
     raw = raw_record(fmt(RECV), dict(skbaddr=0xABC, len=5, name="veth1"))
-    raw += bytes(PAGE - 36 - len(raw))
+    raw += bytes(PAGE - RAW_AT - len(raw))
     rec = sample(123, 0, 9, raw)
     assert len(rec) == PAGE
     assert img.write(rec) == 1
@@ -275,9 +280,9 @@ MALFORMED = {
     "size-not-multiple-of-8": with_header(SAMPLES[3].encode(), size=len(SAMPLES[3].encode()) - 4),
     "size-4": with_header(bytes(16), size=4, rtype=PERF_RECORD_SAMPLE),
     "size-past-head": with_header(SAMPLES[3].encode(), size=0xFFF8),
-    "raw-size-past-record-end": patch_u32(SAMPLES[3].encode(), 32, len(SAMPLES[3].encode()) - 36 + 4),
-    "raw-size-huge": patch_u32(SAMPLES[3].encode(), 32, 0xFFFFFFFF),
-    "raw-size-below-8": patch_u32(SAMPLES[3].encode(), 32, 4),
+    "raw-size-past-record-end": patch_u32(SAMPLES[3].encode(), RAW_AT - 4, len(SAMPLES[3].encode()) - RAW_AT + 4),
+    "raw-size-huge": patch_u32(SAMPLES[3].encode(), RAW_AT - 4, 0xFFFFFFFF),
+    "raw-size-below-8": patch_u32(SAMPLES[3].encode(), RAW_AT - 4, 4),
     "sample-too-short": _short_sample(),
 }
 
@@ -338,7 +343,7 @@ def test_malformed_record_in_one_ring_leaves_other_rings_alone():
 
 def _name_loc(e: NetEvent, loc: int) -> bytes:
     """The sample of `e` with the __data_loc word of its name replaced."""
-    return patch_u32(e.encode(), 36 + fmt(e.tracepoint).fields["name"].offset, loc)
+    return patch_u32(e.encode(), RAW_AT + fmt(e.tracepoint).fields["name"].offset, loc)
 
 
 @pytest.mark.parametrize("loc", [
@@ -352,7 +357,7 @@ def test_name_outside_raw_block_skips_only_that_record(loc):
     img = attach(rings)
     bad = NetEvent(XMIT, ts=15, skb=0xBAD, len=1, dev="eth0")
     rec = _name_loc(bad, loc)
-    assert struct.unpack_from("<I", rec, 32)[0] == 76
+    assert struct.unpack_from("<I", rec, RAW_AT - 4)[0] == 76
     a, b = SAMPLES[0], SAMPLES[1]
     img.write(a.encode(), rec, b.encode(), lost(1))
     assert drain_all(rings) == [expect(a), expect(b)]
@@ -439,8 +444,8 @@ def test_name_length_limits_the_lookup():
     img = attach(rings)
     e = NetEvent(RECV, ts=1, skb=1, dev="eth0")
     rec = e.encode()
-    loc = struct.unpack_from("<I", rec, 36 + 20)[0]
-    img.write(patch_u32(rec, 36 + 20, (3 << 16) | (loc & 0xFFFF)), e.encode())
+    loc = struct.unpack_from("<I", rec, RAW_AT + 20)[0]
+    img.write(patch_u32(rec, RAW_AT + 20, (3 << 16) | (loc & 0xFFFF)), e.encode())
     assert [t[7] for t in drain_all(rings)] == [1, 0]
 
 

@@ -14,6 +14,7 @@ from mace.capture.perf import Event
 from mace.testing.reference import ReferenceDecoder, merge
 from mace.testing.synthetic import (
     PAGE,
+    RAW_AT,
     NetEvent,
     RingImage,
     builtin_format,
@@ -279,16 +280,16 @@ CORRUPTIONS = ["name-loc", "name-len", "raw-size-huge", "raw-size-small", "size-
 def corrupt(rec: bytes, how: str) -> bytes:
     """A sample made malformed in one of the ways the decoder must survive."""
     b = bytearray(rec)
-    f = FMT_BY_ID[struct.unpack_from("<H", rec, 36)[0]]
+    f = FMT_BY_ID[struct.unpack_from("<H", rec, RAW_AT)[0]]
     if how in ("name-loc", "name-len") and "name" in f.fields:
-        at = 36 + f.fields["name"].offset
+        at = RAW_AT + f.fields["name"].offset
         loc = struct.unpack_from("<I", b, at)[0]
         loc = (loc & 0xFFFF0000) | 0x1000 if how == "name-loc" else (loc & 0xFFFF) | (0x200 << 16)
         struct.pack_into("<I", b, at, loc)
     elif how == "raw-size-huge":
-        struct.pack_into("<I", b, 32, 0xFFFFFFF0)
+        struct.pack_into("<I", b, RAW_AT - 4, 0xFFFFFFF0)
     elif how == "raw-size-small":
-        struct.pack_into("<I", b, 32, 4)
+        struct.pack_into("<I", b, RAW_AT - 4, 4)
     elif how == "size-0":
         struct.pack_into("<H", b, 6, 0)
     elif how == "size-odd":
@@ -296,8 +297,9 @@ def corrupt(rec: bytes, how: str) -> bytes:
     elif how == "size-huge":
         struct.pack_into("<H", b, 6, 0xFFF8)
     elif how == "truncated-raw":
-        tid, ts, cpu = struct.unpack_from("<4xIQI", rec, 8)
-        return sample(ts, cpu, tid, rec[36:36 + 12])   # tp id kept, fields cut off
+        ts, = struct.unpack_from("<Q", rec, 8)
+        tid, = struct.unpack_from("<i", rec, RAW_AT + 4)
+        return sample(ts, 0, tid, rec[RAW_AT:RAW_AT + 12])   # tp id kept, fields cut off
     return bytes(b)
 
 
@@ -345,8 +347,8 @@ def reference(setup, imgs):
     _, tps, devices = setup
     dec = ReferenceDecoder([layout(tp) for tp in tps], devices)
     per_ring, counters = [], dict.fromkeys(CHECKED, 0)
-    for img in imgs:
-        events, c = dec.decode(img.data())
+    for cpu, img in enumerate(imgs):
+        events, c = dec.decode(img.data(), cpu)
         per_ring.append(events)
         for k in CHECKED:
             counters[k] += getattr(c, k)

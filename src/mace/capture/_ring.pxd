@@ -112,7 +112,8 @@ cdef class Rings:
     cdef int _group_ioctl(self, unsigned long req, str what) except -1
     cdef void _release_all(self) noexcept
     cdef int _read_ring(self, ring_t *r) noexcept nogil
-    cdef int _decode(self, const unsigned char *rec, uint32_t size, mace_event *ev) noexcept nogil
+    cdef int _decode(self, const unsigned char *rec, uint32_t size, mace_event *ev,
+                     uint16_t cpu) noexcept nogil
     cdef int16_t _lookup_dev(self, const unsigned char *s, uint32_t n) noexcept nogil
     cdef size_t _release(self, uint64_t horizon) noexcept nogil
     cdef void _log_twins(self, size_t start, size_t end) noexcept nogil

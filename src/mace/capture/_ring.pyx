@@ -28,7 +28,13 @@ DEV_OTHER = MACE_DEV_OTHER
 
 cdef enum:
     MAX_RECORD = 65536          # perf_event_header.size is a u16
-    SAMPLE_RAW_AT = 36          # header 8, pid/tid 8, time 8, cpu/res 8, raw size 4
+    # sample_type TIME|RAW: header 8, time 8, raw size 4, raw block.  The thread is the raw
+    # block's common_pid and the CPU the ring's own (one ring per CPU, SET_OUTPUT only on
+    # that CPU): asking the kernel for TID and CPU as well would cost every sample more.
+    SAMPLE_TIME_AT = 8
+    SAMPLE_RAW_SIZE_AT = 16
+    SAMPLE_RAW_AT = 20
+    COMMON_PID_AT = 4           # in the raw block's common header
     PAGE = 4096
     MAX_RING_PAGES = 65536      # 256 MiB per CPU; the watermark stays within 32 bits
     MAX_TWINS = 1 << 20         # events logged at a cut (reorder_ns of a full flood is far less)
@@ -320,7 +326,7 @@ cdef class Rings:
         attr.type = PERF_TYPE_TRACEPOINT
         attr.config = self.kinds[kind].tp_id
         attr.sample_period = 1
-        attr.sample_type = PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_SAMPLE_CPU | PERF_SAMPLE_RAW
+        attr.sample_type = PERF_SAMPLE_TIME | PERF_SAMPLE_RAW
         attr.use_clockid = 1
         attr.clockid = CLOCK_MONOTONIC
         attr.watermark = 1
@@ -627,7 +633,7 @@ cdef class Rings:
                 rec = self.scratch
             r.st.records += 1
             if rtype == PERF_RECORD_SAMPLE:
-                rc = self._decode(rec, size, &ev)
+                rc = self._decode(rec, size, &ev, <uint16_t>r.cpu)
                 if rc == 1:
                     r.st.samples += 1
                     self.ksamples[ev.kind] += 1
@@ -657,7 +663,8 @@ cdef class Rings:
         mace_store_release(&r.meta.data_tail, tail)
         return full
 
-    cdef int _decode(self, const unsigned char *rec, uint32_t size, mace_event *ev) noexcept nogil:
+    cdef int _decode(self, const unsigned char *rec, uint32_t size, mace_event *ev,
+                     uint16_t cpu) noexcept nogil:
         # 1: decoded; 0: a tracepoint we did not register; -1: the record is malformed (stop);
         # -2: a field points outside the record (skip it).
         cdef uint32_t raw_size, loc, noff, nlen
@@ -666,7 +673,7 @@ cdef class Rings:
         cdef uint8_t idx
         if size < SAMPLE_RAW_AT + 8:
             return -1
-        raw_size = mace_load_u32(rec + 32)
+        raw_size = mace_load_u32(rec + SAMPLE_RAW_SIZE_AT)
         if raw_size < 8 or raw_size > size - SAMPLE_RAW_AT:
             return -1
         raw = rec + SAMPLE_RAW_AT
@@ -683,9 +690,9 @@ cdef class Rings:
         MACE_ASSERT(k.len_off < 0 or <uint32_t>k.len_off + 4 <= raw_size, "len inside the raw block")
         MACE_ASSERT(k.name_off < 0 or <uint32_t>k.name_off + 4 <= raw_size, "name inside the raw block")
         MACE_ASSERT(k.proto_off < 0 or <uint32_t>k.proto_off + 2 <= raw_size, "protocol inside the raw block")
-        ev.tid = mace_load_u32(rec + 12)
-        ev.ts = mace_load_u64(rec + 16)
-        ev.cpu = <uint16_t>mace_load_u32(rec + 24)
+        ev.tid = mace_load_u32(raw + COMMON_PID_AT)
+        ev.ts = mace_load_u64(rec + SAMPLE_TIME_AT)
+        ev.cpu = cpu
         ev.kind = idx - 1
         ev.flags = raw[2]
         ev.skb = mace_load_u64(raw + k.skb_off) if k.skb_off >= 0 else 0

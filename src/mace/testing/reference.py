@@ -18,6 +18,7 @@ from mace.testing.synthetic import (
     PERF_RECORD_SAMPLE,
     PERF_RECORD_THROTTLE,
     PERF_RECORD_UNTHROTTLE,
+    RAW_AT,
 )
 
 
@@ -50,7 +51,8 @@ class ReferenceDecoder:
             return DEV_OTHER
         return self.slots.get(name, DEV_OTHER)
 
-    def decode(self, data: bytes) -> tuple[list[Event], RingCounters]:
+    def decode(self, data: bytes, cpu: int = 0) -> tuple[list[Event], RingCounters]:
+        """The events of one ring's bytes; `cpu` is the ring's (samples do not carry it)."""
         events: list[Event] = []
         c = RingCounters()
         pos = 0
@@ -66,7 +68,7 @@ class ReferenceDecoder:
             rec = data[pos:pos + size]
             c.records += 1
             if rtype == PERF_RECORD_SAMPLE:
-                status, ev = self._sample(rec)
+                status, ev = self._sample(rec, cpu)
                 if status == "ok":
                     c.samples += 1
                     events.append(ev)
@@ -89,13 +91,14 @@ class ReferenceDecoder:
             pos += size
         return events, c
 
-    def _sample(self, rec: bytes):
-        if len(rec) < 44:
+    def _sample(self, rec: bytes, cpu: int):
+        # sample_type TIME|RAW: header, time, raw size, raw block (see mace.testing.synthetic)
+        if len(rec) < RAW_AT + 8:
             return "malformed", None
-        raw_size = struct.unpack_from("<I", rec, 32)[0]
-        if raw_size < 8 or raw_size > len(rec) - 36:
+        raw_size = struct.unpack_from("<I", rec, RAW_AT - 4)[0]
+        if raw_size < 8 or raw_size > len(rec) - RAW_AT:
             return "malformed", None
-        raw = rec[36:36 + raw_size]
+        raw = rec[RAW_AT:RAW_AT + raw_size]
         tp = struct.unpack_from("<H", raw, 0)[0]
         if tp not in self.by_tp:
             return "unknown", None
@@ -103,9 +106,8 @@ class ReferenceDecoder:
         k = self.kinds[kind]
         if raw_size < max(k["min_raw"], 8):
             return "bad-field", None
-        tid = struct.unpack_from("<I", rec, 12)[0]
-        ts = struct.unpack_from("<Q", rec, 16)[0]
-        cpu = struct.unpack_from("<I", rec, 24)[0] & 0xFFFF
+        tid = struct.unpack_from("<I", raw, 4)[0]         # common_pid
+        ts = struct.unpack_from("<Q", rec, 8)[0]
 
         def field_at(off: int, code: str) -> int:
             return struct.unpack_from("<" + code, raw, off)[0] if off >= 0 else 0

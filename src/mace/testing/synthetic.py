@@ -57,13 +57,20 @@ def raw_record(fmt: EventFormat, values: dict, *, flags: int = 0, pid: int = 0) 
     return bytes(fixed + tail)
 
 
+RAW_AT = 20        # where the raw block starts in a sample (see sample)
+
+
 def sample(ts: int, cpu: int, tid: int, raw: bytes, *, pid: int | None = None) -> bytes:
-    """A PERF_RECORD_SAMPLE with sample_type TID|TIME|CPU|RAW.  The kernel pads the raw
-    block so that its u32 size plus the data is a multiple of 8."""
+    """A PERF_RECORD_SAMPLE with sample_type TIME|RAW, as mace opens its events: the
+    thread is the raw block's common_pid (set here to `tid`) and the CPU is the ring's, so
+    `cpu` and `pid` are not in the record (kept for callers that describe an event).  The
+    kernel pads the raw block so that its u32 size plus the data is a multiple of 8."""
+    del cpu, pid
+    if len(raw) >= 8:
+        raw = raw[:4] + struct.pack("<I", tid & 0xFFFFFFFF) + raw[8:]
     raw_size = (len(raw) + 4 + 7) // 8 * 8 - 4
-    size = 8 + 8 + 8 + 8 + 4 + raw_size
-    return (struct.pack("<IHH", PERF_RECORD_SAMPLE, 0, size)
-            + struct.pack("<IIQII", tid if pid is None else pid, tid, ts, cpu, 0)
+    size = 8 + 8 + 4 + raw_size
+    return (struct.pack("<IHH", PERF_RECORD_SAMPLE, 0, size) + struct.pack("<Q", ts)
             + struct.pack("<I", raw_size) + raw + bytes(raw_size - len(raw)))
 
 
