@@ -23,6 +23,7 @@ SUITE = {
     "perturbation": "benchmarks.perturbation",
     "throughput": "benchmarks.throughput",
     "service": "benchmarks.service",
+    "sample_cost": "benchmarks.sample_cost",
 }
 
 
