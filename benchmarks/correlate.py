@@ -183,7 +183,7 @@ def synthetic(quick: bool) -> dict:
     for _ in range(1 if quick else 3):
         t0 = time.perf_counter()
         dec = ReferenceDecoder(kinds=layouts, devices=plan.devices)
-        released, _kept = merge([dec.decode(d)[0] for d in data])
+        released, _kept = merge([dec.decode(d, cpu)[0] for cpu, d in enumerate(data)])
         ref = ReferenceCorrelator(kinds, classes, owner, plan.inner_slots(),
                                   max_age_ns=DEFAULT_MAX_AGE_NS, hops=plan.hops,
                                   bridge=bool(plan.bridges), end_at_queue=plan.end_at_queue,

@@ -197,7 +197,7 @@ def synthetic(quick: bool) -> dict:
     released = []
     for _ in range(2 if quick else 5):
         t0 = time.perf_counter()
-        per_ring = [ref.decode(d)[0] for d in data]
+        per_ring = [ref.decode(d, cpu)[0] for cpu, d in enumerate(data)]
         released, _kept = merge(per_ring)
         ref_times.append(time.perf_counter() - t0)
     ref_med = statistics.median(ref_times)

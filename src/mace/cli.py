@@ -167,8 +167,13 @@ def _tracer_options(p: argparse.ArgumentParser) -> None:
                    help="give up on a packet not through after MS milliseconds (default 1000, at most 4000)")
     p.add_argument("--hops", action="store_true",
                    help="also trace the bridge and the veth backlog, and report each hop")
-    p.add_argument("--end-at-queue", action="store_true",
-                   help="end egress at net_dev_queue on the uplink (uplinks that segment or offload)")
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--end-at-queue", dest="end_at_queue", action="store_true", default=True,
+                     help="end egress where the packet enters the uplink's qdisc (net_dev_queue), "
+                          "which native traffic waits in too (the default)")
+    end.add_argument("--end-at-xmit", dest="end_at_queue", action="store_false",
+                     help="end egress at the uplink driver (net_dev_start_xmit), MACE's end: the "
+                          "uplink's qdisc wait is then part of the expense")
     p.add_argument("--start-at-inner", action="store_true",
                    help="start egress at the container's own device, not at its host-side veth "
                         "(veths with XDP or GRO skip netif_rx; costs a sample per transmit of "

@@ -4,9 +4,12 @@ them, for a set of containers behind one uplink.
 What is measured, per packet:
 
 - egress: from `netif_rx_entry` on the container's host-side veth (veth_xmit hands the
-  packet over there, inside the container's own transmit call) to `net_dev_start_xmit` on
-  the host's uplink (or `net_dev_queue` there with `end_at_queue`, for uplinks where
-  segmentation replaces the skb before the driver sees it).  The veth's name is unique on
+  packet over there, inside the container's own transmit call) to `net_dev_queue` on the
+  host's uplink, where the packet enters the uplink's qdisc: the host's own (native)
+  traffic waits in that qdisc too, so the wait is not what isolation adds, and ending
+  there also holds for uplinks where segmentation replaces the skb before the driver sees
+  it.  `end_at_queue=False` ends at `net_dev_start_xmit` there, MACE's end (the qdisc wait
+  is then part of the expense).  The veth's name is unique on
   the host, so no other container's transmits pass the kernel's filter and each packet
   is attributed from its first event; with `start_at_veth=False` the start is
   `net_dev_start_xmit` on the inner device, the original plan, for veths with XDP or GRO,
@@ -66,7 +69,7 @@ class Plan:
     containers: list[ContainerPath | None]
     uplink: str
     hops: bool = False
-    end_at_queue: bool = False
+    end_at_queue: bool = True
     start_at_veth: bool = True
     devices: list[str | None] = field(init=False)
 

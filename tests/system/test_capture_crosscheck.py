@@ -68,7 +68,9 @@ def stop_capture(p: subprocess.Popen) -> None:
 
 
 def trace_pings(tb, c) -> list:
-    plan = Plan([ContainerPath(c.ns, c.inner, c.veth, tb.bridge)], tb.uplink, hops=True)
+    # to the uplink's driver: the capture taps the uplink there, in xmit_one, after its qdisc
+    plan = Plan([ContainerPath(c.ns, c.inner, c.veth, tb.bridge)], tb.uplink, hops=True,
+                end_at_queue=False)
     reports = []
     with Tracer(plan) as tr:
         tr.start()

@@ -247,9 +247,10 @@ def check_reports(reports, label, n, window, *, size=56, inode=None, hops=False)
             if "cpu" in r:
                 assert 0 <= r["cpu"] < os.cpu_count(), r
             if hops:
-                # egress starts at the veth: the first hop (inner xmit -> veth) is not timed
-                timed = r["hops"][1:] if r["dir"] == "egress" else r["hops"]
-                assert r["dir"] == "ingress" or r["hops"][0] is None, r
+                # by default egress runs from the veth to the uplink's queue: neither the
+                # first hop (inner xmit -> veth) nor the uplink queue hop is timed
+                timed = r["hops"][1:3] if r["dir"] == "egress" else r["hops"]
+                assert r["dir"] == "ingress" or r["hops"][0] is r["hops"][3] is None, r
                 assert None not in timed, r
                 assert timed == sorted(timed), r
                 assert all(0 < h <= r["latency"] for h in timed), r

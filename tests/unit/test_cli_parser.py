@@ -59,18 +59,27 @@ def test_trace_options_parse_to_their_values():
     a = cli.build_parser().parse_args(
         ["trace", "--netns", "web", "--netns", "1234", "-f", "csv", "-o", "x.csv", "--duration",
          "2.5", "--count", "10", "--hops", "--uplink", "eth1", "--table-size", "1024",
-         "--ring-pages", "64", "--max-age", "250", "--end-at-queue", "--no-tui", "-q"])
+         "--ring-pages", "64", "--max-age", "250", "--end-at-xmit", "--no-tui", "-q"])
     assert a.command == "trace" and a.netns == ["web", "1234"]
     assert (a.format, a.output, a.duration, a.count) == ("csv", "x.csv", 2.5, 10)
     assert (a.hops, a.uplink, a.table_size, a.ring_pages, a.max_age) == (True, "eth1", 1024, 64, 250.0)
-    assert a.end_at_queue and a.tui is False and a.quiet
+    assert not a.end_at_queue and a.tui is False and a.quiet
 
 
 def test_trace_defaults():
     a = cli.build_parser().parse_args(["trace", "--netns", "web"])
     assert a.format is None and a.output is None and a.duration is None and a.count is None
-    assert not a.hops and not a.end_at_queue and a.tui is None and a.ring_pages is None
+    # egress ends where native traffic joins the path: the uplink's qdisc is not isolation
+    assert not a.hops and a.end_at_queue and a.tui is None and a.ring_pages is None
     assert a.max_age == 1000 and a.table_size >= 2 and a.table_size & (a.table_size - 1) == 0
+
+
+def test_end_at_queue_and_end_at_xmit_exclude_each_other(capsys):
+    p = cli.build_parser()
+    assert p.parse_args(["trace", "--netns", "web", "--end-at-queue"]).end_at_queue
+    with pytest.raises(SystemExit):
+        p.parse_args(["trace", "--netns", "web", "--end-at-queue", "--end-at-xmit"])
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_client_options():

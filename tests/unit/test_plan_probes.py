@@ -38,9 +38,10 @@ DB = ContainerPath("db", "eth0", "veth2b", "br0")
 SOLO = ContainerPath("solo", "ens1", "vsolo", None)
 
 
-def Inner(*args, **kw) -> Plan:
-    """A plan whose egress starts at the container's inner device (start_at_veth=False)."""
-    return Plan(*args, start_at_veth=False, **kw)
+def Inner(*args, end_at_queue=False, **kw) -> Plan:
+    """The original plan: egress from the container's inner device (start_at_veth=False) to
+    the uplink's driver, unless end_at_queue is asked for."""
+    return Plan(*args, start_at_veth=False, end_at_queue=end_at_queue, **kw)
 
 
 def test_the_captured_kernel_names_no_socket():
@@ -152,16 +153,19 @@ def test_plans_that_cannot_be_traced_are_refused(bad):
         Plan(bad["containers"], bad["uplink"])
 
 
-def test_by_default_egress_starts_at_the_veth_and_no_inner_xmit_is_sampled():
+def test_by_default_egress_runs_from_the_veth_to_the_uplink_queue():
+    # no inner xmit is sampled (another container's egress never passes the filter), and
+    # the uplink's driver neither: the segment ends where native traffic joins the path
     assert filters(Plan([WEB, DB], "up0")) == {
-        XMIT: names("veth1a", "veth2b", "up0"),
+        XMIT: names("veth1a", "veth2b"),
         RECV: names("up0", "veth1a", "veth2b", "eth0"),
         QUEUE: names("up0"),
         FREE: f"reason != {NO_SOCKET}",
         RX: names("veth1a", "veth2b"),
     }
     assert filters(Plan([WEB], "up0", hops=True))[RX] == names("veth1a", "eth0")
-    assert filters(Plan([WEB], "up0", hops=True))[XMIT] == names("veth1a", "br0", "up0")
+    assert filters(Plan([WEB], "up0", hops=True))[XMIT] == names("veth1a", "br0")
+    assert filters(Plan([WEB], "up0", end_at_queue=False))[XMIT] == names("veth1a", "up0")
 
 
 def test_the_start_is_part_of_a_plans_shape():

@@ -75,7 +75,7 @@ STOP_FLUSH = 2.0                    # s followers get to take their last reports
 class Options:
     uplink: str | None = None
     hops: bool = False
-    end_at_queue: bool = False
+    end_at_queue: bool = True
     start_at_veth: bool = True
     table_size: int = DEFAULT_TABLE_SIZE
     max_age_ns: int = DEFAULT_MAX_AGE_NS

@@ -81,7 +81,7 @@ class Topology:
     uplink_index: int
     notes: list[str] = field(default_factory=list)
 
-    def plan(self, *, hops: bool = False, end_at_queue: bool = False,
+    def plan(self, *, hops: bool = False, end_at_queue: bool = True,
              start_at_veth: bool = True) -> Plan:
         return Plan([ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
                      for c in self.containers], self.uplink, hops=hops, end_at_queue=end_at_queue,

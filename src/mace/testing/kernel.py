@@ -446,8 +446,11 @@ def model_plan() -> Plan:
     """The plan the flood model traces: two containers behind a bridge (a third, not
     traced, shares their inner device name)."""
     br = f"m{MODEL_TAG}br"
+    # ending at the driver keeps the shaped qdisc, its queueing and its drops, inside the
+    # segment: the harder chain for the correlator
     return Plan([ContainerPath("c0", INNER, f"m{MODEL_TAG}v0", br),
-                 ContainerPath("c1", INNER, f"m{MODEL_TAG}v1", br)], f"m{MODEL_TAG}up")
+                 ContainerPath("c1", INNER, f"m{MODEL_TAG}v1", br)], f"m{MODEL_TAG}up",
+                end_at_queue=False)
 
 
 class _Packet:
