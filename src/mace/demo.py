@@ -40,6 +40,11 @@ class Probe:
     rtt_ns: int
     egress_ns: int | None = None
     ingress_ns: int | None = None
+    # of the matched reports: ns after t0 at each hop (None where not traced), end event's CPU
+    egress_hops: tuple | None = None
+    ingress_hops: tuple | None = None
+    egress_cpu: int | None = None
+    ingress_cpu: int | None = None
 
     @property
     def corrected_ns(self) -> int | None:
@@ -96,7 +101,8 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
                 best = i
         if best is not None:
             used_i.add(best)
-            p.ingress_ns = ing[best][1].latency
+            r = ing[best][1]
+            p.ingress_ns, p.ingress_hops, p.ingress_cpu = r.latency, r.hops, r.cpu
         best = None
         for i, (t, _) in enumerate(eg):
             if i in used_e or not sent - slack <= t < recv:
@@ -105,7 +111,8 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
                 best = i
         if best is not None:
             used_e.add(best)
-            p.egress_ns = eg[best][1].latency
+            r = eg[best][1]
+            p.egress_ns, p.egress_hops, p.egress_cpu = r.latency, r.hops, r.cpu
 
 
 def need_ping() -> None:
@@ -114,10 +121,11 @@ def need_ping() -> None:
 
 
 def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
-            trace: bool = True, tracer_kw: dict | None = None,
+            trace: bool = True, tracer_kw: dict | None = None, plan_kw: dict | None = None,
             warn: Callable[[str], None] | None = None) -> Run:
     """Ping the peer from container 0 and from the host namespace at the same time, with
     containers 1..colocated flooding the peer, tracing container 0 unless `trace` is off.
+    `plan_kw` goes to the plan (e.g. {"hops": True}), `tracer_kw` to the Tracer.
     `warn` hears of other tracers of mace's tracepoints, a line each, before the pings."""
     c = tb.containers[0]
     floods = []
@@ -126,7 +134,7 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
     tracer = None
     if trace:
         topo = discover([resolve(tb.ns_path(c.ns))])
-        tracer = Tracer(topo.plan(), **(tracer_kw or {})).open()
+        tracer = Tracer(topo.plan(**(plan_kw or {})), **(tracer_kw or {})).open()
         for line in others.warn_lines(tracer.other_tracers) if warn is not None else ():
             warn(line)
     reports: list[Report] = []

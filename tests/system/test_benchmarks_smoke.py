@@ -3,6 +3,7 @@ assertions: these machines are shared)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -40,27 +41,41 @@ def test_accuracy_benchmark_quick(tmp_path):
 
     res = run_quick("accuracy", tmp_path)
     count, rounds = res["count"], res["rounds"]
-    levels = res["levels"]
-    assert [lv["colocated"] for lv in levels] == [0, 2]
+    assert list(res["topologies"]) == ["bridge+nat"]
+    levels = res["topologies"]["bridge+nat"]["levels"]
+    with gzip.open(tmp_path / res["probes_file"], "rt") as f:
+        probes = json.load(f)["bridge+nat"]
+    assert [lv["colocated"] for lv in levels] == [0, 1]
     for lv in levels:
         # counts: every probe is a reply ping got; matched ones have both reports
         assert 0 < lv["matched"] <= lv["probes"] <= count * rounds, lv
-        assert len(lv["raw"]) == lv["probes"]
-        for key in ("matched_raw", "corrected", "egress", "ingress"):
-            assert len(lv[key]) == lv["matched"], key
-        assert len(lv["native"]) > 0 and len(lv["plain_raw"]) > 0 and len(lv["plain_native"]) > 0
-        assert len(lv["rounds"]) == rounds
-        # honesty: corrected is the raw RTT minus the measured expense, probe by probe
-        for raw, e, i, c in zip(lv["matched_raw"], lv["egress"], lv["ingress"], lv["corrected"], strict=True):
-            assert c == raw - e - i
-            assert e > 0 and i > 0          # a report's latency is never 0
-        assert not Counter(lv["matched_raw"]) - Counter(lv["raw"])     # matched probes are probes
-        # the biases shown are those of these numbers (one round: no median in between)
-        if rounds == 1:
+        assert len(lv["rounds"]) == rounds == len(probes[str(lv["colocated"])])
+        assert lv["errors"] == []
+        for r, rp in zip(lv["rounds"], probes[str(lv["colocated"])], strict=True):
+            assert r["round"] == rp["round"]
+            assert r["counts"]["traced"]["matched"] == len(rp["traced"]["corrected"])
+            for kind in ("traced", "hops"):
+                m = rp[kind]
+                for key in ("matched_raw", "corrected", "egress", "ingress", "egress_cpu", "ingress_cpu"):
+                    assert len(m[key]) == len(m["corrected"]), key
+                assert len(m["native"]) > 0
+                # honesty: corrected is the raw RTT minus the measured expense, probe by probe
+                for raw, e, i, c in zip(m["matched_raw"], m["egress"], m["ingress"], m["corrected"],
+                                        strict=True):
+                    assert c == raw - e - i
+                    assert e > 0 and i > 0          # a report's latency is never 0
+                assert not Counter(m["matched_raw"]) - Counter(m["raw"])   # matched probes are probes
+            assert len(rp["hops"]["egress_hops"]) == len(rp["hops"]["corrected"])
+            assert len(rp["untraced"]["raw"]) > 0 and len(rp["untraced"]["native"]) > 0
+            # the biases shown are those of these numbers
+            tr, st = rp["traced"], r["stats"]
             for q, name in ((50, "median"), (99, "p99")):
-                nat = quantiles(lv["native"])[name]
-                assert lv[f"raw_bias_p{q}"] == quantiles(lv["raw"])[name] - nat
-                assert lv[f"corrected_bias_p{q}"] == quantiles(lv["corrected"])[name] - nat
+                nat = quantiles(tr["native"])[name]
+                suffix = "" if q == 50 else "_p99"
+                assert st["raw_bias" + suffix] == quantiles(tr["raw"])[name] - nat
+                assert st["corrected_bias" + suffix] == quantiles(tr["corrected"])[name] - nat
+        assert lv["stats"]["corrected_bias"]["median"] == quantiles(
+            [r["stats"]["corrected_bias"] for r in lv["rounds"]])["median"]
         # the counters behind coverage are reported, whatever they say
         for d in ("egress", "ingress"):
             cov = lv["coverage"][d]
