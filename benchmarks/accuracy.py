@@ -34,9 +34,15 @@ TOPOLOGIES = {
     "bridge+nat": {"topology": "bridge", "masquerade": True, "peer_dev": "eth0"},
     "bridge": {"topology": "bridge", "masquerade": False},
     "routed+nat": {"topology": "routed", "masquerade": True},
+    # a 4 Mbit/s uplink the floods fill: the host's own pings wait in its qdisc as long as
+    # the container's, so the end point of egress decides the corrected RTT
+    "shaped+nat": {"topology": "bridge", "masquerade": True, "uplink_rate_kbit": 4000},
 }
+# per topology: loads other than LOADS, and measurements beyond MEASUREMENTS
+TOPOLOGY_LOADS = {"shaped+nat": (0, 2)}
+EXTRA = {"shaped+nat": ("xmit",)}       # xmit: the default plan with --end-at-xmit
 LOADS = (0, 1, 2, 4)
-COUNT, INTERVAL_S, ROUNDS = 200, 0.004, 10
+COUNT, INTERVAL_S, ROUNDS = 200, 0.004, 16
 QUICK = {"topologies": ("bridge+nat",), "loads": (0, 1), "rounds": 2, "count": 40}
 CONFIDENCE = 0.95
 TARGET_MEDIAN_US = 2.0
@@ -52,7 +58,9 @@ HOP_STEPS = {"egress": ("veth rx", "veth backlog", "bridge", "uplink queue", "up
              "ingress": ("bridge", "veth", "container rx", "container receive")}
 # per round, median over its probes; then median over rounds with a confidence interval
 STATS = ("raw_bias", "corrected_bias", "raw_bias_p99", "corrected_bias_p99", "untraced_added",
-         "expense", "expense_vs_untraced", "hops_raw_bias", "hops_corrected_bias")
+         "expense", "expense_vs_untraced", "hops_raw_bias", "hops_corrected_bias",
+         "xmit_raw_bias", "xmit_corrected_bias")
+PLAN_KW = {"hops": {"hops": True}, "xmit": {"end_at_queue": False}}
 
 
 def _q(values, q):
@@ -127,7 +135,7 @@ def _measure(tb, k: int, kind: str, count: int, interval: float) -> tuple[dict |
     t0 = time.monotonic()
     try:
         run = demo.measure(tb, count=count, interval=interval, colocated=k, trace=kind != "untraced",
-                           plan_kw={"hops": True} if kind == "hops" else None)
+                           plan_kw=PLAN_KW.get(kind))
     except MaceError as e:          # one bad measurement must not end a 15-minute run
         return None, time.monotonic() - t0, f"{kind}: {e}"
     if kind == "untraced":
@@ -141,7 +149,7 @@ def _diff(a, b):
     return None if a is None or b is None else a - b
 
 
-def _round_stats(tr: dict | None, un: dict | None, hp: dict | None) -> dict:
+def _round_stats(tr: dict | None, un: dict | None, hp: dict | None, xm: dict | None = None) -> dict:
     s = dict.fromkeys(STATS)
     if tr and tr["native"]:
         for q, suffix in ((50, ""), (99, "_p99")):
@@ -157,6 +165,10 @@ def _round_stats(tr: dict | None, un: dict | None, hp: dict | None) -> dict:
         nat = _q(hp["native"], 50)
         s["hops_raw_bias"] = _diff(_q(hp["raw"], 50), nat)
         s["hops_corrected_bias"] = _diff(_q(hp["corrected"], 50), nat)
+    if xm and xm["native"]:
+        nat = _q(xm["native"], 50)
+        s["xmit_raw_bias"] = _diff(_q(xm["raw"], 50), nat)
+        s["xmit_corrected_bias"] = _diff(_q(xm["corrected"], 50), nat)
     return s
 
 
@@ -181,6 +193,10 @@ def _hops(runs: list[dict]) -> dict:
                 for i, v in enumerate(hop_intervals(hops, lat)):
                     if v is not None and i < len(per_step):
                         per_step[i].append(v)
+        if d == "egress" and not per_step[3] and per_step[4]:
+            # egress ended at the uplink's queue (the default): the last interval ends there,
+            # and there is no uplink xmit step
+            per_step[3], per_step[4] = per_step[4], []
         out[d] = {name: (statistics.median(v) if v else None)
                   for name, v in zip(HOP_STEPS[d], per_step, strict=True)}
         out[d]["latency"] = _q([x for r in runs for x in r[d]], 50)
@@ -217,8 +233,8 @@ def _level(k: int, rounds: list[dict]) -> dict:
 def _round_counts(rec: dict) -> dict:
     """A round as the result keeps it: its statistics and counts; the probes go to PROBES_FILE."""
     counts = {}
-    for kind in MEASUREMENTS:
-        c = rec[kind]
+    for kind in (*MEASUREMENTS, "xmit"):
+        c = rec.get(kind)
         counts[kind] = None if c is None else {
             "probes": len(c["raw"]), "native": len(c["native"]),
             **({"matched": len(c["corrected"]), "reports": c["reports"], "missed": c["missed"],
@@ -245,7 +261,7 @@ def _warm(tb, n: int) -> None:
 
 
 def _topology(spec: dict, loads, rounds_n: int, count: int, interval: float, timing: list,
-              probes: dict) -> list[dict]:
+              probes: dict, extra: tuple = ()) -> list[dict]:
     """The levels of one topology; every round's probe columns go into probes[load]."""
     from mace.testing.testbed import Testbed
 
@@ -255,16 +271,16 @@ def _topology(spec: dict, loads, rounds_n: int, count: int, interval: float, tim
         for r in range(rounds_n):
             for k in loads:             # round r of every load before round r + 1 of any
                 rec = {"round": r, "errors": []}
-                for kind in MEASUREMENTS:
+                for kind in (*MEASUREMENTS, *extra):
                     cols, seconds, err = _measure(tb, k, kind, count, interval)
                     rec[kind] = cols
                     timing.append(seconds)
                     if err:
                         rec["errors"].append(err)
-                rec["stats"] = _round_stats(rec["traced"], rec["untraced"], rec["hops"])
+                rec["stats"] = _round_stats(rec["traced"], rec["untraced"], rec["hops"], rec.get("xmit"))
                 per_load[k].append(rec)
     for k in loads:
-        probes[str(k)] = [{kind: rec[kind] for kind in ("round", *MEASUREMENTS)} for rec in per_load[k]]
+        probes[str(k)] = [{kind: rec[kind] for kind in ("round", *MEASUREMENTS, *extra)} for rec in per_load[k]]
     return [_level(k, per_load[k]) for k in loads]
 
 
@@ -293,14 +309,16 @@ def run(quick: bool) -> dict:
     for name in names:
         wait_quiet()        # the previous testbed's namespaces are still being cleaned up
         probes[name] = {}
+        mine = loads if quick else TOPOLOGY_LOADS.get(name, loads)
         topologies[name] = {"testbed": TOPOLOGIES[name],
-                            "levels": _topology(TOPOLOGIES[name], loads, rounds, count, interval, timing,
-                                                probes[name])}
+                            "levels": _topology(TOPOLOGIES[name], mine, rounds, count, interval, timing,
+                                                probes[name], EXTRA.get(name, ()))}
     elapsed = time.monotonic() - t0
     per = statistics.median(timing)
     # a measurement's fixed cost (tracer, ping start, deadline polling) plus its probes
     overhead = max(0.0, per - count * interval)
-    n_full = len(TOPOLOGIES) * len(LOADS) * ROUNDS * len(MEASUREMENTS)
+    n_full = ROUNDS * sum(len(TOPOLOGY_LOADS.get(n, LOADS)) * (len(MEASUREMENTS) + len(EXTRA.get(n, ())))
+                          for n in TOPOLOGIES)
     setup = max(0.0, elapsed - sum(timing)) / len(names)
     estimate = n_full * (overhead + COUNT * INTERVAL_S) + len(TOPOLOGIES) * setup
     return {"count": count, "interval_s": interval, "rounds": rounds, "loads": list(loads),
@@ -429,6 +447,9 @@ def summary(result: dict) -> list[dict]:
         rows.append({"metric": f"{at}: untraced added / expense vs untraced added",
                      "value": f"{_ci_us(st['untraced_added'])} / {_ci_us(st['expense_vs_untraced'])}",
                      "target": "", "met": None})
+        if st["xmit_corrected_bias"] is not None:
+            rows.append({"metric": f"{at}: ending at the uplink's driver (--end-at-xmit): corrected bias",
+                         "value": _ci_us(st["xmit_corrected_bias"]), "target": "", "met": None})
         rows.append({"metric": f"{at}: hops plan: corrected bias; per-hop medians (µs)",
                      "value": f"{_ci_us(st['hops_corrected_bias'])}; {_hop_text(lv)}", "target": "",
                      "met": None})
@@ -475,10 +496,15 @@ def notes(result: dict) -> list[str]:
         "runs from the previous traced step (t0 first) to the named one, medians over all its matched "
         "probes; the CPU shares are of the reports' end events. Hops add samples, so the bias and "
         "coverage targets are of the default plan's run only.",
+        "shaped+nat (loads 0 and 2 only): the uplink is limited to 4 Mbit/s, which the floods fill, "
+        "so every packet leaving the host, the host's own pings included, waits in its qdisc; a "
+        "fourth measurement per round ends egress at the uplink's driver (--end-at-xmit, MACE's "
+        "end) instead of its queue (the default), to show which end point matches a native "
+        "measurement.",
         f"Duration: {t['measurements']} measurements, median {t['median_s']:.2f} s each "
         f"({t['overhead_s']:.2f} s beyond the pings), {t['setup_s']:.0f} s per testbed; the full run "
-        f"({len(TOPOLOGIES)} topologies x {len(LOADS)} loads x {ROUNDS} rounds x 3 measurements of "
-        f"{COUNT} pings) is estimated at {t['full_run_estimate_s'] / 60:.0f} min.",
+        f"({len(TOPOLOGIES)} topologies, {ROUNDS} rounds of 3 or 4 measurements of {COUNT} pings per "
+        f"load) is estimated at {t['full_run_estimate_s'] / 60:.0f} min.",
         "ping reports RTT in whole µs; medians over many probes resolve finer.",
     ]
     errors = [f"{n}, {lv['colocated']} flooding: {e}" for n, lv in _levels(result) for e in lv["errors"]]

@@ -9,6 +9,7 @@ own program and correlates in the kernel):
 
     none      nothing traced (the baseline of the round)
     mace      the real CLI, `python -m mace trace --netns PATH -q -f jsonl -o /dev/null`
+    mace-xmit the same with --end-at-xmit (egress to the uplink's driver: one sample more)
     ftrace    a tracefs instance (instances/mace_bench) with the same events and filters,
               recording into its own kernel buffer while `cat trace_pipe > /dev/null` reads it
     perf      `perf record -a -q -B -o TMP -e TP --filter F ...` for the same probes
@@ -20,7 +21,7 @@ drift over the run (other load on the host, the VM's neighbours) hits every conf
 alike.  The added RTT of a configuration is the median over rounds of (its median RTT
 minus the `none` median of the same round), with the spread of those per-round
 differences.  Optional load: LOAD co-located containers flooding the peer (`ping -f`)
-for the whole phase.  Full: loads 0 and 2, R=8, N=300, I=3 ms; quick: load 0, R=2, N=60,
+for the whole phase.  Full: loads 0, 2 and 4, R=16, N=300, I=3 ms; quick: load 0, R=2, N=60,
 none/mace/ftrace only.
 """
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from benchmarks.common import busy_since, cpu_sample, pyplot, save, tracefs_mounts, wait_quiet
 
-CONFIGS = ["none", "mace", "mace-inner", "ftrace", "perf", "bpftrace"]
+CONFIGS = ["none", "mace", "mace-xmit", "ftrace", "perf", "bpftrace"]
 QUICK_CONFIGS = ["none", "mace", "ftrace"]
 TARGET_US = 3.0
 TRACEFS = Path("/sys/kernel/tracing")
@@ -49,7 +50,7 @@ READY_TIMEOUT_S = 15.0
 QUIET_LIMIT_S = 1.0       # at load 0, wait at most this long for the CPUs to go idle ...
 QUIET_BELOW = 0.15        # ... i.e. less than this share busy, before each run
 STOP_TIMEOUT_S = 15.0
-COLORS = {"none": "tab:gray", "mace": "tab:blue", "mace-inner": "tab:cyan", "ftrace": "tab:orange",
+COLORS = {"none": "tab:gray", "mace": "tab:blue", "mace-xmit": "tab:cyan", "ftrace": "tab:orange",
           "perf": "tab:green",
           "bpftrace": "tab:purple"}
 
@@ -58,8 +59,9 @@ def _params(quick: bool) -> dict:
     if quick:
         return {"loads": [0], "rounds": 2, "count": 60, "interval": 0.003,
                 "configs": list(QUICK_CONFIGS), "budget_s": 36.0}
-    return {"loads": [0, 2], "rounds": 8, "count": 300, "interval": 0.003,
-            "configs": list(CONFIGS), "budget_s": 330.0}
+    # idle rounds spread by tens of µs on a shared VM: many rounds, and loads to plot the growth
+    return {"loads": [0, 2, 4], "rounds": 16, "count": 300, "interval": 0.003,
+            "configs": list(CONFIGS), "budget_s": 900.0}
 
 
 # -- tracefs mount -------------------------------------------------------------------------------
@@ -191,8 +193,8 @@ class Ctx:
         self.ns_path = tb.ns_path(tb.containers[0].ns)
         self.probes = probes
         from mace.plan import Plan
-        # the plan before egress started at the veth (mace --start-at-inner)
-        self.inner_probes = Plan(plan.containers, plan.uplink, start_at_veth=False).probes()
+        # the plan that ends egress at the uplink's driver (mace --end-at-xmit)
+        self.xmit_probes = Plan(plan.containers, plan.uplink, end_at_queue=False).probes()
         self.inner = plan.containers[0].inner
         self.veth = plan.containers[0].veth
         self.uplink = plan.uplink
@@ -276,15 +278,15 @@ class MaceTracer(_Proc):
         self._wait_fds(len(ctx.probes) * ctx.ncpu, MACE_MIN_START_S)
 
 
-class MaceInnerTracer(_Proc):
-    """mace with the egress start of before: xmit on the inner device, whose name every
-    container shares (so the co-located floods' transmits pass its filter too)."""
-    name = "mace-inner"
+class MaceXmitTracer(_Proc):
+    """mace ending egress at the uplink's driver, MACE's end (--end-at-xmit): one sample
+    more per round trip than the default, on the uplink's transmit."""
+    name = "mace-xmit"
 
     def start(self, ctx: Ctx) -> None:
         self._spawn(ctx, [sys.executable, "-m", "mace", "trace", "--netns", ctx.ns_path,
-                          "--start-at-inner", "-q", "-f", "jsonl", "-o", "/dev/null"])
-        self._wait_fds(len(ctx.inner_probes) * ctx.ncpu, MACE_MIN_START_S)
+                          "--end-at-xmit", "-q", "-f", "jsonl", "-o", "/dev/null"])
+        self._wait_fds(len(ctx.xmit_probes) * ctx.ncpu, MACE_MIN_START_S)
 
 
 class PerfTracer(_Proc):
@@ -311,17 +313,21 @@ class PerfTracer(_Proc):
         return res
 
 
-def bpftrace_script(inner: str, uplink: str) -> str:
-    """mace's correlation, in the kernel: egress from the inner device's transmit to the
-    uplink's, ingress from the uplink's receive to the inner device's; an entry ends when
-    its packet is dropped (kfree_skb), as in mace."""
+def bpftrace_script(veth: str, inner: str, uplink: str) -> str:
+    """mace's correlation of its default segments, in the kernel: egress from the veth's
+    netif_rx to the uplink's queue, ingress from the uplink's receive to the inner device's;
+    an entry ends when its packet is dropped (kfree_skb), as in mace."""
     return f"""
-tracepoint:net:net_dev_start_xmit
+tracepoint:net:netif_rx_entry
 {{
-  $n = str(args->name);
-  if ($n == "{inner}") {{
+  if (str(args->name) == "{veth}") {{
     @eg_t0[args->skbaddr] = nsecs;
-  }} else if ($n == "{uplink}") {{
+  }}
+}}
+
+tracepoint:net:net_dev_queue
+{{
+  if (str(args->name) == "{uplink}") {{
     $t = @eg_t0[args->skbaddr];
     if ($t) {{
       @egress_ns = hist(nsecs - $t);
@@ -378,7 +384,7 @@ class BpftraceTracer(_Proc):
 
     def start(self, ctx: Ctx) -> None:
         script = ctx.tmp / "perturbation.bt"
-        script.write_text(bpftrace_script(ctx.inner, ctx.uplink))
+        script.write_text(bpftrace_script(ctx.veth, ctx.inner, ctx.uplink))
         self._spawn(ctx, ["bpftrace", str(script)])
         t0 = time.monotonic()
         while time.monotonic() - t0 < READY_TIMEOUT_S + 15:
@@ -471,7 +477,7 @@ def _ftrace_stats(inst: Path) -> dict:
     return {"read_events": written, "overrun": overrun}
 
 
-TRACERS = {"none": NoTracer, "mace": MaceTracer, "mace-inner": MaceInnerTracer, "ftrace": FtraceTracer, "perf": PerfTracer,
+TRACERS = {"none": NoTracer, "mace": MaceTracer, "mace-xmit": MaceXmitTracer, "ftrace": FtraceTracer, "perf": PerfTracer,
            "bpftrace": BpftraceTracer}
 
 
@@ -905,13 +911,13 @@ def notes(result: dict) -> list[str]:
          "to the peer for the whole phase (restarted if one ends early: "
          + ", ".join(f"load {ph['load']}: {ph['flood_restarts']} restarts"
                      for ph in result["phases"] if ph["load"])
-         + "), so every configuration and round sees the same flood. The floods leave through "
-         "their own eth0 and the uplink, which are in mace's in-kernel filter (inner names are "
-         "ambiguous), so every tracer also sees the flood's events."
+         + "), so every configuration and round sees the same flood. The floods' receives on "
+         "their own eth0 and their packets on the uplink pass mace's in-kernel filter (inner "
+         "names are ambiguous), so every tracer also sees some of the floods' events."
          if any(ph["load"] for ph in result["phases"]) else
          "Load: none in this run (loads measured: "
          + ", ".join(str(x) for x in p["loads"]) + "; the full run adds load 2: two co-located "
-         "containers flooding the peer with `ping -f`)."),
+         "containers flooding the peer with `ping -f`, and load 4)."),
         "Same events for every tracer: the probes of `discover([resolve(ns)]).plan().probes()` "
         "for container 0: "
         + "; ".join(f"{q['tracepoint']}" + (f" [{q['filter']}]" if q["filter"] else " [no filter]")
@@ -926,13 +932,14 @@ def notes(result: dict) -> list[str]:
         "it (its CPU time is cat's; the kernel's formatting happens in cat's read calls); "
         "removed after each run. perf: `perf record -a -q -B -o TMP -e TP --filter F ...` "
         "for the same probes (file deleted after each run), stopped with SIGINT. bpftrace: a "
-        "script correlating in the kernel (maps keyed by skbaddr; egress from "
-        "net_dev_start_xmit of the inner device to net_dev_start_xmit of the uplink, ingress "
-        "from netif_receive_skb of the uplink to netif_receive_skb of the inner device, names "
-        "compared with str(args->name); kfree_skb deletes the entry, as mace ends one; "
-        "histograms of the deltas), started and waited for until it prints 'Attaching'; its "
-        "program runs on every event of these tracepoints, as BPF cannot use the ftrace "
-        "filters; it does not attach net_dev_queue, which its correlation does not need.",
+        "script correlating mace's default segments in the kernel (maps keyed by skbaddr; "
+        "egress from netif_rx_entry of the host-side veth to net_dev_queue of the uplink, "
+        "ingress from netif_receive_skb of the uplink to netif_receive_skb of the inner "
+        "device, names compared with str(args->name); kfree_skb deletes the entry, as mace "
+        "ends one; histograms of the deltas), started and waited for until it prints "
+        "'Attaching'; its program runs on every event of these tracepoints, as BPF cannot use "
+        "the ftrace filters. mace-xmit: mace with `--end-at-xmit` (one sample more per round "
+        "trip, the uplink's transmit).",
     ]
     if result.get("skipped_configs"):
         out.append("Not measured here: " + "; ".join(f"{k}: {v}" for k, v in
