@@ -28,7 +28,8 @@ from mace._version import __version__
 
 _ERRORS = ("MaceError", "UsageError", "PermissionProblem", "TracefsError", "TracepointMissing",
            "TargetNotFound", "TopologyError", "UplinkMissing", "ResourceError",
-           "ServiceUnreachable", "ServiceRefused")
+           "ServiceUnreachable", "ServiceRefused", "RuntimeUnavailable", "ContainerNotFound",
+           "ContainerNotRunning", "NoContainerNetwork")
 
 # name -> the module that defines it
 _FACE = {

@@ -74,10 +74,31 @@ class ServiceRefused(MaceError):
     exit_code = 11
 
 
+class RuntimeUnavailable(MaceError):
+    """Runtime unavailable: the container runtime's socket is absent, refuses, or denies us."""
+    exit_code = 12
+
+
+class ContainerNotFound(MaceError):
+    """Container not found: the runtime knows no container or pod by that name or id."""
+    exit_code = 13
+
+
+class ContainerNotRunning(MaceError):
+    """Container not running: it exists, but no process of it holds a network namespace."""
+    exit_code = 14
+
+
+class NoContainerNetwork(MaceError):
+    """No container network: it uses the host's network, or none at all."""
+    exit_code = 15
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in
               (MaceError, UsageError, PermissionProblem, TracefsError, TracepointMissing,
                TargetNotFound, TopologyError, UplinkMissing, ResourceError, ServiceUnreachable,
-               ServiceRefused)}
+               ServiceRefused, RuntimeUnavailable, ContainerNotFound, ContainerNotRunning,
+               NoContainerNetwork)}
 
 
 def meaning(name: str) -> str:

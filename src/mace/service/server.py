@@ -85,6 +85,7 @@ class Options:
     max_clients: int = DEFAULT_MAX_CLIENTS
     mode: int = 0o666
     state_dir: str = DEFAULT_STATE_DIR
+    runtime_socket: str | None = None   # where runtime-named targets are asked (mace.targets.runtimes)
 
 
 def _report_format() -> tuple[str, int]:

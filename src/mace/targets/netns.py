@@ -1,11 +1,12 @@
 """Targets and topology: from `--netns TARGET` to the devices mace must watch.
 
 A TARGET is a PID (any process inside the container), a namespace name as `ip netns`
-lists it, or a path to a namespace file (/proc/PID/ns/net, /run/netns/NAME, a container
-runtime's netns path).  Discovery, with pyroute2, finds in the container its veth
-interfaces, the namespace holding each veth's peer (the host), the peer's name there (the
-host-side veth), the bridge it is enslaved to, and the host's uplink (the device of its
-default route, unless one is named).
+lists it, a path to a namespace file (/proc/PID/ns/net, /run/netns/NAME, a container
+runtime's netns path), or a container named through its runtime: `docker:web`,
+`podman:ID`, `containerd:[NS/]ID`, `pod:[NS/]NAME[/CONTAINER]` (mace.targets.runtimes).
+Discovery, with pyroute2, finds in the container its veth interfaces, the namespace holding
+each veth's peer (the host), the peer's name there (the host-side veth), the bridge it is
+enslaved to, and the host's uplink (the device of its default route, unless one is named).
 
 Example::
 
@@ -31,20 +32,42 @@ NETNS_RUN_DIRS = ("/run/netns", "/var/run/netns")
 NS_GET_NSTYPE = 0xB703          # _IO(0xb7, 0x3)
 CLONE_NEWNET = 0x40000000
 NO_NSID = 0xFFFFFFFF            # RTM_GETNSID's answer for "no id assigned"
+RUNTIME_PREFIXES = ("docker", "podman", "containerd", "pod")    # docker:web, ...
 
 
 @dataclass(frozen=True)
 class Target:
-    """A network namespace to trace, as the user named it."""
+    """A network namespace to trace, as the user named it.
+
+    A target named through a container runtime (`docker:web`, see mace.targets.runtimes)
+    also carries what the runtime said about it, and the socket it was asked on: with the
+    spec, that is what `runtimes.reresolve` needs to find it again after a restart."""
 
     spec: str               # what the user wrote
     path: str               # a file that refers to the namespace
     inode: int              # the namespace's identity (what `ls -i /proc/PID/ns/net` shows)
     pid: int | None = None
+    name: str | None = None             # the container's name ("web"), the pod's for a pod
+    runtime: str | None = None          # "docker", "podman", "containerd", "cri"
+    container_id: str | None = None     # the full id (a pod's: its sandbox id)
+    pod: str | None = None
+    k8s_namespace: str | None = None
+    runtime_socket: str | None = None   # the socket the runtime answered on
+    shares: str | None = None           # the container whose network namespace this one joined
 
     @property
     def label(self) -> str:
-        return self.spec
+        return self.name or self.spec
+
+    def identity(self) -> dict | None:
+        """What reports name the target by (mace.output.sinks): None for a PID or a
+        namespace, which no runtime named."""
+        if self.runtime is None:
+            return None
+        out = {"container": self.name}
+        if self.pod is not None:
+            out.update(pod=self.pod, k8s_namespace=self.k8s_namespace)
+        return out
 
 
 @dataclass
@@ -92,6 +115,9 @@ class Topology:
         for c in self.containers:
             t = c.target
             who = f"pid {t.pid}" if t.pid else t.spec
+            if t.runtime:       # netns 4026532281 (docker web, pid 1234, shared with db)
+                shared = [f"shared with {t.shares}"] if t.shares else []
+                who = ", ".join([f"{t.runtime} {t.label}", who, *shared])
             out.append(f"netns {t.inode} ({who}): {describe_path(c.main, self.uplink)}")
         return out + self.notes
 
@@ -120,9 +146,15 @@ def _is_netns(path: str) -> bool:
         os.close(fd)
 
 
-def resolve(spec: str) -> Target:
-    """Turn a PID, a namespace name or a namespace path into a Target."""
+def resolve(spec: str, runtime_socket: str | None = None) -> Target:
+    """Turn a PID, a namespace name, a namespace path or a runtime's container
+    (`docker:web`, `podman:ID`, `containerd:[NS/]ID`, `pod:[NS/]NAME[/CONTAINER]`; see
+    mace.targets.runtimes, which asks the runtime on `runtime_socket`) into a Target."""
     spec = spec.strip()
+    if spec.partition(":")[0] in RUNTIME_PREFIXES:
+        from mace.targets import runtimes  # imports this module; only runtime targets need it
+
+        return runtimes.resolve(spec, runtime_socket)
     if spec.isdigit():
         pid = int(spec)
         path = f"/proc/{pid}/ns/net"
