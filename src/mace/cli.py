@@ -62,15 +62,22 @@ privileges are needed here.  Socket: --socket, else ${SOCKET_ENV}, else {DEFAULT
                         "ServiceRefused"])
 
 TRACE_EPILOG = """\
-TARGET is a PID of any process in the container, a namespace name (`ip netns list`), or a
-path to a namespace file (/proc/PID/ns/net, /run/netns/NAME, a runtime's netns path).
+TARGET is a PID of any process in the container, a namespace name (`ip netns list`), a
+path to a namespace file (/proc/PID/ns/net, /run/netns/NAME, a runtime's netns path), or a
+container as its runtime names it:
+  docker:NAME|ID  podman:NAME|ID  containerd:[NAMESPACE/]ID  pod:[NAMESPACE/]NAME[/CONTAINER]
+The runtime is asked on --runtime-socket, else $DOCKER_HOST (docker:), $CONTAINER_HOST
+(podman:), $CONTAINERD_ADDRESS (containerd:, with ctr), $CONTAINER_RUNTIME_ENDPOINT (pod:,
+with crictl), else on its usual socket (/run/docker.sock, /run/podman/podman.sock, ...).
 
 Each report is the time one packet spent between the container's device and the host's
 uplink: egress from net_dev_start_xmit on the container's eth0 to net_dev_start_xmit on
 the uplink, ingress from netif_receive_skb on the uplink to netif_receive_skb on eth0.
 
 """ + exit_status_text(["UsageError", "PermissionProblem", "TracefsError", "TracepointMissing",
-                        "TargetNotFound", "TopologyError", "UplinkMissing", "ResourceError"])
+                        "TargetNotFound", "TopologyError", "UplinkMissing", "ResourceError",
+                        "RuntimeUnavailable", "ContainerNotFound", "ContainerNotRunning",
+                        "NoContainerNetwork"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "network path", epilog=TRACE_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--netns", action="append", required=True, metavar="TARGET",
-                    help="container to trace (PID, namespace name or path); repeatable")
+                    help="container to trace (PID, namespace name or path, docker:NAME, podman:NAME, "
+                         "containerd:[NS/]ID, pod:[NS/]NAME[/CONTAINER]); repeatable")
+    _runtime_socket_option(tr)
     tr.add_argument("--duration", type=float, metavar="SEC", help="stop after SEC seconds")
     tr.add_argument("--count", type=int, metavar="N", help="stop after N reports (all targets, both directions)")
     tr.add_argument("-f", "--format", choices=FORMATS, help="report format (default: mace, or the live view on a terminal)")
@@ -135,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"namespaces enabled at once (default {DEFAULT_MAX_NAMESPACES})")
     sv.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
                     help=f"connections at once (default {DEFAULT_MAX_CLIENTS})")
+    _runtime_socket_option(sv, "containers named by their runtime")
     _tracer_options(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -154,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--json", action="store_true", help="the service's reply as JSON")
         c.set_defaults(func=cmd_client, op=op)
     return p
+
+
+def _runtime_socket_option(p: argparse.ArgumentParser, text: str = "docker:, podman:, containerd: and pod: "
+                                                                  "targets") -> None:
+    p.add_argument("--runtime-socket", metavar="PATH",
+                   help=f"the container runtime's socket for {text} (default: $DOCKER_HOST, "
+                        "$CONTAINER_HOST, ..., else the runtime's usual one)")
 
 
 def _tracer_options(p: argparse.ArgumentParser) -> None:
@@ -254,7 +271,7 @@ def cmd_serve(args) -> int:
                    table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
                    ring_pages=args.ring_pages, queue_size=args.queue,
                    max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode,
-                   state_dir=args.state_dir)
+                   state_dir=args.state_dir, runtime_socket=args.runtime_socket)
     return serve(socket_path(args.socket), opts, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
@@ -307,16 +324,22 @@ def _client_lines(reply: dict) -> list[str]:
 def cmd_trace(args) -> int:
     from mace.capture import others
     from mace.output.sinks import make_sink
-    from mace.output.summary import build, format_text
+    from mace.output.summary import Tally, build, format_text
     from mace.targets.netns import discover, resolve
+    from mace.targets.runtimes import runtime_of
     from mace.tracer import Tracer
 
     _check_positive("--duration", args.duration)
     _check_positive("--count", args.count)
     _check_tracer_options(args)
+    named = sorted({runtime_of(spec) for spec in args.netns} - {None})
+    if args.runtime_socket and len(named) > 1:
+        raise UsageError("--runtime-socket is one runtime's socket, and the targets name "
+                         + " and ".join(named),
+                         hint="give the others' sockets by DOCKER_HOST, CONTAINER_HOST, ...")
     _check_privileges()
     err = sys.stderr
-    targets = [resolve(spec) for spec in args.netns]
+    targets = [resolve(spec, args.runtime_socket) for spec in args.netns]
     topo = discover(targets, args.uplink)
     plan = topo.plan(hops=args.hops, end_at_queue=args.end_at_queue,
                      start_at_veth=not args.start_at_inner)
@@ -343,7 +366,8 @@ def cmd_trace(args) -> int:
             if f is not None and stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 f.seek(0)               # the tracer is ready: now the old contents go
                 f.truncate()
-        sink = make_sink(args.format or "mace", out, labels, inodes, hops=args.hops)
+        sink = make_sink(args.format or "mace", out, labels, inodes, hops=args.hops,
+                         containers=[t.identity() for t in targets])
         live = None
         if use_tui:
             from mace.output.live import LiveView
@@ -360,6 +384,8 @@ def cmd_trace(args) -> int:
                     live.message(line)
         deadline = time.monotonic() + args.duration if args.duration else None
         taken = 0
+        tally = Tally(len(labels), args.hops, plan.end_at_queue)
+        stopped: dict[int, float] = {}
 
         def emit(reports) -> bool:
             """Hand reports on; True once --count is reached."""
@@ -367,6 +393,7 @@ def cmd_trace(args) -> int:
             if args.count is not None:
                 reports = reports[:args.count - taken]
             taken += len(reports)
+            tally.add(reports)
             if live is not None:
                 live.add(reports)
             else:
@@ -387,6 +414,8 @@ def cmd_trace(args) -> int:
                     or (live is not None and live.quit))
 
         def gone(i: int, left: int) -> None:
+            if tracer.started_at is not None:
+                stopped[i] = time.monotonic() - tracer.started_at
             msg = (f"mace: {labels[i]} stopped (its veth {plan.containers[i].veth} "
                    f"is gone); {left} target(s) left")
             if live is not None:
@@ -413,7 +442,7 @@ def cmd_trace(args) -> int:
                 if not args.quiet:
                     for line in topo.describe() + live.messages:
                         print(line, file=err)
-            summary = build(tracer, labels, inodes)
+            summary = build(tracer, labels, inodes, tally, stopped)
             if summary_file is not None:
                 json.dump(summary, summary_file, indent=2)
                 summary_file.write("\n")

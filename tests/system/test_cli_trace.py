@@ -32,8 +32,8 @@ MACE_LINE = r"\[\d+\.\d{6}\] \(\d+\) (egress|ingress): \d+"
 MACE_RE = re.compile(rf"^{MACE_LINE}$")
 MACE_PARSE = re.compile(r"^(?:(?P<target>\S+) )?\[(?P<ts>\d+\.\d{6})\] \((?P<seq>\d+)\) "
                         r"(?P<dir>egress|ingress): (?P<lat>\d+)$")
-JSONL_KEYS = {"ts", "netns", "target", "dir", "seq", "latency_ns", "len", "cpu"}
-CSV_HEADER = ["ts", "netns", "target", "dir", "seq", "latency_ns", "len", "cpu"]
+JSONL_KEYS = {"ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"}
+CSV_HEADER = ["ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"]
 EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "uplink queue")
 INGRESS_HOPS = ("bridge", "veth", "container rx")
 HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns",
@@ -218,10 +218,11 @@ def parse(fmt: str, lines: list[str], labels: list[str], *, hops=False) -> list[
         for row in rows[1:]:
             assert len(row) == len(rows[0]), row
             assert re.fullmatch(r"\d+\.\d{9}", row[0]), row
-            r = {"ts": float(row[0]), "netns": int(row[1]), "target": row[2], "dir": row[3],
-                 "seq": int(row[4]), "latency": int(row[5]), "len": int(row[6]), "cpu": int(row[7])}
+            assert row[3] == "", row          # a namespace, not a runtime's container
+            r = {"ts": float(row[0]), "netns": int(row[1]), "target": row[2], "dir": row[4],
+                 "seq": int(row[5]), "latency": int(row[6]), "len": int(row[7]), "cpu": int(row[8])}
             if hops:
-                eg, ing = row[8:12], row[12:]
+                eg, ing = row[9:13], row[13:]
                 mine, other = (eg, ing) if r["dir"] == "egress" else (ing, eg)
                 assert other == [""] * len(other), row        # the other direction's columns
                 r["hops"] = [int(h) if h else None for h in mine]
@@ -268,7 +269,11 @@ def summary_rows(err: list[str]) -> list[tuple[str, str, int]]:
         if not m:
             break
         rows.append((m[1].rstrip(), m[2], int(m[3])))
-    assert re.match(r"^\d+ events in [\d.]+ s; lost \(ring full\) \d+", err[heads[0] + 1 + len(rows)])
+    # under the table: a line per shortfall explained and per target stopped, then the totals
+    rest = err[heads[0] + 1 + len(rows):]
+    totals = [i for i, line in enumerate(rest)
+              if re.match(r"^\d+ events in [\d.]+ s; lost \(ring full\) \d+", line)]
+    assert totals and all(":" in line for line in rest[:totals[0]]), "\n".join(err)
     return rows
 
 
@@ -476,7 +481,7 @@ def test_a_container_stops_while_traced(testbed_factory):
     t0, _ = ping(tb, c0, 3)
     ping(tb, c1, 4)
     forget_namespace(tb, c1.ns)
-    (stopped,) = run.wait_err(r"stopped", timeout=10)
+    (stopped,) = run.wait_err(r"stopped \(its veth", timeout=10)
     assert c1.ns in stopped and c1.veth in stopped and "1 target(s) left" in stopped, stopped
     assert run.proc.poll() is None, run.text()
     ping(tb, c0, 4)                         # the other container is still traced
@@ -486,6 +491,8 @@ def test_a_container_stops_while_traced(testbed_factory):
     check_reports(reports, c0.ns, 7, (t0, run.t_end), inode=inodes[0])
     check_reports(reports, c1.ns, 4, (t0, run.t_end), inode=inodes[1])
     check_summary(run.err, [(c0.ns, 7, 7), (c1.ns, 4, 4)])
+    assert any(re.match(rf"{re.escape(c1.ns)}: stopped [\d.]+ s after the start", line)
+               for line in run.err), run.text()
     assert "Traceback" not in run.text()
 
     # with its only target gone, mace ends by itself
@@ -495,7 +502,7 @@ def test_a_container_stops_while_traced(testbed_factory):
     forget_namespace(tb, c0.ns)
     assert run.finish(timeout=WAIT) == 0, run.text()
     assert run.t_end - window[1] < 10
-    (stopped,) = run.wait_err(r"stopped")
+    (stopped,) = run.wait_err(r"stopped \(its veth")
     assert c0.ns in stopped and "0 target(s) left" in stopped, stopped
     check_reports(parse("mace", run.out, [c0.ns]), c0.ns, 3, window)
     check_summary(run.err, [(c0.ns, 3, 3)])

@@ -22,7 +22,7 @@ from pyroute2 import netns
 # a client inside a container: uid 0 (the test tree is root's), but no capability at all
 NOPRIV = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 SETTLE = 0.4            # reports go through a 2 ms reorder window and a 200 ms poll
-REPORT_KEYS = {"ts", "netns", "target", "dir", "seq", "latency_ns", "len", "cpu"}
+REPORT_KEYS = {"ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"}
 ECHO_LEN = 20 + 8 + 56  # IPv4 + ICMP headers + ping's default payload
 MACE_LINE = re.compile(r"^\[(\d+)\.(\d{6})\] \((\d+)\) (egress|ingress): (\d+)$")
 PERF = "anon_inode:[perf_event]"

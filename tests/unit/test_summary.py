@@ -178,7 +178,8 @@ def test_build_without_a_finished_run_has_no_duration():
 def test_format_text_one_line_per_target_and_direction_then_totals():
     text = format_text(build(make_tracer(), ["web", "/run/netns/db"], [11, 22]))
     lines = text.splitlines()
-    assert len(lines) == 1 + 4 + 1 + 1          # the observer's cost last (see test_observer.py)
+    # the table, a line per shortfall explained, the totals, the observer's cost (test_observer.py)
+    assert len(lines) == 1 + 4 + 3 + 1 + 1
     head = lines[0].split()
     assert head[:9] == ["target", "dir", "count", "cover", "min", "p50", "p90", "p99", "max"]
     # targets are shown whole, and the columns line up behind the longest
@@ -190,12 +191,72 @@ def test_format_text_one_line_per_target_and_direction_then_totals():
     assert lines[2].split()[-4:] == ["0", "2", "0", "0"]
     assert lines[3].split()[3] == "-"                          # no coverage to show
     assert lines[4].split()[4:9] == ["7.0"] * 5
-    assert lines[5] == ("1234 events in 12.346 s; lost (ring full) 5, malformed 2, table 4096 "
+    # every shortfall with the counters behind it: web egress lost an orphan, web ingress two
+    # expired, db egress saw nothing cross
+    assert lines[5] == ("web egress: 6 crossed its veth, 1 stayed on the host (local), 0 dropped by "
+                        "the kernel, 1 lost to the columns above, 0 in flight at the end")
+    assert lines[6].startswith("web ingress: 0 crossed its veth") and "2 lost to the columns" in lines[6]
+    assert lines[7].startswith("/run/netns/db egress: 0 crossed") and "is the container sending?" in lines[7]
+    assert lines[8] == ("1234 events in 12.346 s; lost (ring full) 5, malformed 2, table 4096 "
                         "entries (256 KiB), evicted before attribution 3")
-    assert lines[6].startswith("observer: ")
+    assert lines[9].startswith("observer: ")
     assert "warning" not in text
 
 
 def test_format_text_warns_of_samples_the_kernel_dropped():
     text = format_text(build(make_tracer(kernel_dropped=7), ["web", "db"], [11, 22]))
-    assert text.splitlines()[-1].startswith("warning: the kernel dropped 7 samples")
+    last = text.splitlines()[-1]
+    assert last.startswith("warning: the kernel dropped 7 samples")
+    # web's coverage is below 100%: the traced containers' own reports may be affected
+    assert "some of its reports may be missing" in last
+
+
+def test_the_kernel_drop_warning_says_when_no_traced_report_is_missing():
+    t = make_tracer(kernel_dropped=7)
+    for c in t._stats["containers"]:
+        for k in c.values():
+            k.update(orphans=0, expired=0)
+    last = format_text(build(t, ["web", "db"], [11, 22])).splitlines()[-1]
+    assert "every traced packet was reported" in last
+
+
+def report(container, direction, latency, hops):
+    from mace.output.report import Report
+    return Report(container=container, dir=direction, seq=1, t0=0, latency=latency, len=84, cpu=0,
+                  hops=hops)
+
+
+def test_the_summary_counts_what_was_written_and_says_what_count_left_out():
+    from mace.output.summary import Tally
+    t = Tally(2, hops=False, end_at_queue=True)
+    t.add([report(0, 0, 40_000, ()), report(0, 0, 41_000, ())])       # 2 of the 4 made
+    s = build(make_tracer(), ["web", "db"], [11, 22], tally=t)
+    eg = s["containers"][0]["egress"]
+    assert (eg["count"], eg["made"]) == (2, 4)
+    assert "web egress: 2 of 4 reports written (--count)" in format_text(s).splitlines()
+
+
+def test_hop_medians_per_step_in_the_json_and_the_text():
+    from mace.output.summary import Tally
+    t = Tally(2, hops=True, end_at_queue=True)
+    # egress from the veth start: no inner xmit slot, no uplink queue slot (the queue is the end)
+    t.add([report(0, 0, 10_000, (None, 2_000, 5_000, None)),
+           report(0, 0, 12_000, (None, 2_000, 6_000, None)),
+           report(0, 1, 6_000, (1_000, 3_000, 4_000))])
+    s = build(make_tracer(), ["web", "db"], [11, 22], tally=t)
+    eg = s["containers"][0]["egress"]["hop_p50_ns"]
+    assert list(eg) == ["veth backlog", "bridge", "uplink queue"]
+    assert eg["veth backlog"] == bucket_middle(2_000) and eg["uplink queue"] == bucket_middle(5_000)
+    ing = s["containers"][0]["ingress"]["hop_p50_ns"]
+    assert list(ing) == ["bridge", "veth", "container rx", "container receive"]
+    assert ing["container receive"] == bucket_middle(2_000)
+    assert "hop_p50_ns" not in s["containers"][1]["egress"] or not s["containers"][1]["egress"]["hop_p50_ns"]
+    text = format_text(s)
+    assert f"web egress hops, p50 µs to each step: veth backlog {bucket_middle(2_000) / 1000:.1f}" in text
+    json.dumps(s)
+
+
+def test_a_target_that_went_away_is_named_with_when():
+    s = build(make_tracer(), ["web", "db"], [11, 22], stopped={1: 4.25})
+    assert s["containers"][1]["stopped_after_s"] == 4.25 and "stopped_after_s" not in s["containers"][0]
+    assert "db: stopped 4.25 s after the start" in format_text(s)

@@ -1,9 +1,13 @@
 """Where reports go: the original MACE line format, JSON lines, or CSV.
 
     mace   [1552589043.315681] (1) egress: 80932      (prefixed with the target with several)
-    jsonl  {"ts": 1552589043.315681, "netns": 4026532281, "target": "web", "dir": "egress",
-            "seq": 1, "latency_ns": 80932, "len": 84, "cpu": 1, "hops": {...}}
-    csv    ts,netns,target,dir,seq,latency_ns,len,cpu[,hop columns]
+    jsonl  {"ts": 1552589043.315681, "netns": 4026532281, "target": "web", "container": "web",
+            "dir": "egress", "seq": 1, "latency_ns": 80932, "len": 84, "cpu": 1, "hops": {...}}
+    csv    ts,netns,target,container,dir,seq,latency_ns,len,cpu[,hop columns]
+
+`container` is the runtime's name for a target given as docker:, podman:, containerd: or
+pod: (null, or an empty CSV cell, for a PID or a namespace); a pod's reports also carry
+`pod` and `k8s_namespace`.
 
 `ts` is the wall-clock time the packet entered the measured segment (egress: it left the
 container's device; ingress: the host's uplink received it).  Hops (with --hops) give, for
@@ -34,10 +38,13 @@ class Sink:
     """Writes reports for a list of targets (labels and namespace inodes, by container)."""
 
     def __init__(self, out: IO[str], labels: Sequence[str], inodes: Sequence[int], *,
-                 hops: bool = False, wall_offset_ns: int | None = None):
+                 hops: bool = False, wall_offset_ns: int | None = None,
+                 containers: Sequence[dict | None] | None = None):
         self.out = out
         self.labels = list(labels)
         self.inodes = list(inodes)
+        # per target: {"container": name, and "pod", "k8s_namespace" for a pod} or None
+        self.containers = list(containers) if containers is not None else [None] * len(self.labels)
         self.hops = hops
         # CLOCK_MONOTONIC -> wall clock, taken once: the reports keep their spacing
         self.offset = wall_offset_ns if wall_offset_ns is not None else clock.wall_offset_ns()
@@ -66,11 +73,13 @@ class MaceSink(Sink):
         self.written += len(reports)
 
 
-def jsonl_line(r: Report, ts: str, netns: int, target: str, hops: bool) -> str:
+def jsonl_line(r: Report, ts: str, netns: int, target: str, hops: bool,
+               container: dict | None = None) -> str:
     """One report as a JSON line; `ts` is Sink.wall(r), written as a number with all nine
     digits exact (a JSON encoder would go through a double)."""
-    obj = {"netns": netns, "target": target, "dir": r.direction, "seq": r.seq,
-           "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
+    obj = {"netns": netns, "target": target, "container": (container or {}).get("container"),
+           **{k: v for k, v in (container or {}).items() if k != "container"},
+           "dir": r.direction, "seq": r.seq, "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
     if hops:
         obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops, strict=True))
     return '{"ts":' + ts + "," + json.dumps(obj, separators=(",", ":"))[1:] + "\n"
@@ -81,12 +90,12 @@ class JsonlSink(Sink):
         w = self.out.write
         for r in reports:
             w(jsonl_line(r, self.wall(r), self.inodes[r.container], self.labels[r.container],
-                         self.hops))
+                         self.hops, self.containers[r.container]))
         self.written += len(reports)
 
 
 class CsvSink(Sink):
-    COLUMNS = ["ts", "netns", "target", "dir", "seq", "latency_ns", "len", "cpu"]
+    COLUMNS = ["ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"]
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -96,8 +105,9 @@ class CsvSink(Sink):
     def write(self, reports: list[Report]) -> None:
         ncols = len(hop_columns())
         for r in reports:
+            named = self.containers[r.container]
             row = [self.wall(r), self.inodes[r.container], self.labels[r.container],
-                   r.direction, r.seq, r.latency, r.len, r.cpu]
+                   named["container"] if named else "", r.direction, r.seq, r.latency, r.len, r.cpu]
             if self.hops:
                 hops = [""] * ncols
                 base = 0 if r.dir == 0 else len(EGRESS_HOPS)

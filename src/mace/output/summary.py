@@ -15,13 +15,75 @@ COUNTERS = ("crossed", "local", "dropped", "orphans", "expired", "evicted", "rej
 PERCENTILES = (50, 90, 99)
 
 
-def build(tracer, labels, inodes) -> dict:
-    """The summary of a stopped Tracer."""
+class Tally:
+    """What the command wrote, as opposed to what the correlator made: reports per container
+    and direction (`--count` may stop short of the last ones) and, with hops, each hop
+    interval in the correlator's histogram buckets, so a long trace holds no list of values.
+    Hop intervals are named by the step they end at (see HOP_STEPS)."""
+
+    def __init__(self, ncontainers: int, hops: bool, end_at_queue: bool):
+        self.written = [[0, 0] for _ in range(ncontainers)]
+        self.hops = hops
+        self.steps = hop_steps(end_at_queue)
+        self.buckets = [[[0] * _nbuckets() for _ in self.steps[d]] for d in DIRECTIONS
+                        for _ in range(ncontainers)] if hops else []
+
+    def add(self, reports) -> None:
+        from mace.correlate._correlate import bucket_of
+        for r in reports:
+            self.written[r.container][r.dir] += 1
+            if not self.hops:
+                continue
+            rows = self.buckets[r.container * 2 + r.dir]
+            prev = 0
+            points = (*r.hops, r.latency)
+            for i, point in enumerate(points):
+                if point is None:
+                    continue
+                # the end is the last interval whatever the number of hop slots
+                j = len(rows) - 1 if i == len(points) - 1 else i
+                rows[j][bucket_of(max(point - prev, 0))] += 1
+                prev = point
+
+    def hop_medians(self, container: int, direction: int) -> dict[str, float | None] | None:
+        if not self.hops:
+            return None
+        rows = self.buckets[container * 2 + direction]
+        names = self.steps[DIRECTIONS[direction]]
+        return {n: Histogram(row).percentile(50) for n, row in zip(names, rows, strict=True)
+                if sum(row)}
+
+
+# Per direction, the step at the end of each hop interval: the report's hop slots, then its
+# end event.  An interval runs from the previous traced step (the start first) to the named one.
+HOP_STEPS = {"egress": ("veth rx", "veth backlog", "bridge", "uplink queue", "uplink xmit"),
+             "ingress": ("bridge", "veth", "container rx", "container receive")}
+
+
+def hop_steps(end_at_queue: bool) -> dict[str, tuple[str, ...]]:
+    if not end_at_queue:
+        return HOP_STEPS
+    # ending at the uplink's queue, the queue is the end: no slot of its own
+    return {"egress": HOP_STEPS["egress"][:3] + ("uplink queue",), "ingress": HOP_STEPS["ingress"]}
+
+
+def _nbuckets() -> int:
+    from mace.correlate._correlate import BUCKETS
+    return BUCKETS
+
+
+def build(tracer, labels, inodes, tally: Tally | None = None,
+          stopped: dict[int, float] | None = None) -> dict:
+    """The summary of a stopped Tracer.  `tally`: what was written (then `count` is that,
+    and `made` what the correlator made); `stopped`: container index -> seconds after the
+    start at which its target went away."""
     stats = tracer.stats()
     corr = tracer.correlator
     out = []
     for i, c in enumerate(stats["containers"]):
         entry = {"target": labels[i], "netns": inodes[i]}
+        if stopped and i in stopped:
+            entry["stopped_after_s"] = round(stopped[i], 3)
         for d, name in enumerate(DIRECTIONS):
             k = c[name]
             hist = Histogram(corr.histogram(i, d))
@@ -32,6 +94,12 @@ def build(tracer, labels, inodes) -> dict:
                 v = hist.percentile(q)      # a bucket's middle: keep it within what was seen
                 row[f"p{q}_ns"] = None if v is None else min(max(v, k["min_ns"]), k["max_ns"])
             row.update({n: k[n] for n in COUNTERS})
+            if tally is not None:
+                row["made"] = row["count"]
+                row["count"] = tally.written[i][d]
+                hops = tally.hop_medians(i, d)
+                if hops is not None:
+                    row["hop_p50_ns"] = hops
             entry[name] = row
         out.append(entry)
     duration = None
@@ -130,6 +198,7 @@ def format_text(summary: dict) -> str:
                 f"{_us(r['p50_ns']):>8} {_us(r['p90_ns']):>8} {_us(r['p99_ns']):>8} "
                 f"{_us(r['max_ns']):>8}          {r['orphans']:>6} {r['expired']:>7} "
                 f"{r['evicted']:>7} {r['rejected']:>8}")
+    lines += _explanations(summary)
     t = summary
     tail = (f"{t['events']} events in {t['duration_s']} s; lost (ring full) {t['lost']}, "
             f"malformed {t['malformed']}, table {t['table']['size']} entries "
@@ -140,9 +209,38 @@ def format_text(summary: dict) -> str:
     found = [OtherTracer(**o) for o in t["other_tracers"]]
     lines += [line.removeprefix("mace: ") for line in warn_lines(found)]
     if t["kernel_dropped"]:
+        covs = [c[d]["coverage"] for c in t["containers"] for d in DIRECTIONS]
+        whose = ("every traced packet was reported: the samples dropped were other traffic's"
+                 if all(v is None or v == 1.0 for v in covs) else
+                 "a traced container's coverage is below 100%: some of its reports may be missing")
         lines.append(f"warning: the kernel dropped {t['kernel_dropped']} samples without reporting "
-                     "them; reports may be missing (a kernel fault, not a full ring)")
+                     f"them (a kernel fault, not a full ring); {whose}")
     return "\n".join(lines)
+
+
+def _explanations(summary: dict) -> list[str]:
+    """The counters behind each shortfall, the per-hop medians and the targets that went
+    away, a line each, under the table."""
+    out = []
+    for c in summary["containers"]:
+        if "stopped_after_s" in c:
+            out.append(f"{c['target']}: stopped {c['stopped_after_s']:g} s after the start")
+        for d in DIRECTIONS:
+            r = c[d]
+            at = f"{c['target']} {d}"
+            if r.get("made", r["count"]) != r["count"]:
+                out.append(f"{at}: {r['count']} of {r['made']} reports written (--count)")
+            missed = sum(r[n] for n in ("orphans", "expired", "evicted", "rejected"))
+            if r["count"] == 0 or missed or r["in_flight"]:
+                out.append(f"{at}: {r['crossed']} crossed its veth, {r['local']} stayed on the host "
+                           f"(local), {r['dropped']} dropped by the kernel, {missed} lost to the "
+                           f"columns above, {r['in_flight']} in flight at the end"
+                           + (" - nothing crossed: is the container sending?" if not r["crossed"]
+                              else ""))
+            if r.get("hop_p50_ns"):
+                steps = " · ".join(f"{n} {_us(v)}" for n, v in r["hop_p50_ns"].items())
+                out.append(f"{at} hops, p50 µs to each step: {steps}")
+    return out
 
 
 def _observer_line(o: dict) -> str:
