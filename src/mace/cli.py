@@ -48,7 +48,7 @@ examples:
 """ + exit_status_text()
 
 SERVE_EPILOG = """Containers reach the service through its socket, bind-mounted into them:
-  docker run -v /run/mace:/run/mace ...      (then `mace on`, `mace read` inside)
+  docker run -v /run/mace:/run/mace:ro ...   (then `mace on`, `mace read` inside)
 A caller can enable, disable and read only its own network namespace: the service takes it
 from the socket's peer, never from the request.
 
@@ -71,8 +71,17 @@ The runtime is asked on --runtime-socket, else $DOCKER_HOST (docker:), $CONTAINE
 with crictl), else on its usual socket (/run/docker.sock, /run/podman/podman.sock, ...).
 
 Each report is the time one packet spent between the container's device and the host's
-uplink: egress from net_dev_start_xmit on the container's eth0 to net_dev_start_xmit on
-the uplink, ingress from netif_receive_skb on the uplink to netif_receive_skb on eth0.
+uplink: egress from netif_rx on the container's host-side veth to net_dev_queue on the
+uplink (where the host's own traffic joins it), ingress from netif_receive_skb on the
+uplink to netif_receive_skb on the container's device.
+
+examples:
+  mace trace --netns docker:web                       live view of one Docker container
+  mace trace --netns docker:web --netns podman:db -f jsonl -o lat.jsonl --duration 60
+  mace trace --netns 1234 --count 100 -f csv          the container of PID 1234, 100 reports
+  mace trace --netns pod:shop/web-7d9 --hops          a Kubernetes pod, and where the time goes
+  mace trace --netns docker:web --uplink eth1 --summary-json sum.json -q
+  mace trace --netns /run/netns/c1 --end-at-xmit        to the uplink's driver (MACE's end)
 
 """ + exit_status_text(["UsageError", "PermissionProblem", "TracefsError", "TracepointMissing",
                         "TargetNotFound", "TopologyError", "UplinkMissing", "ResourceError",
@@ -163,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         if op == "status":
             c.add_argument("--json", action="store_true", help="the service's reply as JSON")
         c.set_defaults(func=cmd_client, op=op)
+    # for _unknown: a mistyped option is answered with its subcommand's usage
+    p._mace_commands = dict(sub.choices)
     return p
 
 
@@ -326,6 +337,7 @@ def cmd_trace(args) -> int:
     from mace.output.sinks import make_sink
     from mace.output.summary import Tally, build, format_text
     from mace.targets.netns import discover, resolve
+    from mace.targets.restarts import Restarts
     from mace.targets.runtimes import runtime_of
     from mace.tracer import Tracer
 
@@ -386,6 +398,8 @@ def cmd_trace(args) -> int:
         taken = 0
         tally = Tally(len(labels), args.hops, plan.end_at_queue)
         stopped: dict[int, float] = {}
+        # the live view keeps a fixed set of rows: there, a restarted target is not followed
+        restarts = Restarts(topo) if live is None else None
 
         def emit(reports) -> bool:
             """Hand reports on; True once --count is reached."""
@@ -413,18 +427,47 @@ def cmd_trace(args) -> int:
             return (stop.requested or (deadline is not None and time.monotonic() >= deadline)
                     or (live is not None and live.quit))
 
-        def gone(i: int, left: int) -> None:
-            if tracer.started_at is not None:
-                stopped[i] = time.monotonic() - tracer.started_at
-            msg = (f"mace: {labels[i]} stopped (its veth {plan.containers[i].veth} "
-                   f"is gone); {left} target(s) left")
+        def say(msg: str) -> None:
             if live is not None:
                 live.message(msg)
             else:
-                print(msg, file=err)
+                print(msg, file=err, flush=True)
+
+        def gone(i: int, left: int) -> None:
+            if tracer.started_at is not None:
+                stopped[i] = time.monotonic() - tracer.started_at
+            if restarts is not None:
+                restarts.gone(i)
+            say(f"mace: {labels[i]} stopped (its veth {topo.containers[i].main.veth} "
+                f"is gone); {left} target(s) left")
+
+        def presence():
+            now = topo.present()
+            if restarts is None or now is None:
+                return now
+            for i, there in enumerate(now):
+                # a runtime's container is waited for, before following could end for want
+                # of targets: it counts as there until it runs again
+                if there is False and i not in restarts.over and topo.containers[i].target.runtime:
+                    if tracer.started_at is not None:
+                        stopped[i] = time.monotonic() - tracer.started_at
+                    restarts.gone(i)
+                    say(f"mace: {labels[i]} stopped (its veth {topo.containers[i].main.veth} is "
+                        "gone); waiting for it to run again")
+            for _old, new in restarts.check():
+                t = topo.containers[new].target
+                emit(tracer.update(restarts.plan(hops=args.hops, end_at_queue=args.end_at_queue,
+                                                 start_at_veth=not args.start_at_inner)))
+                labels.append(t.label)
+                inodes.append(t.inode)
+                sink.add_target(t.label, t.inode, t.identity())
+                tally.grow()
+                say(f"mace: {t.label} runs again, in a new network namespace: "
+                    f"{topo.describe()[new]}; traced as {restarts.label(new)}")
+            return restarts.present(topo.present())
 
         try:
-            tracer.follow(until, show, presence=topo.present, on_gone=gone, check_every=PRESENCE_EVERY,
+            tracer.follow(until, show, presence=presence, on_gone=gone, check_every=PRESENCE_EVERY,
                           timeout_ms=100 if live is None else 50)
         finally:
             # Every way out (a stop, the last target gone, a closed pipe): what the kernel
@@ -442,7 +485,9 @@ def cmd_trace(args) -> int:
                 if not args.quiet:
                     for line in topo.describe() + live.messages:
                         print(line, file=err)
-            summary = build(tracer, labels, inodes, tally, stopped)
+            names = ([restarts.label(i) for i in range(len(labels))] if restarts is not None
+                     else labels)
+            summary = build(tracer, names, inodes, tally, stopped)
             if summary_file is not None:
                 json.dump(summary, summary_file, indent=2)
                 summary_file.write("\n")
@@ -557,7 +602,9 @@ def cmd_events(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unknown(parser, args, extra)
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
@@ -572,6 +619,18 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def _unknown(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
+    """A mistyped option: the subcommand's usage (not the top-level one) and the nearest
+    option it has.  Exits 2, as argparse does."""
+    import difflib
+    sub = parser._mace_commands.get(args.command) if args.command else None
+    where = sub or parser
+    options = [o for a in where._actions for o in a.option_strings if o.startswith("--")]
+    word = extra[0].split("=", 1)[0]
+    near = difflib.get_close_matches(word, options, n=1, cutoff=0.75) if word.startswith("-") else []
+    where.error(f"unrecognized argument {extra[0]}" + (f" (did you mean {near[0]}?)" if near else ""))
 
 
 def run() -> None:

@@ -220,3 +220,23 @@ def test_main_turns_each_error_into_its_status_and_one_line(name, capsys, monkey
     assert rc == EXIT_CODES[name] == kind.exit_code
     assert err == "mace: error: the thing went wrong (do this instead)\n" and out == ""
 
+
+
+def test_a_mistyped_option_gets_its_subcommands_usage_and_the_nearest_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["trace", "--netns", "web", "--duraton", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mace trace ") and "did you mean --duration?" in err.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        cli.main(["trace", "--netns", "web", "--bogus"])
+    assert "did you mean" not in capsys.readouterr().err     # nothing near: no guess
+
+
+def test_trace_help_has_examples_and_serve_help_mounts_the_socket_read_only(capsys):
+    for argv in (["trace", "--help"], ["serve", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    out = capsys.readouterr().out
+    assert "examples:\n  mace trace --netns docker:web" in out
+    assert "-v /run/mace:/run/mace:ro" in out

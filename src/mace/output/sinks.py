@@ -50,6 +50,12 @@ class Sink:
         self.offset = wall_offset_ns if wall_offset_ns is not None else clock.wall_offset_ns()
         self.written = 0
 
+    def add_target(self, label: str, inode: int, container: dict | None = None) -> None:
+        """A target traced from now on, at the next container index (a restarted one)."""
+        self.labels.append(label)
+        self.inodes.append(inode)
+        self.containers.append(container)
+
     def wall(self, r: Report, digits: int = 9) -> str:
         """When `r` entered the segment, in seconds since the epoch (see clock.wall)."""
         return clock.wall(r.t0 + self.offset, digits)

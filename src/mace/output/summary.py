@@ -28,6 +28,12 @@ class Tally:
         self.buckets = [[[0] * _nbuckets() for _ in self.steps[d]] for d in DIRECTIONS
                         for _ in range(ncontainers)] if hops else []
 
+    def grow(self) -> None:
+        """One container index more (a restarted target)."""
+        self.written.append([0, 0])
+        if self.hops:
+            self.buckets += [[[0] * _nbuckets() for _ in self.steps[d]] for d in DIRECTIONS]
+
     def add(self, reports) -> None:
         from mace.correlate._correlate import bucket_of
         for r in reports:

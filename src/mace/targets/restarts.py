@@ -1,0 +1,86 @@
+"""Following runtime targets across restarts.
+
+A container that restarts (`docker restart web`) gets a new network namespace, hence a new
+veth: the old one is gone, and tracing it by that veth would end.  A target named through
+its runtime (`docker:web`) is asked for again instead, every presence check, and once it
+runs in a new namespace it is traced again, at a new container index: each incarnation
+keeps its own counters (the summary shows `web`, then `web (2)`).  Targets named by PID or
+namespace are not followed: a PID or a namespace does not come back.
+
+Example::
+
+    restarts = Restarts(topo)
+    if restarts.gone(i):                 # its veth went away: wait for it
+        ...
+    for old, new in restarts.check():    # back in a new namespace
+        tracer.update(restarts.plan(hops=False, end_at_queue=True, start_at_veth=True))
+"""
+
+from __future__ import annotations
+
+from mace.errors import MaceError
+from mace.plan import ContainerPath, Plan
+from mace.targets.netns import Target, Topology, discover
+from mace.targets.runtimes import reresolve
+
+
+class Restarts:
+    """The gone runtime targets of a topology, and their new incarnations."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.waiting: dict[int, Target] = {}     # container index -> the target as last seen
+        self.over: set[int] = set()              # indexes no longer traced
+        self.incarnation = [1] * len(topo.containers)
+
+    def gone(self, i: int) -> bool:
+        """Container i's veth is gone; True if it is waited for (a runtime target)."""
+        self.over.add(i)
+        target = self.topo.containers[i].target
+        if target.runtime is None:
+            return False
+        self.waiting[i] = target
+        return True
+
+    def check(self) -> list[tuple[int, int]]:
+        """Ask the runtime for every waiting target; (old index, new index) of each that
+        runs again in a new namespace, now part of the topology."""
+        back = []
+        for i, target in list(self.waiting.items()):
+            try:
+                new = reresolve(target)
+                # a new namespace may get the freed one's inode number: the PID tells
+                if new is None or (new.pid, new.inode) == (target.pid, target.inode):
+                    continue
+                # its veth may not be up yet: then ask again at the next check
+                found = discover([new], self.topo.uplink)
+            except MaceError:
+                continue
+            if found.host_ns_inode != self.topo.host_ns_inode:
+                continue                        # back on another host namespace: not ours
+            self.topo.containers.append(found.containers[0])
+            self.incarnation.append(self.incarnation[i] + 1)
+            del self.waiting[i]
+            back.append((i, len(self.topo.containers) - 1))
+        return back
+
+    def present(self, now: list[bool | None] | None) -> list[bool | None] | None:
+        """Tracer.follow's presence list: a waited-for index counts as there (following goes
+        on), an index no longer traced as unused."""
+        if now is None:
+            return None
+        return [True if i in self.waiting else (None if i in self.over else there)
+                for i, there in enumerate(now)]
+
+    def plan(self, *, hops: bool, end_at_queue: bool, start_at_veth: bool) -> Plan:
+        """The topology's plan with the indexes no longer traced left unused."""
+        paths: list[ContainerPath | None] = [
+            None if i in self.over else ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
+            for i, c in enumerate(self.topo.containers)]
+        return Plan(paths, self.topo.uplink, hops=hops, end_at_queue=end_at_queue,
+                    start_at_veth=start_at_veth)
+
+    def label(self, i: int) -> str:
+        """How the summary names index i: `web`, then `web (2)` for its next incarnation."""
+        name = self.topo.containers[i].target.label
+        return name if self.incarnation[i] == 1 else f"{name} ({self.incarnation[i]})"
