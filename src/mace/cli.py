@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-f", "--format", choices=FORMATS, help="report format (default: mace, or the live view on a terminal)")
     tr.add_argument("-o", "--output", metavar="FILE", help="write reports to FILE instead of stdout")
     tr.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
-    _tracer_options(tr)
+    _tracer_options(tr, uplinks=True)
     view = tr.add_mutually_exclusive_group()
     view.add_argument("--tui", dest="tui", action="store_true", default=None, help="live view")
     view.add_argument("--no-tui", dest="tui", action="store_false", help="stream reports even on a terminal")
@@ -184,8 +184,14 @@ def _runtime_socket_option(p: argparse.ArgumentParser, text: str = "docker:, pod
                         "$CONTAINER_HOST, ..., else the runtime's usual one)")
 
 
-def _tracer_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--uplink", metavar="DEV", help="the host's uplink (default: its default route's device)")
+def _tracer_options(p: argparse.ArgumentParser, *, uplinks: bool = False) -> None:
+    if uplinks:
+        p.add_argument("--uplink", metavar="DEV", action="append",
+                       help="a device the containers' traffic leaves the host by; repeatable (default: "
+                            "every device of a default route, in any routing table, and overlays)")
+    else:
+        p.add_argument("--uplink", metavar="DEV",
+                       help="the host's uplink (default: its default route's device)")
     p.add_argument("--table-size", type=int, default=DEFAULT_TABLE_SIZE, metavar="N",
                    help=f"correlation table entries, a power of two; 64 bytes each (default {DEFAULT_TABLE_SIZE})")
     p.add_argument("--ring-pages", type=int, metavar="N",
@@ -332,10 +338,13 @@ def _client_lines(reply: dict) -> list[str]:
     return out
 
 
+HINT_AFTER = 5          # egress packets crossed with no report before mace says why
+
+
 def cmd_trace(args) -> int:
     from mace.capture import others
     from mace.output.sinks import make_sink
-    from mace.output.summary import Tally, build, format_text
+    from mace.output.summary import Tally, build, format_text, uplink_hint
     from mace.targets.netns import discover, resolve
     from mace.targets.restarts import Restarts
     from mace.targets.runtimes import runtime_of
@@ -396,7 +405,8 @@ def cmd_trace(args) -> int:
                     live.message(line)
         deadline = time.monotonic() + args.duration if args.duration else None
         taken = 0
-        tally = Tally(len(labels), args.hops, plan.end_at_queue)
+        # what was written differs from what was made only with --count; hops need the tally
+        tally = Tally(len(labels), args.hops, plan.end_at_queue) if args.hops or args.count else None
         stopped: dict[int, float] = {}
         # the live view keeps a fixed set of rows: there, a restarted target is not followed
         restarts = Restarts(topo) if live is None else None
@@ -407,7 +417,8 @@ def cmd_trace(args) -> int:
             if args.count is not None:
                 reports = reports[:args.count - taken]
             taken += len(reports)
-            tally.add(reports)
+            if tally is not None:
+                tally.add(reports)
             if live is not None:
                 live.add(reports)
             else:
@@ -441,7 +452,19 @@ def cmd_trace(args) -> int:
             say(f"mace: {labels[i]} stopped (its veth {topo.containers[i].main.veth} "
                 f"is gone); {left} target(s) left")
 
+        hinted: set[int] = set()
+
+        def hint() -> None:
+            # a wrong uplink gives no report at all: say so once, while it runs
+            for i, k in enumerate(tracer.stats()["containers"]):
+                e = k["egress"]
+                if i not in hinted and e["crossed"] >= HINT_AFTER and not e["reports"] and e["local"]:
+                    hinted.add(i)
+                    say(f"mace: {labels[i]}: {e['crossed']} packets crossed its veth, "
+                        + uplink_hint(tracer.plan.uplinks, topo.other_routes))
+
         def presence():
+            hint()
             now = topo.present()
             if restarts is None or now is None:
                 return now
@@ -454,16 +477,23 @@ def cmd_trace(args) -> int:
                     restarts.gone(i)
                     say(f"mace: {labels[i]} stopped (its veth {topo.containers[i].main.veth} is "
                         "gone); waiting for it to run again")
-            for _old, new in restarts.check():
+            back = restarts.check()
+            if not back:
+                return restarts.present(now)
+            # every target back is in the topology now: one update traces them all, and
+            # its reports may be of any of them, so each is known before they are handed on
+            for _old, new in back:
                 t = topo.containers[new].target
-                emit(tracer.update(restarts.plan(hops=args.hops, end_at_queue=args.end_at_queue,
-                                                 start_at_veth=not args.start_at_inner)))
                 labels.append(t.label)
                 inodes.append(t.inode)
                 sink.add_target(t.label, t.inode, t.identity())
-                tally.grow()
+                if tally is not None:
+                    tally.grow()
                 say(f"mace: {t.label} runs again, in a new network namespace: "
                     f"{topo.describe()[new]}; traced as {restarts.label(new)}")
+            if emit(tracer.update(restarts.plan(hops=args.hops, end_at_queue=args.end_at_queue,
+                                                start_at_veth=not args.start_at_inner))):
+                stop.requested = True           # --count reached: end at the next check
             return restarts.present(topo.present())
 
         try:
@@ -487,7 +517,7 @@ def cmd_trace(args) -> int:
                         print(line, file=err)
             names = ([restarts.label(i) for i in range(len(labels))] if restarts is not None
                      else labels)
-            summary = build(tracer, names, inodes, tally, stopped)
+            summary = build(tracer, names, inodes, tally, stopped, topo.other_routes)
             if summary_file is not None:
                 json.dump(summary, summary_file, indent=2)
                 summary_file.write("\n")

@@ -71,6 +71,9 @@ class Plan:
     hops: bool = False
     end_at_queue: bool = True
     start_at_veth: bool = True
+    # more devices the containers' traffic may leave the host by (a second NIC, policy
+    # routing, an overlay): each is an uplink like `uplink`, which reports name first
+    extra_uplinks: tuple[str, ...] = ()
     devices: list[str | None] = field(init=False)
 
     def __post_init__(self):
@@ -79,14 +82,16 @@ class Plan:
         veths = [c.veth for _, c in self.active]
         if len(set(veths)) != len(veths):
             raise ValueError("two containers share a host-side veth")
-        if self.uplink in veths:
-            raise ValueError(f"the uplink {self.uplink} is a container's veth")
+        self.extra_uplinks = tuple(u for u in dict.fromkeys(self.extra_uplinks) if u != self.uplink)
+        for u in self.uplinks:
+            if u in veths:
+                raise ValueError(f"the uplink {u} is a container's veth")
         self.devices = self._needed()
 
     def _needed(self) -> list[str]:
         names: list[str] = []
         active = [c for _, c in self.active]
-        for n in (*(c.inner for c in active), *(c.veth for c in active), *self.bridges, self.uplink):
+        for n in (*(c.inner for c in active), *(c.veth for c in active), *self.bridges, *self.uplinks):
             if n not in names:
                 names.append(n)
         return names
@@ -95,6 +100,10 @@ class Plan:
     def active(self) -> list[tuple[int, ContainerPath]]:
         """(index, container) of the indexes in use."""
         return [(i, c) for i, c in enumerate(self.containers) if c is not None]
+
+    @property
+    def uplinks(self) -> tuple[str, ...]:
+        return (self.uplink, *self.extra_uplinks)
 
     @property
     def bridges(self) -> list[str]:
@@ -106,8 +115,8 @@ class Plan:
 
     def same_shape(self, other: Plan) -> bool:
         """Whether `other` traces the same tracepoints the same way (only containers differ)."""
-        return ((self.uplink, self.hops, self.end_at_queue, self.start_at_veth)
-                == (other.uplink, other.hops, other.end_at_queue, other.start_at_veth))
+        return ((self.uplinks, self.hops, self.end_at_queue, self.start_at_veth)
+                == (other.uplinks, other.hops, other.end_at_queue, other.start_at_veth))
 
     def rebased(self, previous: Plan) -> Plan:
         """This plan with the device slots of `previous` kept where the name is still
@@ -122,7 +131,8 @@ class Plan:
                 slots[slots.index(None)] = name
             else:
                 slots.append(name)
-        out = Plan(list(self.containers), self.uplink, self.hops, self.end_at_queue, self.start_at_veth)
+        out = Plan(list(self.containers), self.uplink, self.hops, self.end_at_queue, self.start_at_veth,
+                   self.extra_uplinks)
         out.devices = slots
         return out
 
@@ -135,14 +145,14 @@ class Plan:
         veths = tuple(c.veth for _, c in self.active)
         inner = tuple(self.inner_names)
         bridges = tuple(self.bridges) if self.hops else ()
-        uplink = () if self.end_at_queue else (self.uplink,)
+        uplink = () if self.end_at_queue else self.uplinks
         # Starting egress at the host-side veth leaves every container's inner xmit out of
         # the kernel's filter: other containers' egress is never sampled.
         starts = () if self.start_at_veth else inner
         probes = [
             Probe(XMIT, devices=_unique(starts + veths + bridges + uplink)),
-            Probe(RECV, devices=_unique((self.uplink,) + veths + inner + bridges)),
-            Probe(QUEUE, devices=(self.uplink,)),
+            Probe(RECV, devices=_unique(self.uplinks + veths + inner + bridges)),
+            Probe(QUEUE, devices=self.uplinks),
             Probe(FREE, condition=_free_condition(formats)),
         ]
         if self.hops or self.start_at_veth:
@@ -161,7 +171,8 @@ class Plan:
             owner[slot[c.veth]] = i
             if c.bridge:
                 classes[slot[c.bridge]] |= C["bridge"]
-        classes[slot[self.uplink]] |= C["uplink"]
+        for u in self.uplinks:
+            classes[slot[u]] |= C["uplink"]
         return classes, owner
 
     def inner_slots(self) -> list[int]:

@@ -567,3 +567,45 @@ def test_not_root(testbed):
               "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
     r = mace_once("--netns", testbed.containers[0].ns, prefix=nobody)
     check_one_line_error(r, 3, r"\broot\b")
+
+
+# -- uplinks ----------------------------------------------------------------------------------
+
+def _spare_device(tb) -> str:
+    """A device of the host namespace that carries no container traffic (a veth pair whose
+    other end is in the same namespace), with a route of its own."""
+    name = f"{tb.uplink[:-2]}sp"
+    for argv in (["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}2"],
+                 ["ip", "link", "set", name, "up"], ["ip", "link", "set", f"{name}2", "up"],
+                 ["ip", "route", "add", "198.18.250.0/24", "dev", name]):
+        r = tb.run(tb.host_ns, argv)
+        assert r.returncode == 0, r
+    return name
+
+
+def test_a_wrong_uplink_is_named_at_run_time_and_in_the_summary(testbed):
+    tb, c = testbed, testbed.containers[0]
+    spare = _spare_device(tb)
+    run = mace("--netns", c.ns, "--uplink", spare, "-f", "jsonl", "--duration", 20)
+    run.ready()
+    ping(tb, c, 8)
+    # while it runs, once: the packets left by a device it does not trace, which it names
+    (line,) = run.wait_err(r"packets crossed its veth, none reached", timeout=10)
+    assert spare in line and f"the host also routes by {tb.uplink}" in line and "--uplink" in line, line
+    assert run.stop() == 0, run.text()
+    assert not run.out                                   # no report: nothing reached the uplink
+    summary = [line for line in run.err if line.startswith(f"{c.ns} egress: none reached {spare}")]
+    assert summary and tb.uplink in summary[0], run.text()
+
+
+def test_uplink_is_repeatable_and_each_is_traced(testbed):
+    tb, c = testbed, testbed.containers[0]
+    spare = _spare_device(tb)
+    run = mace("--netns", c.ns, "--uplink", spare, "--uplink", tb.uplink, "-f", "jsonl", "--count", 6)
+    (line,) = run.ready()
+    assert f"→ {spare}|{tb.uplink}" in line, line
+    ping(tb, c, 3)
+    assert run.finish() == 0, run.text()
+    reports = parse("jsonl", run.out, [c.ns])
+    check_reports(reports, c.ns, 3, (0, run.t_end))
+    assert not any("none reached" in line for line in run.err), run.text()

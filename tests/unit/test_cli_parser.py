@@ -62,7 +62,7 @@ def test_trace_options_parse_to_their_values():
          "--ring-pages", "64", "--max-age", "250", "--end-at-xmit", "--no-tui", "-q"])
     assert a.command == "trace" and a.netns == ["web", "1234"]
     assert (a.format, a.output, a.duration, a.count) == ("csv", "x.csv", 2.5, 10)
-    assert (a.hops, a.uplink, a.table_size, a.ring_pages, a.max_age) == (True, "eth1", 1024, 64, 250.0)
+    assert (a.hops, a.uplink, a.table_size, a.ring_pages, a.max_age) == (True, ["eth1"], 1024, 64, 250.0)
     assert not a.end_at_queue and a.tui is False and a.quiet
 
 

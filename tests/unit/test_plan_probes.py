@@ -9,6 +9,7 @@ from importlib import resources
 import pytest
 
 from mace.capture.tracefs import parse_format
+from mace.correlate import _correlate
 from mace.plan import FREE, QUEUE, RECV, RX, XMIT, ContainerPath, Plan, tracepoints
 
 FORMATS_DIR = resources.files("mace.testing").joinpath("formats")
@@ -171,3 +172,19 @@ def test_by_default_egress_runs_from_the_veth_to_the_uplink_queue():
 def test_the_start_is_part_of_a_plans_shape():
     assert not Plan([WEB], "up0").same_shape(Inner([WEB], "up0"))
     assert Plan([WEB], "up0").rebased(Plan([DB], "up0")).start_at_veth
+
+
+def test_every_uplink_is_traced_and_read_as_one():
+    p = Plan([WEB], "up0", extra_uplinks=("wg0", "up0", "wg0"))
+    assert p.uplinks == ("up0", "wg0")                   # once each, the named one first
+    f = filters(p)
+    assert f[QUEUE] == names("up0", "wg0") and f[RECV] == names("up0", "wg0", "veth1a", "eth0")
+    assert filters(Plan([WEB], "up0", end_at_queue=False, extra_uplinks=("wg0",)))[XMIT] == \
+        names("veth1a", "up0", "wg0")
+    classes, _ = p.device_classes()
+    uplink = _correlate.CLASSES["uplink"]
+    assert [bool(c & uplink) for c in classes] == [n in ("up0", "wg0") for n in p.devices]
+    assert not p.same_shape(Plan([WEB], "up0"))
+    assert p.rebased(Plan([DB], "up0", extra_uplinks=("wg0",))).uplinks == ("up0", "wg0")
+    with pytest.raises(ValueError):
+        Plan([WEB], "up0", extra_uplinks=("veth1a",))

@@ -27,7 +27,7 @@ def test_a_runtime_target_is_waited_for_and_traced_again_at_a_new_index(monkeypa
     assert not r.gone(1)                        # a PID does not come back
     assert r.gone(0)
     back = container("web", 300, 7001, "vethccc")    # the freed inode number, reused
-    monkeypatch.setattr(mod, "reresolve", lambda t: back.target)
+    monkeypatch.setattr(mod, "reresolve", lambda t, timeout=None: back.target)
     monkeypatch.setattr(mod, "discover", lambda targets, uplink: topology(back))
     assert r.check() == [(0, 2)]
     assert topo.containers[2] is back and not r.waiting
@@ -43,7 +43,7 @@ def test_while_waiting_the_target_counts_as_there_and_nothing_changes(monkeypatc
     r.gone(0)
     same = topo.containers[0].target             # still the old process: not restarted yet
     for answer in (None, same):
-        monkeypatch.setattr(mod, "reresolve", lambda t, a=answer: a)
+        monkeypatch.setattr(mod, "reresolve", lambda t, timeout=None, a=answer: a)
         assert r.check() == []
     assert r.present([False]) == [True]          # following goes on
     assert r.present(None) is None               # the host could not be asked
@@ -55,7 +55,19 @@ def test_a_runtime_that_cannot_be_asked_now_is_asked_again_later(monkeypatch):
     r = Restarts(topo)
     r.gone(0)
 
-    def down(t):
+    def down(t, timeout=None):
         raise RuntimeUnavailable("no docker socket at /run/docker.sock")
     monkeypatch.setattr(mod, "reresolve", down)
     assert r.check() == [] and 0 in r.waiting
+
+
+def test_a_removed_container_is_no_longer_waited_for(monkeypatch):
+    from mace.errors import ContainerNotFound
+    topo = topology(container("web", 100, 7001, "vethaaa"))
+    r = Restarts(topo)
+    r.gone(0)
+
+    def removed(t, timeout=None):
+        raise ContainerNotFound("no docker container named 'web'")
+    monkeypatch.setattr(mod, "reresolve", removed)
+    assert r.check() == [] and not r.waiting and r.present([False]) == [None]

@@ -481,7 +481,8 @@ def test_reresolve_follows_a_restart_and_says_none_while_stopped(engine):
     assert (again.pid, again.path, again.spec, again.runtime_socket) == (ppid, f"/proc/{ppid}/ns/net",
                                                                         t.spec, fake.path)
     fake.containers.clear()
-    assert reresolve(t) is None                         # removed
+    with pytest.raises(ContainerNotFound):              # removed: it will not come back
+        reresolve(t)
     fake.close()
     with pytest.raises(RuntimeUnavailable):             # the daemon is down: not "stopped"
         reresolve(t)

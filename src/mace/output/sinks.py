@@ -45,6 +45,8 @@ class Sink:
         self.inodes = list(inodes)
         # per target: {"container": name, and "pod", "k8s_namespace" for a pod} or None
         self.containers = list(containers) if containers is not None else [None] * len(self.labels)
+        # MACE lines name the target when several were asked for (not when one restarted)
+        self.many = len(self.labels) > 1
         self.hops = hops
         # CLOCK_MONOTONIC -> wall clock, taken once: the reports keep their spacing
         self.offset = wall_offset_ns if wall_offset_ns is not None else clock.wall_offset_ns()
@@ -71,10 +73,9 @@ class MaceSink(Sink):
     """The original MACE kernel module's /dev/mace lines."""
 
     def write(self, reports: list[Report]) -> None:
-        many = len(self.labels) > 1
         w = self.out.write
         for r in reports:
-            prefix = f"{self.labels[r.container]} " if many else ""
+            prefix = f"{self.labels[r.container]} " if self.many else ""
             w(f"{prefix}[{self.wall(r, 6)}] ({r.seq}) {r.direction}: {r.latency}\n")
         self.written += len(reports)
 

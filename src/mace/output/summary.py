@@ -25,8 +25,9 @@ class Tally:
         self.written = [[0, 0] for _ in range(ncontainers)]
         self.hops = hops
         self.steps = hop_steps(end_at_queue)
-        self.buckets = [[[0] * _nbuckets() for _ in self.steps[d]] for d in DIRECTIONS
-                        for _ in range(ncontainers)] if hops else []
+        # by container, then direction: row container * 2 + dir
+        self.buckets = [[[0] * _nbuckets() for _ in self.steps[d]] for _ in range(ncontainers)
+                        for d in DIRECTIONS] if hops else []
 
     def grow(self) -> None:
         """One container index more (a restarted target)."""
@@ -79,7 +80,7 @@ def _nbuckets() -> int:
 
 
 def build(tracer, labels, inodes, tally: Tally | None = None,
-          stopped: dict[int, float] | None = None) -> dict:
+          stopped: dict[int, float] | None = None, other_routes: tuple[str, ...] = ()) -> dict:
     """The summary of a stopped Tracer.  `tally`: what was written (then `count` is that,
     and `made` what the correlator made); `stopped`: container index -> seconds after the
     start at which its target went away."""
@@ -126,6 +127,8 @@ def build(tracer, labels, inodes, tally: Tally | None = None,
         "correlator": stats["correlator"],
         "observer": observer(tracer.plan, stats, _seconds(tracer)),
         "other_tracers": [t.as_dict() for t in tracer.other_tracers],
+        "uplinks": list(tracer.plan.uplinks),
+        "untraced_route_devices": list(other_routes),
     }
 
 
@@ -216,7 +219,8 @@ def format_text(summary: dict) -> str:
     lines += [line.removeprefix("mace: ") for line in warn_lines(found)]
     if t["kernel_dropped"]:
         covs = [c[d]["coverage"] for c in t["containers"] for d in DIRECTIONS]
-        whose = ("every traced packet was reported: the samples dropped were other traffic's"
+        whose = ("no traced packet seen to cross lost a later step (a packet whose first sample "
+                 "was dropped is not counted at all)"
                  if all(v is None or v == 1.0 for v in covs) else
                  "a traced container's coverage is below 100%: some of its reports may be missing")
         lines.append(f"warning: the kernel dropped {t['kernel_dropped']} samples without reporting "
@@ -243,10 +247,22 @@ def _explanations(summary: dict) -> list[str]:
                            f"columns above, {r['in_flight']} in flight at the end"
                            + (" - nothing crossed: is the container sending?" if not r["crossed"]
                               else ""))
+                if d == "egress" and r["crossed"] and not r["count"] and r["local"]:
+                    out.append(f"{at}: " + uplink_hint(summary.get("uplinks", []),
+                                                       summary.get("untraced_route_devices", [])))
             if r.get("hop_p50_ns"):
                 steps = " · ".join(f"{n} {_us(v)}" for n, v in r["hop_p50_ns"].items())
                 out.append(f"{at} hops, p50 µs to each step: {steps}")
     return out
+
+
+def uplink_hint(uplinks, others) -> str:
+    """Why packets that crossed a veth may never reach a traced uplink, and what to do."""
+    where = ", ".join(uplinks) or "the uplink"
+    text = (f"none reached {where}: to the host itself, or out by a device mace does not trace")
+    if others:
+        return text + f"; the host also routes by {', '.join(others)} (add it with --uplink DEV)"
+    return text + " (name it with --uplink DEV)"
 
 
 def _observer_line(o: dict) -> str:

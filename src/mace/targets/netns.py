@@ -103,12 +103,19 @@ class Topology:
     uplink: str
     uplink_index: int
     notes: list[str] = field(default_factory=list)
+    extra_uplinks: tuple[str, ...] = ()
+    # devices the host routes some traffic by that are not traced (see untraced_routes)
+    other_routes: tuple[str, ...] = ()
+
+    @property
+    def uplinks(self) -> tuple[str, ...]:
+        return (self.uplink, *self.extra_uplinks)
 
     def plan(self, *, hops: bool = False, end_at_queue: bool = True,
              start_at_veth: bool = True) -> Plan:
         return Plan([ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
                      for c in self.containers], self.uplink, hops=hops, end_at_queue=end_at_queue,
-                    start_at_veth=start_at_veth)
+                    start_at_veth=start_at_veth, extra_uplinks=self.extra_uplinks)
 
     def describe(self) -> list[str]:
         out = []
@@ -118,7 +125,7 @@ class Topology:
             if t.runtime:       # netns 4026532281 (docker web, pid 1234, shared with db)
                 shared = [f"shared with {t.shares}"] if t.shares else []
                 who = ", ".join([f"{t.runtime} {t.label}", who, *shared])
-            out.append(f"netns {t.inode} ({who}): {describe_path(c.main, self.uplink)}")
+            out.append(f"netns {t.inode} ({who}): {describe_path(c.main, '|'.join(self.uplinks))}")
         return out + self.notes
 
     def present(self) -> list[bool] | None:
@@ -265,8 +272,10 @@ def _container(target: Target) -> Container:
     return Container(target, links)
 
 
-def discover(targets: list[Target], uplink: str | None = None) -> Topology:
-    """Find every target's veth path to a common host namespace and that host's uplink."""
+def discover(targets: list[Target], uplink: str | Sequence[str] | None = None) -> Topology:
+    """Find every target's veth path to a common host namespace and that host's uplinks:
+    the devices named (`--uplink`, repeatable), else every device of a default route, in any
+    routing table, and every overlay device with routes."""
     if not targets:
         raise TopologyError("no target", hint="give at least one --netns")
     inodes = [t.inode for t in targets]
@@ -286,32 +295,86 @@ def discover(targets: list[Target], uplink: str | None = None) -> Topology:
             others = ", ".join(l.inner for l in c.links if l is not c.main)
             why = "which carries its default route" if c.main.default_route else "its first veth"
             notes.append(f"note: {c.target.spec} also has {others}; mace follows {c.main.inner}, {why}")
+    named = [uplink] if isinstance(uplink, str) else list(uplink or [])
     with IPRoute(netns=host_path, flags=0) as host:
-        if uplink is not None:
-            found = host.link_lookup(ifname=uplink)
-            if not found:
-                raise UplinkMissing(f"the host has no device {uplink!r}",
+        names = {l.get("index"): l.get("ifname") for l in host.get_links()}
+        kinds = {l.get("index"): _kind(l) for l in host.get_links()}
+        every = _routes(host)
+    routes = [r for r in every if r[3]]     # the default ones
+    by_name = {n: i for i, n in names.items()}
+    if named:
+        for n in named:
+            if n not in by_name:
+                raise UplinkMissing(f"the host has no device {n!r}",
                                     hint="`ip link` on the host lists its devices")
-            index = found[0]
-        else:
-            oifs = [r.get("oif") for r in host.route("dump")
-                    if r.get("dst_len") == 0 and r.get("table") == 254 and r.get("oif")]
-            if not oifs:
-                raise UplinkMissing("the host has no default route to find its uplink by",
-                                    hint="name the uplink with --uplink DEV")
-            index = oifs[0]
-            uplink = host.get_links(index)[0].get("ifname")
-            if len(set(oifs)) > 1:
-                notes.append(f"note: several default routes; using {uplink} (choose with --uplink)")
+        uplinks = list(dict.fromkeys(named))
+        why = {n: "named with --uplink" for n in uplinks}
+    else:
+        # every device a packet may leave the host by: default routes of any table (policy
+        # routing, a second NIC), then overlays, which carry routes to other hosts' pods
+        why = {}
+        for table, family, oif, _ in routes:
+            if oif in names and table is not None and names[oif] not in why:
+                v = "IPv6 " if family == AF_INET6 else ""
+                why[names[oif]] = (f"{v}default route" if table == MAIN_TABLE
+                                   else f"{v}default route in table {table}")
+        for index, kind in kinds.items():
+            if kind in OVERLAY_KINDS and index in {oif for _, _, oif, _ in every}:
+                why.setdefault(names[index], kind)
+        if not why:
+            raise UplinkMissing("the host has no default route to find its uplink by",
+                                hint="name the uplink with --uplink DEV")
+        uplinks = list(why)
     veths = {c.main.veth for c in containers}
-    if uplink in veths:
-        raise TopologyError(f"the uplink {uplink} is a container's veth",
-                            hint="name the host's uplink with --uplink DEV")
-    if uplink in {c.main.bridge for c in containers}:
-        raise TopologyError(f"the uplink {uplink} is the containers' bridge: their packets are "
-                            "bridged, not routed through an uplink",
-                            hint="name the bridge's physical port with --uplink DEV")
-    return Topology(containers, host_path, host_inode, uplink, index, notes)
+    bridges = {c.main.bridge for c in containers}
+    for u in uplinks:
+        if u in veths:
+            raise TopologyError(f"the uplink {u} is a container's veth",
+                                hint="name the host's uplink with --uplink DEV")
+        if u in bridges:
+            raise TopologyError(f"the uplink {u} is the containers' bridge: their packets are "
+                                "bridged, not routed through an uplink",
+                                hint="name the bridge's physical port with --uplink DEV")
+    if len(uplinks) > 1 or not named:
+        notes.append("uplink" + ("s" if len(uplinks) > 1 else "") + ": "
+                     + ", ".join(f"{u} ({why[u]})" for u in uplinks)
+                     + ("" if named else " (choose with --uplink DEV, repeatable)"))
+    traced = set(uplinks) | veths | bridges | {"lo"}
+    others = tuple(dict.fromkeys(names[oif] for _, _, oif, _ in every
+                                 if oif in names and names[oif] not in traced))
+    return Topology(containers, host_path, host_inode, uplinks[0], by_name[uplinks[0]], notes,
+                    tuple(uplinks[1:]), others)
+
+
+MAIN_TABLE = 254
+LOCAL_TABLE = 255
+AF_INET, AF_INET6 = 2, 10
+OVERLAY_KINDS = {"vxlan", "wireguard", "geneve", "ipip", "gre", "gretap", "sit", "ip6tnl", "ip6gre"}
+
+
+def _routes(host) -> list[tuple[int | None, int, int, bool]]:
+    """(table, family, device index, default?) of every route of the host outside the local
+    table, main table first, IPv4 first."""
+    out = []
+    for family in (AF_INET, AF_INET6):
+        for r in host.route("dump", family=family):           # every table
+            table = r.get_attr("RTA_TABLE") or r.get("table")
+            if table == LOCAL_TABLE:
+                continue
+            out += [(table, family, oif, r.get("dst_len") == 0) for oif in _oifs(r)]
+    return sorted(out, key=lambda x: (x[0] != MAIN_TABLE, x[1] != AF_INET))
+
+
+def _oifs(route) -> list[int]:
+    oif = route.get_attr("RTA_OIF")
+    if oif:
+        return [oif]
+    return [hop.get("oif") for hop in route.get_attr("RTA_MULTIPATH") or [] if hop.get("oif")]
+
+
+def _kind(link) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
 def host_links(host_ns: str) -> set[tuple[str, int]] | None:

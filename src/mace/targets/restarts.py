@@ -4,7 +4,8 @@ A container that restarts (`docker restart web`) gets a new network namespace, h
 veth: the old one is gone, and tracing it by that veth would end.  A target named through
 its runtime (`docker:web`) is asked for again instead, every presence check, and once it
 runs in a new namespace it is traced again, at a new container index: each incarnation
-keeps its own counters (the summary shows `web`, then `web (2)`).  Targets named by PID or
+keeps its own counters (the summary shows `web`, then `web (2)`).  A stopped container is
+waited for until the trace ends (--duration, --count, a signal); a removed one is not.  Targets named by PID or
 namespace are not followed: a PID or a namespace does not come back.
 
 Example::
@@ -18,10 +19,14 @@ Example::
 
 from __future__ import annotations
 
-from mace.errors import MaceError
+from mace.errors import ContainerNotFound, MaceError
 from mace.plan import ContainerPath, Plan
 from mace.targets.netns import Target, Topology, discover
 from mace.targets.runtimes import reresolve
+
+# s an Engine API request may take while a container is waited for: the lookup runs in the
+# poll loop, and a daemon that hangs must not hold up the other containers' events
+LOOKUP_TIMEOUT = 0.5
 
 
 class Restarts:
@@ -48,12 +53,15 @@ class Restarts:
         back = []
         for i, target in list(self.waiting.items()):
             try:
-                new = reresolve(target)
+                new = reresolve(target, timeout=LOOKUP_TIMEOUT)
                 # a new namespace may get the freed one's inode number: the PID tells
                 if new is None or (new.pid, new.inode) == (target.pid, target.inode):
                     continue
                 # its veth may not be up yet: then ask again at the next check
                 found = discover([new], self.topo.uplink)
+            except ContainerNotFound:
+                del self.waiting[i]             # removed, not stopped: it will not come back
+                continue
             except MaceError:
                 continue
             if found.host_ns_inode != self.topo.host_ns_inode:
@@ -78,7 +86,7 @@ class Restarts:
             None if i in self.over else ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
             for i, c in enumerate(self.topo.containers)]
         return Plan(paths, self.topo.uplink, hops=hops, end_at_queue=end_at_queue,
-                    start_at_veth=start_at_veth)
+                    start_at_veth=start_at_veth, extra_uplinks=self.topo.extra_uplinks)
 
     def label(self, i: int) -> str:
         """How the summary names index i: `web`, then `web (2)` for its next incarnation."""

@@ -82,9 +82,10 @@ def runtime_of(spec: str) -> str | None:
     return prefix if prefix in RUNTIME_PREFIXES else None
 
 
-def resolve(spec: str, runtime_socket: str | None = None) -> Target:
+def resolve(spec: str, runtime_socket: str | None = None, *, timeout: float | None = None) -> Target:
     """The Target of a `docker:`, `podman:`, `containerd:` or `pod:` spec, asking the runtime
-    on `runtime_socket` (else its environment variable, else its usual sockets)."""
+    on `runtime_socket` (else its environment variable, else its usual sockets); `timeout`:
+    seconds an Engine API request may take (default TIMEOUT)."""
     spec = spec.strip()
     runtime, _, ref = spec.partition(":")
     if runtime not in RUNTIME_PREFIXES:
@@ -95,21 +96,22 @@ def resolve(spec: str, runtime_socket: str | None = None) -> Target:
         raise UsageError(f"{spec!r} names no container", hint=f"e.g. {runtime}:web")
     sock = socket_for(runtime, runtime_socket)
     if runtime in ("docker", "podman"):
-        return _engine_target(spec, runtime, ref, sock)
+        return _engine_target(spec, runtime, ref, sock, timeout)
     if runtime == "containerd":
         return _containerd_target(spec, ref, sock)
     return _pod_target(spec, ref, sock)
 
 
-def reresolve(target: Target) -> Target | None:
+def reresolve(target: Target, *, timeout: float | None = None) -> Target | None:
     """The target found again, as its spec names it now: after a restart, the container's
     new namespace.  None if it is not running now (or, for a PID, name or path, gone).
-    A runtime that cannot be asked raises (RuntimeUnavailable): that is not "stopped"."""
+    A runtime that cannot be asked raises (RuntimeUnavailable): that is not "stopped"; nor
+    is a container the runtime no longer has (ContainerNotFound: removed)."""
     try:
         if target.runtime is None:
             return netns.resolve(target.spec)
-        return resolve(target.spec, target.runtime_socket)
-    except (ContainerNotFound, ContainerNotRunning, TargetNotFound):
+        return resolve(target.spec, target.runtime_socket, timeout=timeout)
+    except (ContainerNotRunning, TargetNotFound):
         return None
 
 
@@ -338,8 +340,8 @@ def _name(info: dict) -> str:
     return str(info.get("Name") or info.get("Id", "")[:12]).lstrip("/")
 
 
-def _engine_target(spec: str, runtime: str, ref: str, sock: Socket) -> Target:
-    api = EngineAPI(runtime, sock)
+def _engine_target(spec: str, runtime: str, ref: str, sock: Socket, timeout: float | None = None) -> Target:
+    api = EngineAPI(runtime, sock, timeout)
     listing = api.containers()
     ref = ref.lstrip("/")                   # docker's own spelling of names: /web
     info = api.inspect(pick(runtime, ref, listing)["Id"])
