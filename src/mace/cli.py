@@ -312,6 +312,8 @@ def cmd_client(args) -> int:
 
 def _client_lines(reply: dict) -> list[str]:
     ns = f"netns {reply['netns']}"
+    if reply.get("container"):          # the runtime's name, when the service found one
+        ns = f"{reply.get('runtime', '')} container {reply['container']} ({ns})".lstrip()
     if reply["op"] == "on":
         again = "already " if reply["already"] else ""
         return [f"mace: {again}enabled for {ns}: {reply['path']}",

@@ -5,6 +5,7 @@ container by name (or ID prefix) through the runtime's API socket."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -274,3 +275,34 @@ def test_the_runtimes_made_no_default_bridge(docker):
     present = links()
     assert DOCKER_BRIDGE in present, sorted(present)
     assert "docker0" not in present and "podman0" not in present, sorted(present)
+
+
+def test_the_service_names_a_docker_containers_namespace(docker, tmp_path):
+    """`mace serve` knows its clients by their namespace only: it asks the runtime which
+    container that is, and `status` (and the reports) name it."""
+    import json
+    import subprocess
+    import sys
+
+    name = "served"
+    docker.container(name)
+    sock = str(tmp_path / "mace.sock")
+    serve = subprocess.Popen([sys.executable, "-m", "mace", "serve", "--socket", sock, "--state-dir",
+                              str(tmp_path / "state"), "--runtime-socket", docker.socket, "--uplink", UPLINK],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert serve.poll() is None and time.monotonic() < deadline, serve.stderr.read()
+            time.sleep(0.1)
+        inside = ["nsenter", f"--net=/proc/{docker.pid(name)}/ns/net", "--",
+                  sys.executable, "-m", "mace"]
+        on = subprocess.run([*inside, "on", "--socket", sock], capture_output=True, text=True, timeout=30)
+        assert on.returncode == 0 and f"docker container {name}" in on.stdout, on
+        st = subprocess.run([*inside, "status", "--json", "--socket", sock], capture_output=True,
+                            text=True, timeout=30)
+        reply = json.loads(st.stdout)
+        assert (reply["state"], reply["container"], reply["runtime"]) == ("enabled", name, "docker"), reply
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)

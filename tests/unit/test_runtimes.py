@@ -792,3 +792,12 @@ def test_new_exit_codes_follow_the_old_ones():
     text = sub["trace"].format_help()
     for code in (12, 13, 14, 15):
         assert re.search(rf"^ +{code} +\S", text, re.M)
+
+
+def test_the_service_can_name_the_container_of_a_namespace(engine):
+    from mace.targets.runtimes import name_of_netns
+    fake = engine([container("old", ABBA_ID, running=False), container("web", WEB_ID)])
+    assert name_of_netns(os.stat(OWN_NS).st_ino, fake.path) == {"container": "web", "runtime": "docker"}
+    assert name_of_netns(1, fake.path) is None                    # no container runs there
+    fake.close()
+    assert name_of_netns(os.stat(OWN_NS).st_ino, fake.path) is None   # no runtime: no name, no error

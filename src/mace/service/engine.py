@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from mace.service.server import Options
 
 
+
+NAME_TIMEOUT = 0.5           # s per runtime request when naming a namespace's container
+
 class Engine(threading.Thread):
     """Runs requests that touch the tracer, in order, between polls; hands each batch of
     reports to the event loop already attributed to its namespace."""
@@ -166,7 +169,14 @@ class Engine(threading.Thread):
         ns = Namespace(inode, ContainerPath(f"netns:{inode}", c.inner, c.veth, c.bridge),
                        c.veth_index, self.opts.queue_size, pid=pid)
         self._add(ns, (topo.host_ns, topo.host_ns_inode), topo.uplink)
+        ns.identity = self._runtime_name(inode)
         return ns, False
+
+    def _runtime_name(self, inode: int) -> dict | None:
+        # clients are known by their namespace: ask the runtimes which container that is,
+        # briefly (this runs between polls)
+        from mace.targets.runtimes import name_of_netns
+        return name_of_netns(inode, self.opts.runtime_socket, timeout=NAME_TIMEOUT)
 
     def restore(self, saved: dict) -> list[str]:
         """Re-enable namespaces a previous service saved, if their veth is still the same
@@ -192,6 +202,7 @@ class Engine(threading.Thread):
                            item["veth_index"], self.opts.queue_size, pid=item.get("pid"),
                            since=item.get("since"))
             ns.push(base64.b64decode(item.get("unread", "")))
+            ns.identity = self._runtime_name(item["inode"])
             ns.received = 0
             ns.dropped = item.get("dropped", 0)
             try:
@@ -298,7 +309,7 @@ class Engine(threading.Thread):
         stats = self.tracer.stats()
         counts = stats["containers"][ns.index]
         out = {"state": "enabled", "path": describe_path(ns.path, self.uplink),
-               "since": round(ns.since, 3)}
+               "since": round(ns.since, 3), **(ns.identity or {"container": None})}
         for d, name in enumerate(DIRECTIONS):
             k = counts[name]
             h = Histogram(self.tracer.correlator.histogram(ns.index, d))

@@ -40,6 +40,8 @@ class Namespace:
         self.closed: str | None = None      # why it was disabled
         self.discarded = 0                  # unread reports freed when it was disabled
         self.waiters: set[asyncio.Event] = set()
+        # what its runtime calls it ({"container": "web", "runtime": "docker"}), if one does
+        self.identity: dict | None = None
 
     @property
     def label(self) -> str:

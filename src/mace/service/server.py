@@ -393,7 +393,7 @@ class Service:
                 os.close(fd)
             await self._send(writer, {**base, "netns": inode, "state": "enabled", "already": already,
                                       "path": describe_path(ns.path, self.engine.uplink),
-                                      "queue_size": ns.size})
+                                      "queue_size": ns.size, **(ns.identity or {"container": None})})
             return True
         inode = netns_inode(peer)
         ns = await self.engine.call(self.engine.find, inode)
@@ -428,7 +428,8 @@ class Service:
         return True
 
     async def _write_items(self, ns: Namespace, writer, raw: bytes, dropped: int) -> None:
-        text = "".join(jsonl_line(r, wall(r.t0 + self.wall_offset), ns.inode, ns.label, self.opts.hops)
+        text = "".join(jsonl_line(r, wall(r.t0 + self.wall_offset), ns.inode, ns.label, self.opts.hops,
+                                  ns.identity)
                        for r in unpack(raw))
         if dropped:
             text = P.encode({"v": P.VERSION, "dropped": dropped}).decode() + text

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from mace.errors import (
     ContainerNotFound,
     ContainerNotRunning,
+    MaceError,
     NoContainerNetwork,
     ResourceError,
     RuntimeUnavailable,
@@ -281,6 +282,30 @@ class EngineAPI:
         if status != 200 or not isinstance(data, dict):
             raise self._refused(f"inspect {container_id[:12]}", status, data)
         return data
+
+
+def name_of_netns(inode: int, runtime_socket: str | None = None, *,
+                  timeout: float = 1.0) -> dict | None:
+    """Which Docker or Podman container runs in the network namespace `inode`, if one does:
+    {"container": name, "runtime": ...}, as mace.output.sinks names reports.  For the
+    service, whose clients are known by their namespace alone.  Runtimes that are not there
+    or do not answer are skipped: a name is a courtesy, never a reason to refuse."""
+    for runtime in ("docker", "podman"):
+        try:
+            api = EngineAPI(runtime, socket_for(runtime, runtime_socket), timeout)
+            for c in api.containers():
+                if isinstance(c.get("State"), str) and c["State"] != "running":
+                    continue
+                info = api.inspect(c["Id"]) or {}
+                pid = (info.get("State") or {}).get("Pid")
+                try:
+                    if pid and os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
+                        return {"container": _name(info), "runtime": runtime}
+                except OSError:
+                    continue
+        except MaceError:
+            continue
+    return None
 
 
 def _names(c: dict) -> list[str]:
