@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.common import DIRECTIONS, pyplot, save, wait_quiet
+from mace.output.summary import HOP_STEPS
 
 # name -> Testbed keywords
 TOPOLOGIES = {
@@ -52,10 +53,7 @@ MEASUREMENTS = ("traced", "untraced", "hops")     # per round, in this order
 # probes column by column (see _columns), None for a measurement that failed
 PROBES_FILE = "accuracy-probes.json.gz"
 
-# Step names at the end of each hop interval: the report's hop slots, then its end event.
-# An interval runs from the previous traced step (t0 first) to this one.
-HOP_STEPS = {"egress": ("veth rx", "veth backlog", "bridge", "uplink queue", "uplink xmit"),
-             "ingress": ("bridge", "veth", "container rx", "container receive")}
+# HOP_STEPS (mace.output.summary): the step at the end of each hop interval.
 # per round, median over its probes; then median over rounds with a confidence interval
 STATS = ("raw_bias", "corrected_bias", "raw_bias_p99", "corrected_bias_p99", "untraced_added",
          "expense", "expense_vs_untraced", "hops_raw_bias", "hops_corrected_bias",

@@ -446,13 +446,16 @@ def cmd_trace(args) -> int:
             else:
                 print(msg, file=err, flush=True)
 
-        def gone(i: int, left: int) -> None:
+        def went(i: int, then: str) -> None:
+            # container i's veth is gone: when, for the summary, and whether it is waited for
             if tracer.started_at is not None:
                 stopped[i] = time.monotonic() - tracer.started_at
             if restarts is not None:
                 restarts.gone(i)
-            say(f"mace: {labels[i]} stopped (its veth {topo.containers[i].main.veth} "
-                f"is gone); {left} target(s) left")
+            say(f"mace: {labels[i]} stopped (its veth {topo.containers[i].main.veth} is gone); {then}")
+
+        def gone(i: int, left: int) -> None:
+            went(i, f"{left} target(s) left")
 
         hinted: set[int] = set()
 
@@ -474,11 +477,7 @@ def cmd_trace(args) -> int:
                 # a runtime's container is waited for, before following could end for want
                 # of targets: it counts as there until it runs again
                 if there is False and i not in restarts.over and topo.containers[i].target.runtime:
-                    if tracer.started_at is not None:
-                        stopped[i] = time.monotonic() - tracer.started_at
-                    restarts.gone(i)
-                    say(f"mace: {labels[i]} stopped (its veth {topo.containers[i].main.veth} is "
-                        "gone); waiting for it to run again")
+                    went(i, "waiting for it to run again")
             back = restarts.check()
             if not back:
                 return restarts.present(now)

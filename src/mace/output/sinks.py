@@ -80,12 +80,14 @@ class MaceSink(Sink):
         self.written += len(reports)
 
 
+NO_CONTAINER = {"container": None}      # a PID's or a namespace's reports: no runtime named them
+
+
 def jsonl_line(r: Report, ts: str, netns: int, target: str, hops: bool,
                container: dict | None = None) -> str:
     """One report as a JSON line; `ts` is Sink.wall(r), written as a number with all nine
     digits exact (a JSON encoder would go through a double)."""
-    obj = {"netns": netns, "target": target, "container": (container or {}).get("container"),
-           **{k: v for k, v in (container or {}).items() if k != "container"},
+    obj = {"netns": netns, "target": target, **(NO_CONTAINER | (container or {})),
            "dir": r.direction, "seq": r.seq, "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
     if hops:
         obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops, strict=True))

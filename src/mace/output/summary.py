@@ -9,7 +9,7 @@ from mace.capture.others import OtherTracer, warn_lines
 from mace.defaults import DIRECTIONS, FILTERED_HIT_COST_NS, SAMPLE_COST_NS
 from mace.output.clock import us as _us
 from mace.output.report import Histogram, coverage
-from mace.plan import QUEUE, RECV, RX, XMIT
+from mace.plan import EGRESS_HOPS, INGRESS_HOPS, QUEUE, RECV, RX, XMIT
 
 COUNTERS = ("crossed", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")
 PERCENTILES = (50, 90, 99)
@@ -63,8 +63,7 @@ class Tally:
 
 # Per direction, the step at the end of each hop interval: the report's hop slots, then its
 # end event.  An interval runs from the previous traced step (the start first) to the named one.
-HOP_STEPS = {"egress": ("veth rx", "veth backlog", "bridge", "uplink queue", "uplink xmit"),
-             "ingress": ("bridge", "veth", "container rx", "container receive")}
+HOP_STEPS = {"egress": (*EGRESS_HOPS, "uplink xmit"), "ingress": (*INGRESS_HOPS, "container receive")}
 
 
 def hop_steps(end_at_queue: bool) -> dict[str, tuple[str, ...]]:

@@ -23,6 +23,7 @@ from mace.capture import others
 from mace.defaults import DIRECTIONS, PRESENCE_EVERY
 from mace.errors import MaceError
 from mace.output.report import REPORT_SIZE, Histogram, coverage, split
+from mace.output.sinks import NO_CONTAINER
 from mace.plan import ContainerPath, Plan
 from mace.service import protocol as P
 from mace.service.queue import Namespace
@@ -309,7 +310,7 @@ class Engine(threading.Thread):
         stats = self.tracer.stats()
         counts = stats["containers"][ns.index]
         out = {"state": "enabled", "path": describe_path(ns.path, self.uplink),
-               "since": round(ns.since, 3), **(ns.identity or {"container": None})}
+               "since": round(ns.since, 3), **(NO_CONTAINER | (ns.identity or {}))}
         for d, name in enumerate(DIRECTIONS):
             k = counts[name]
             h = Histogram(self.tracer.correlator.histogram(ns.index, d))

@@ -59,7 +59,7 @@ from mace.defaults import (
 from mace.errors import ResourceError, UsageError
 from mace.output.clock import wall, wall_offset_ns
 from mace.output.report import REPORT_SIZE, unpack
-from mace.output.sinks import jsonl_line
+from mace.output.sinks import NO_CONTAINER, jsonl_line
 from mace.service import protocol as P
 from mace.service.engine import Engine
 from mace.service.identity import Peer, netns_inode
@@ -393,7 +393,7 @@ class Service:
                 os.close(fd)
             await self._send(writer, {**base, "netns": inode, "state": "enabled", "already": already,
                                       "path": describe_path(ns.path, self.engine.uplink),
-                                      "queue_size": ns.size, **(ns.identity or {"container": None})})
+                                      "queue_size": ns.size, **(NO_CONTAINER | (ns.identity or {}))})
             return True
         inode = netns_inode(peer)
         ns = await self.engine.call(self.engine.find, inode)

@@ -104,7 +104,8 @@ class Topology:
     uplink_index: int
     notes: list[str] = field(default_factory=list)
     extra_uplinks: tuple[str, ...] = ()
-    # devices the host routes some traffic by that are not traced (see untraced_routes)
+    # devices the host routes some traffic by that are not traced (named when packets
+    # reach no traced uplink)
     other_routes: tuple[str, ...] = ()
 
     @property
@@ -297,8 +298,9 @@ def discover(targets: list[Target], uplink: str | Sequence[str] | None = None) -
             notes.append(f"note: {c.target.spec} also has {others}; mace follows {c.main.inner}, {why}")
     named = [uplink] if isinstance(uplink, str) else list(uplink or [])
     with IPRoute(netns=host_path, flags=0) as host:
-        names = {l.get("index"): l.get("ifname") for l in host.get_links()}
-        kinds = {l.get("index"): _kind(l) for l in host.get_links()}
+        links = host.get_links()
+        names = {l.get("index"): l.get("ifname") for l in links}
+        kinds = {l.get("index"): _kind(l) for l in links}
         every = _routes(host)
     routes = [r for r in every if r[3]]     # the default ones
     by_name = {n: i for i, n in names.items()}
