@@ -1,12 +1,14 @@
 """Helpers the system tests share: pings from a testbed's containers, output read as it
-comes from a running command, and the one-line error check.  Plain functions, imported
+comes from a running command, busy CPUs, and the one-line error check.  Plain functions, imported
 as `from helpers import ...` (tests/ is on sys.path through tests/conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 
@@ -149,3 +151,17 @@ def need_tool(tool: str) -> str:
             pytest.fail(f"{tool} is not installed (.ci/run installs it)")
         pytest.skip(f"needs {tool}")
     return path
+
+
+@contextlib.contextmanager
+def busy_cpus(seconds: float):
+    """One bounded busy loop per CPU (no traffic), stopped by PID on the way out."""
+    spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    procs = [subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", spin])
+             for cpu in sorted(os.sched_getaffinity(0))]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -878,3 +878,110 @@ def test_reconfigure_refuses_to_shrink():
     classes, owner = small.device_classes()
     with pytest.raises(ValueError, match="never shrink"):
         corr.reconfigure(classes, owner, small.inner_slots())
+
+
+# -- packets queued behind a neighbour resolution ----------------------------------------------
+# Modelled on a capture (two containers' first pings while the uplink's next hop is being
+# asked for): only the first packet's call chain sends the ARP request; the second one's
+# chain just ends, in the same neighbour queue; the answer's softirq sends both, in order.
+
+Q = 0xFFFF888104000E00          # the answer (an ARP reply for the host)
+IP6 = 0x86DD
+ND_L3 = _correlate.ND_L3
+
+
+def queued_plan():
+    return make_plan([M0, M1], hops=False, end_at_queue=True, start_at_veth=True)
+
+
+def first_hop(s: Script, veth, skb, L, *, proto=IP, cpu, tid, dt=100):
+    """A container's packet into the host, through the bridge, up to routing."""
+    t0 = s("rx", veth, skb, L, proto=proto, cpu=cpu, tid=tid, dt=dt)
+    s("recv", veth, skb, L, cpu=cpu, tid=tid)
+    return t0
+
+
+def test_a_packet_queued_behind_another_ones_arp_request_is_reported():
+    s = Script(queued_plan())
+    ta = first_hop(s, "m0v0", A, 84, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)      # A's chain asks
+    tb = first_hop(s, "m1v0", B, 84, cpu=1, tid=11)               # B's chain just ends
+    s("queue", UPLINK, C, ARP_L3 + ETH_HLEN, cpu=1, tid=12, dt=50_000)   # the timer asks again
+    s("recv", UPLINK, Q, ARP_L3, cpu=1, tid=24, dt=50_000)        # the answer
+    t1 = s("queue", UPLINK, A, 98, cpu=1, tid=24)                 # the queue, flushed in order
+    t2 = s("queue", UPLINK, B, 98, cpu=1, tid=24)
+    out = correlate(s)
+    assert [(r.container, r.seq, r.t0, r.latency, r.cpu) for r in out.reports] == [
+        (0, 1, ta, t1 - ta, 1), (1, 1, tb, t2 - tb, 1)]
+    assert out.glob["parked"] == 2
+    assert counts(out, 1, "egress", "crossed", "local", "rejected") == (1, 0, 0)
+
+
+def test_a_queued_packet_whose_cpu_did_nothing_else_leaves_with_the_flush():
+    # B's chain ends on CPU 0, and the next event there is its own flush: it was never
+    # seen to end, yet it left with the answer's chain
+    s = Script(queued_plan())
+    ta = first_hop(s, "m0v0", A, 84, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)
+    tb = first_hop(s, "m1v0", B, 84, cpu=0, tid=11)
+    s("recv", UPLINK, Q, ARP_L3, cpu=0, tid=24, dt=50_000)
+    t1 = s("queue", UPLINK, A, 98, cpu=0, tid=24)
+    t2 = s("queue", UPLINK, B, 98, cpu=0, tid=24)
+    out = correlate(s)
+    assert [(r.container, r.t0, r.latency) for r in out.reports] == [(0, ta, t1 - ta), (1, tb, t2 - tb)]
+    assert out.glob["parked"] == 2
+
+
+def test_a_chain_that_ends_outside_a_resolution_stays_local():
+    s = Script(queued_plan())
+    first_hop(s, "m0v0", A, 84, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)
+    s("recv", UPLINK, Q, ARP_L3, cpu=1, tid=24, dt=50_000)
+    s("queue", UPLINK, A, 98, cpu=1, tid=24)
+    first_hop(s, "m1v0", B, 84, cpu=1, tid=11, dt=50_000)    # after the answer: to the host
+    s("recv", UPLINK, D, 84, cpu=1, tid=30, dt=1000)
+    out = correlate(s)
+    assert len(out.reports) == 1
+    assert counts(out, 1, "egress", "crossed", "local") == (1, 1)
+    assert out.glob["parked"] == 1
+
+
+def test_a_queued_packet_leaves_only_in_the_answers_chain():
+    # B's address shows up at the uplink in another thread's chain: not the flush, so
+    # not B's packet leaving the queue
+    s = Script(queued_plan())
+    first_hop(s, "m0v0", A, 84, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)
+    first_hop(s, "m1v0", B, 84, cpu=1, tid=11)
+    s("recv", UPLINK, D, 84, cpu=0, tid=30, dt=1000)              # B's chain ended
+    s("recv", UPLINK, Q, ARP_L3, cpu=1, tid=24, dt=50_000)
+    s("queue", UPLINK, A, 98, cpu=1, tid=24)
+    s("queue", UPLINK, B, 98, cpu=0, tid=31, dt=10)
+    out = correlate(s)
+    assert [r.container for r in out.reports] == [0]
+    assert counts(out, 1, "egress", "crossed", "rejected") == (1, 1)
+
+
+def test_ipv6_packets_wait_for_neighbour_discovery_like_ipv4_ones_for_arp():
+    s = Script(queued_plan())
+    ta = first_hop(s, "m0v0", A, 104, proto=IP6, cpu=1, tid=10)
+    s("queue", UPLINK, R, ND_L3 + ETH_HLEN, cpu=1, tid=10)       # a neighbour solicitation
+    tb = first_hop(s, "m1v0", B, 104, proto=IP6, cpu=1, tid=11)
+    s("recv", UPLINK, D, 84, cpu=0, tid=30, dt=1000)
+    s("recv", UPLINK, Q, ND_L3, cpu=1, tid=24, dt=50_000)         # the advertisement
+    t1 = s("queue", UPLINK, A, 118, cpu=1, tid=24)
+    t2 = s("queue", UPLINK, B, 118, cpu=1, tid=24)
+    out = correlate(s)
+    assert [(r.container, r.t0, r.latency) for r in out.reports] == [(0, ta, t1 - ta), (1, tb, t2 - tb)]
+    assert out.glob["parked"] == 2
+
+
+def test_an_ipv4_sized_solicitation_does_not_park_an_ipv6_packet():
+    s = Script(queued_plan())
+    first_hop(s, "m0v0", A, 104, proto=IP6, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)
+    s("recv", UPLINK, Q, ND_L3, cpu=1, tid=24, dt=50_000)
+    s("queue", UPLINK, A, 118, cpu=1, tid=24)
+    out = correlate(s)
+    assert out.reports == [] and out.glob["parked"] == 0
+    assert counts(out, 0, "egress", "crossed", "local") == (1, 1)

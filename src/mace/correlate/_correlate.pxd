@@ -88,6 +88,15 @@ cdef class Correlator(EventSink):
     cdef bytearray spill            # reports feed_bytes() could not leave in the buffer
     cdef uint64_t *ghost            # skbs of unattributed ingress entries the table gave up
     cdef uint64_t ghost_mask
+    # per direction: the latest neighbour resolution (when it began, whether it is still in
+    # progress), and the call chain its answer ran in (the packets queued behind it leave
+    # there, one by one)
+    cdef uint64_t nq_since[2]
+    cdef bint nq_open[2]
+    cdef uint64_t fl_ts[2]
+    cdef uint32_t fl_tid[2]
+    cdef uint16_t fl_cpu[2]
+    cdef uint8_t fl_ctx[2]
 
     cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start) except -1
     cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1
@@ -98,7 +107,7 @@ cdef class Correlator(EventSink):
     cdef int _event(self, const mace_event *ev) noexcept nogil
     cdef void _pending(self, const mace_entry *e, const mace_event *ev, bint front) noexcept nogil
     cdef int _advance(self, mace_entry *e, const mace_event *ev, int j) noexcept nogil
-    cdef int _match(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef int _match(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _conflict(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _fresh(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _resolve(self, int cpu, uint64_t skb, uint64_t ts, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
@@ -107,6 +116,9 @@ cdef class Correlator(EventSink):
     cdef void _pq_push(self, int cpu, uint64_t skb, uint64_t ts, bint front) noexcept nogil
     cdef bint _sibling(self, int cpu, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef bint _may_queue(self, const mace_entry *e) noexcept nogil
+    cdef void _answer(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef bint _flushed(self, const mace_entry *e, const mace_event *ev) noexcept nogil
     cdef void _retire(self, mace_entry *e, int counter) noexcept nogil
     cdef bint _sync_wait(self, const mace_entry *e) noexcept nogil
     cdef int64_t _lookup(self, uint64_t skb) noexcept nogil

@@ -83,15 +83,19 @@ cdef enum:
     NG = 13
 
     F_ACCOUNTED = 1     # entry flag: _conflict accounted for the event itself
-    F_PARKED = 2        # entry flag: waiting for neighbour resolution (ARP)
+    F_PARKED = 2        # entry flag: waiting for neighbour resolution (ARP, ND)
+    F_QUEUED = 4        # ... behind another packet that asked for it
     ETH_P_ARP = 0x0806
+    ETH_P_IPV6 = 0x86DD
     SYNC_MAX = 20000000 # ns: a call chain longer than this is not one (a parked packet may wait)
 
 
 # The rules the reference model (mace.testing.reference) must share: Python sees these.
 cpdef enum:
     ETH_HLEN = 14
-    ARP_L3 = 28         # an ARP request for IPv4 over Ethernet, without the Ethernet header
+    ARP_L3 = 28         # an ARP request or reply for IPv4 over Ethernet, without the Ethernet header
+    ND_L3 = 72          # an IPv6 neighbour solicitation (or advertisement) with its link-layer option
+    NA_L3 = 64          # an IPv6 neighbour advertisement without one (an answer to a unicast probe)
     CTX_BITS = 0x58     # common_flags: NMI 0x40, softirq 0x10, hardirq 0x08
     PQ = 64             # a CPU's pending call chains: NAPI handles up to 64 packets a batch
 
@@ -525,7 +529,7 @@ cdef class Correlator(EventSink):
                 return True
         return False
 
-    cdef int _match(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+    cdef int _match(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
         cdef int j, x
         cdef const step_t *st
         cdef uint32_t l3
@@ -543,8 +547,12 @@ cdef class Correlator(EventSink):
                 continue
             if st.type != t or not (st.cls & cls):
                 continue
-            if st.sync and not adjacent and not e.flags & F_PARKED:
-                continue
+            if st.sync and not adjacent:
+                if e.flags & F_PARKED:
+                    if e.flags & F_QUEUED and not self._flushed(e, ev):
+                        continue
+                elif not (self._may_queue(e) and self._flushed(e, ev)):
+                    continue
             if e.container >= 0:
                 if st.cls == C_VETH and self.dev_container[ev.dev] != e.container:
                     continue
@@ -554,6 +562,10 @@ cdef class Correlator(EventSink):
                 x = self.dev_container[ev.dev]
                 if x < 0 or self.inner_of[x] != e.start_dev:
                     continue
+            if st.sync and not adjacent and not e.flags & F_PARKED:
+                # its chain ended in the neighbour queue, and its CPU did nothing else since
+                e.flags |= F_PARKED | F_QUEUED
+                self.gcount[G_PARKED] += 1
             return j
         return -1
 
@@ -579,7 +591,14 @@ cdef class Correlator(EventSink):
         e.cpu = ev.cpu
         e.tid = ev.tid
         e.ctx = ev.flags & CTX_BITS
-        e.flags &= ~F_PARKED
+        if e.flags & F_PARKED:
+            # the neighbour answered: the queue is flushed in this chain, packet by packet
+            self.nq_open[e.dir] = False
+            self.fl_ts[e.dir] = ev.ts
+            self.fl_cpu[e.dir] = ev.cpu
+            self.fl_tid[e.dir] = ev.tid
+            self.fl_ctx[e.dir] = ev.flags & CTX_BITS
+            e.flags &= ~(F_PARKED | F_QUEUED)
         if st.end:
             self._emit(e, ev)
             return 1
@@ -636,9 +655,19 @@ cdef class Correlator(EventSink):
             return
         if (ev.tid == e.tid and (ev.flags & CTX_BITS) == e.ctx
                 and self._neighbour_wait(e, ev, t, cls)):
-            # The chain went on to send an ARP request on the next device: the packet waits
-            # in the neighbour queue, and leaves it by that device or by a traced drop.
+            # The chain went on to send an ARP request (or an IPv6 neighbour solicitation)
+            # on the next device: the packet waits in the neighbour queue, and leaves it by
+            # that device or by a traced drop.
             e.flags |= F_PARKED
+            self.gcount[G_PARKED] += 1
+            if not self.nq_open[e.dir]:
+                self.nq_open[e.dir] = True
+                self.nq_since[e.dir] = e.t0 + e.tlast
+            return
+        if self._may_queue(e):
+            # While a resolution is in progress, a chain that ends where the neighbour would
+            # be asked ended in the same queue: the kernel asks only once.
+            e.flags |= F_PARKED | F_QUEUED
             self.gcount[G_PARKED] += 1
             return
         if e.container >= 0:
@@ -724,10 +753,61 @@ cdef class Correlator(EventSink):
             self.pq_n[cpu] = 0
 
     cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # (net_dev_queue carries no protocol: the length and the packet's family tell)
         if e.dir == EGRESS:
             return (e.container >= 0 and t == T_QUEUE and cls & C_UPLINK
-                    and ev.len - ETH_HLEN == ARP_L3)
-        return t == T_XMIT and cls & (C_BRIDGE | C_VETH) and ev.proto == ETH_P_ARP
+                    and ev.len - ETH_HLEN == (ND_L3 if e.proto == ETH_P_IPV6 else ARP_L3))
+        return t == T_XMIT and cls & (C_BRIDGE | C_VETH) and (
+            ev.proto == ETH_P_ARP or (ev.proto == ETH_P_IPV6 and ev.len - ETH_HLEN == ND_L3))
+
+    cdef bint _may_queue(self, const mace_entry *e) noexcept nogil:
+        # e's chain ended while a resolution was in progress in its direction (it began no
+        # longer ago than a packet may wait), right before the step where the neighbour is
+        # asked for.
+        cdef uint64_t since = self.nq_since[e.dir]
+        cdef uint64_t last = e.t0 + e.tlast
+        cdef int j
+        cdef const step_t *st
+        if since == 0 or self.now > since + self.max_age or last + SYNC_MAX < since:
+            return False
+        if not self.nq_open[e.dir] and last > self.fl_ts[e.dir]:
+            return False
+        if e.dir == EGRESS and e.container < 0:
+            return False
+        for j in range(e.step + 1, self.nsteps[e.dir]):
+            st = &self.steps[e.dir][j]
+            if not st.traced or not st.sync or not (st.prev >> e.step) & 1:
+                continue
+            if e.dir == EGRESS and st.type == T_QUEUE and st.cls & C_UPLINK:
+                return True
+            if e.dir == INGRESS and st.type == T_XMIT and st.cls & (C_BRIDGE | C_VETH):
+                return True
+        return False
+
+    cdef void _answer(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # A neighbour's answer received while a resolution is in progress (ARP, or an IPv6
+        # advertisement; receive events carry no protocol, so by length): it ends the
+        # resolution, and the queue is flushed in its call chain.
+        cdef int d
+        cdef uint32_t l3 = ev.len
+        if t != T_RECV and t != T_RX:
+            return
+        if l3 != ARP_L3 and l3 != ND_L3 and l3 != NA_L3:
+            return
+        for d in range(2):
+            if self.nq_open[d] and cls & (C_UPLINK if d == EGRESS else C_VETH):
+                self.nq_open[d] = False
+                self.fl_ts[d] = ev.ts
+                self.fl_cpu[d] = ev.cpu
+                self.fl_tid[d] = ev.tid
+                self.fl_ctx[d] = ev.flags & CTX_BITS
+
+    cdef bint _flushed(self, const mace_entry *e, const mace_event *ev) noexcept nogil:
+        # Does ev continue the chain that flushes e's neighbour queue?
+        cdef int d = e.dir
+        return (self.fl_ts[d] != 0 and ev.cpu == self.fl_cpu[d] and ev.tid == self.fl_tid[d]
+                and (ev.flags & CTX_BITS) == self.fl_ctx[d] and ev.ts >= self.fl_ts[d]
+                and ev.ts - self.fl_ts[d] <= SYNC_MAX and self.fl_ts[d] > e.t0 + e.tlast)
 
     cdef void _conflict(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
         # The event concerns the entry's address but does not continue its path: the packet
@@ -835,6 +915,8 @@ cdef class Correlator(EventSink):
             self._pq_settle(ev, t, cls)
             return 0
         self._pq_settle(ev, t, cls)
+        if self.nq_open[0] or self.nq_open[1]:
+            self._answer(ev, t, cls)
         s = self._lookup(ev.skb)
         if s >= 0 and self._expired(&self.table[s]):
             self._retire(&self.table[s], CC_EXPIRED)

@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 
 from mace.capture._ring import DEV_NONE, DEV_OTHER
 from mace.capture.perf import Event
-from mace.correlate._correlate import ARP_L3, CLASSES, CTX_BITS, ETH_HLEN, PQ, SYNC_MAX_NS, TYPES
+from mace.correlate._correlate import (
+    ARP_L3,
+    CLASSES,
+    CTX_BITS,
+    ETH_HLEN,
+    NA_L3,
+    ND_L3,
+    PQ,
+    SYNC_MAX_NS,
+    TYPES,
+)
 from mace.testing.synthetic import (
     PERF_RECORD_LOST,
     PERF_RECORD_SAMPLE,
@@ -194,7 +204,8 @@ class Entry:
     tlast: int = 0
     container: int = -1
     ctx: int = 0             # interrupt context of the last matched event
-    parked: bool = False     # waiting in a neighbour queue (ARP)
+    parked: bool = False     # waiting in a neighbour queue (ARP, ND)
+    queued: bool = False     # ... behind another packet, which asked the neighbour
     hops: list = field(default_factory=lambda: [0, 0, 0, 0])
 
 
@@ -237,6 +248,11 @@ class ReferenceCorrelator:
         self.seq = [[0, 0] for _ in self.inner_of]
         self.reports: list[RefReport] = []
         self.now = 0
+        # per direction: when a neighbour resolution began (0: none in progress), and the
+        # call chain (cpu, tid, ctx, ts) that flushes its queue
+        self.nq_since = [0, 0]
+        self.nq_open = [False, False]
+        self.flush: list[tuple[int, int, int, int] | None] = [None, None]
         self.explain = explain
 
     def _say(self, text):
@@ -274,8 +290,12 @@ class ReferenceCorrelator:
                 continue
             if st.type != t or not st.cls & cls:
                 continue
-            if st.sync and not adjacent and not e.parked:
-                continue
+            if st.sync and not adjacent:
+                if e.parked:
+                    if e.queued and not self._flushed(e, ev):
+                        continue
+                elif not (self._may_queue(e) and self._flushed(e, ev)):
+                    continue
             if e.container >= 0:
                 if st.cls == C_VETH and self.dev_containers[ev.dev] != e.container:
                     continue
@@ -285,8 +305,44 @@ class ReferenceCorrelator:
                 x = self.dev_containers[ev.dev]
                 if x < 0 or self.inner_of[x] != e.start_dev:
                     continue
+            if st.sync and not adjacent and not e.parked:
+                self._say(f"{ev.skb:#x} left the neighbour queue its chain ended in")
+                e.parked = e.queued = True
+                self._g("parked")
             return j
         return -1
+
+    def _flushed(self, e: Entry, ev) -> bool:
+        f = self.flush[e.dir]
+        return (f is not None and (ev.cpu, ev.tid, ev.flags & CTX_BITS) == f[:3]
+                and 0 <= ev.ts - f[3] <= SYNC_MAX_NS and f[3] > e.t0 + e.tlast)
+
+    def _answer(self, ev, t: int, cls: int) -> None:
+        if t not in (T_RECV, T_RX) or ev.len not in (ARP_L3, ND_L3, NA_L3):
+            return
+        for d in (EGRESS, INGRESS):
+            if self.nq_open[d] and cls & (C_UPLINK if d == EGRESS else C_VETH):
+                self._say(f"neighbour answered ({'egress' if d == EGRESS else 'ingress'})")
+                self.nq_open[d] = False
+                self.flush[d] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts)
+
+    def _may_queue(self, e: Entry) -> bool:
+        since = self.nq_since[e.dir]
+        last = e.t0 + e.tlast
+        if not since or self.now > since + self.max_age or last + SYNC_MAX_NS < since:
+            return False
+        if not self.nq_open[e.dir] and (self.flush[e.dir] is None or last > self.flush[e.dir][3]):
+            return False
+        if e.dir == EGRESS and e.container < 0:
+            return False
+        for st in self.paths[e.dir][e.step + 1:]:
+            if not st.traced or not st.sync or e.step not in st.prev:
+                continue
+            if e.dir == EGRESS and st.type == T_QUEUE and st.cls & C_UPLINK:
+                return True
+            if e.dir == INGRESS and st.type == T_XMIT and st.cls & (C_BRIDGE | C_VETH):
+                return True
+        return False
 
     def feed(self, events) -> None:
         for ev in events:
@@ -312,6 +368,7 @@ class ReferenceCorrelator:
             self._settle(ev, t, cls)
             return
         adjacent, front = self._settle(ev, t, cls)
+        self._answer(ev, t, cls)
         e = self.table.get(ev.skb)
         if e is not None and self._expired(e):
             self._say(f"{ev.skb:#x} expired")
@@ -374,7 +431,10 @@ class ReferenceCorrelator:
             self._c(e.container, e.dir, "crossed")
         if st.hop >= 0:
             e.hops[st.hop] = delta
-        e.step, e.tlast, e.cpu, e.tid, e.parked = j, delta, ev.cpu, ev.tid, False
+        if e.parked:
+            self.nq_open[e.dir] = False
+            self.flush[e.dir] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts)
+        e.step, e.tlast, e.cpu, e.tid, e.parked, e.queued = j, delta, ev.cpu, ev.tid, False, False
         e.ctx = ev.flags & CTX_BITS
         self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} step {j}")
         if st.end:
@@ -397,14 +457,24 @@ class ReferenceCorrelator:
             return
         if ev.tid == e.tid and ev.flags & CTX_BITS == e.ctx:
             if e.dir == EGRESS:
-                arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == ARP_L3
+                ask = ND_L3 if e.proto == 0x86DD else ARP_L3
+                arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == ask
             else:
-                arp = t == T_XMIT and cls & (C_BRIDGE | C_VETH) and ev.proto == 0x0806
+                arp = t == T_XMIT and cls & (C_BRIDGE | C_VETH) and (
+                    ev.proto == 0x0806 or (ev.proto == 0x86DD and ev.len - ETH_HLEN == ND_L3))
             if arp:
-                self._say(f"{skb:#x} parked behind an ARP request")
+                self._say(f"{skb:#x} parked behind a neighbour request")
                 e.parked = True
                 self._g("parked")
+                if not self.nq_open[e.dir]:
+                    self.nq_open[e.dir] = True
+                    self.nq_since[e.dir] = e.t0 + e.tlast
                 return
+        if self._may_queue(e):
+            self._say(f"{skb:#x} queued behind a neighbour request")
+            e.parked = e.queued = True
+            self._g("parked")
+            return
         if e.container >= 0:
             self._c(e.container, e.dir, "local" if e.dir == EGRESS else "rejected")
         else:
