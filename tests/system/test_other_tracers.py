@@ -25,6 +25,14 @@ def _wait_for(pred, what: str, limit: float = 20.0):
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _with_tracefs(argv: list[str]) -> list[str]:
+    """argv run in a mount namespace of its own with tracefs at /sys/kernel/tracing, where
+    bpftrace and perf look tracepoints up: a fresh machine has it unmounted, and a mount of
+    the test's own would outlive a failed test.  unshare and sh exec, so the PID is argv's."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true; exec "$@"', "sh", *argv]
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -37,7 +45,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_a_bpftrace_program_on_a_traced_tracepoint_is_found_by_its_pid():
     bpftrace = need_tool("bpftrace")
-    proc = subprocess.Popen([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"],
+    proc = subprocess.Popen(_with_tracefs([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def mine():
@@ -55,8 +63,8 @@ def test_a_bpftrace_program_on_a_traced_tracepoint_is_found_by_its_pid():
 def test_perf_record_is_reported_as_a_perf_user():
     perf = need_tool("perf")
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([perf, "record", "-q", "-e", "net:netif_receive_skb", "-a",
-                                 "-o", os.path.join(tmp, "perf.data"), "--", "sleep", "30"],
+        proc = subprocess.Popen(_with_tracefs([perf, "record", "-q", "-e", "net:netif_receive_skb", "-a",
+                                               "-o", os.path.join(tmp, "perf.data"), "--", "sleep", "30"]),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             def mine():
