@@ -165,3 +165,11 @@ def busy_cpus(seconds: float):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def with_tracefs(argv: list[str]) -> list[str]:
+    """argv run in a mount namespace of its own with tracefs at /sys/kernel/tracing, where
+    bpftrace and perf look tracepoints up: a fresh machine has it unmounted, and a mount of
+    the test's own would outlive a failed test.  unshare and sh exec, so the PID is argv's."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true; exec "$@"', "sh", *argv]

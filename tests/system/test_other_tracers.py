@@ -9,7 +9,7 @@ import tempfile
 import time
 
 import pytest
-from helpers import need_tool
+from helpers import need_tool, with_tracefs
 
 from mace.capture import others
 from mace.plan import tracepoints
@@ -25,14 +25,6 @@ def _wait_for(pred, what: str, limit: float = 20.0):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _with_tracefs(argv: list[str]) -> list[str]:
-    """argv run in a mount namespace of its own with tracefs at /sys/kernel/tracing, where
-    bpftrace and perf look tracepoints up: a fresh machine has it unmounted, and a mount of
-    the test's own would outlive a failed test.  unshare and sh exec, so the PID is argv's."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true; exec "$@"', "sh", *argv]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -45,7 +37,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_a_bpftrace_program_on_a_traced_tracepoint_is_found_by_its_pid():
     bpftrace = need_tool("bpftrace")
-    proc = subprocess.Popen(_with_tracefs([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"]),
+    proc = subprocess.Popen(with_tracefs([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def mine():
@@ -63,7 +55,7 @@ def test_a_bpftrace_program_on_a_traced_tracepoint_is_found_by_its_pid():
 def test_perf_record_is_reported_as_a_perf_user():
     perf = need_tool("perf")
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(_with_tracefs([perf, "record", "-q", "-e", "net:netif_receive_skb", "-a",
+        proc = subprocess.Popen(with_tracefs([perf, "record", "-q", "-e", "net:netif_receive_skb", "-a",
                                                "-o", os.path.join(tmp, "perf.data"), "--", "sleep", "30"]),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

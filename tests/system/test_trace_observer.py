@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from helpers import Lines, finish, need_tool, ping
+from helpers import Lines, finish, need_tool, ping, with_tracefs
 
 from mace.capture import others
 from mace.plan import tracepoints
@@ -127,7 +127,7 @@ def test_a_bpftrace_script_on_a_traced_tracepoint_is_named_at_start_and_in_the_s
     bpftrace = need_tool("bpftrace")
     c = testbed.containers[0]
     path = tmp_path / "summary.json"
-    bt = subprocess.Popen([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"],
+    bt = subprocess.Popen(with_tracefs([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"]),
                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
