@@ -50,6 +50,10 @@ NS_PREFIX = "mace-tb"
 NS_RUN_DIR = "/run/netns"
 HOST_NET = ipaddress.ip_network("198.18.0.0/24")     # bridge (or routed gateway), containers
 PEER_NET = ipaddress.ip_network("198.19.0.0/24")     # host uplink <-> peer
+# With ipv6=True the same layout is dual-stack, in the IPv6 benchmarking range (RFC 5180), the
+# counterpart of 198.18.0.0/15: nothing outside the testbed's namespaces ever routes it.
+HOST_NET6 = ipaddress.ip_network("2001:2:0:1::/64")
+PEER_NET6 = ipaddress.ip_network("2001:2:0:2::/64")
 _NS_RE = re.compile(rf"^{NS_PREFIX}-(\d+)-([0-9a-f]+)-")
 TOPOLOGIES = ("bridge", "routed")
 IFNAMSIZ = 16
@@ -57,8 +61,12 @@ RTNH_F_ONLINK = 4
 RT_SCOPE_LINK = 253
 
 
+BENCHMARK_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:2::/48"))
+
+
 def _in_benchmark_range(addr: str) -> bool:
-    return ipaddress.ip_address(addr) in ipaddress.ip_network("198.18.0.0/15")
+    ip = ipaddress.ip_address(addr)
+    return any(ip.version == n.version and ip in n for n in BENCHMARK_NETS)
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Container:
     inner: str
     ip: str
     veth: str             # host-side name, unique per run
+    ip6: str | None = None  # with Testbed(ipv6=True)
 
 
 @dataclass
@@ -78,8 +87,9 @@ class Testbed:
 
     containers_n: how many container namespaces.  masquerade: NAT the containers' traffic
     to the uplink address with nftables (then the peer has no route back to them).
-    ipv6: leave IPv6 on (off by default so router solicitations and MLD do not add traffic
-    the tests did not send).  uplink_rate_kbit: a token-bucket qdisc limiting what the host
+    ipv6: dual-stack: IPv6 addresses and routes beside the IPv4 ones, forwarding on (off by
+    default, IPv6 disabled, so router solicitations and MLD do not add traffic the tests did
+    not send).  uplink_rate_kbit: a token-bucket qdisc limiting what the host
     sends on its uplink, so that packets queue there, many at a time.  topology: "bridge"
     (host-side veths enslaved to a bridge) or "routed" (Calico's layout: /32 routes and
     proxy ARP, no bridge; then `bridge` is None).  peer_dev: the name of the peer's end of
@@ -109,6 +119,9 @@ class Testbed:
         self.host_ip = str(PEER_NET.network_address + 1)
         self.peer_ip = str(PEER_NET.network_address + 2)
         self.gateway = str(HOST_NET.network_address + 1)
+        self.host_ip6 = str(PEER_NET6.network_address + 1) if self.ipv6 else None
+        self.peer_ip6 = str(PEER_NET6.network_address + 2) if self.ipv6 else None
+        self.gateway6 = str(HOST_NET6.network_address + 1) if self.ipv6 else None
         self._made: list[str] = []
         self._old_term = None
         self._owner = os.getpid()
@@ -116,8 +129,11 @@ class Testbed:
         for i in range(self.containers_n):
             self.containers.append(Container(
                 index=i, ns=f"{base}-c{i}", inner="eth0",
-                ip=str(HOST_NET.network_address + 10 + i), veth=f"m{self.tag}v{i}"))
-        for addr in (self.host_ip, self.peer_ip, self.gateway, *(c.ip for c in self.containers)):
+                ip=str(HOST_NET.network_address + 10 + i), veth=f"m{self.tag}v{i}",
+                ip6=str(HOST_NET6.network_address + 10 + i) if self.ipv6 else None))
+        for addr in (self.host_ip, self.peer_ip, self.gateway, *(c.ip for c in self.containers),
+                     *(a for a in (self.host_ip6, self.peer_ip6, self.gateway6, *(c.ip6 for c in self.containers))
+                       if a)):
             assert _in_benchmark_range(addr), addr
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -141,6 +157,13 @@ class Testbed:
         for ns in (self.host_ns, self.peer_ns, *(c.ns for c in self.containers)):
             netns.create(ns)
             self._made.append(ns)
+            if self.ipv6:
+                # A link-local address is tentative for DAD's second after its link comes up,
+                # and the kernel sends no neighbour solicitation without one: a packet would
+                # wait for the retransmit timer, which no call chain of its own leads to.
+                # Hosts that carry containers finished DAD long ago.
+                for conf in ("all", "default"):
+                    self.sysctl(ns, f"net/ipv6/conf/{conf}/accept_dad", "0")
         with IPRoute(netns=self.host_ns, flags=0) as host:
             _up(host, "lo")
             if self.bridge is not None:
@@ -192,7 +215,9 @@ class Testbed:
                 # of up to proxy_delay (0.8 s): a container's first packet would wait that long.
                 # Calico sets it to 0 too.
                 self.sysctl(self.host_ns, f"net/ipv4/neigh/{c.veth}/proxy_delay", "0")
-        if not self.ipv6:
+        if self.ipv6:
+            self._address_ipv6()
+        else:
             for ns in self._made:
                 self.sysctl(ns, "net/ipv6/conf/all/disable_ipv6", "1")
                 self.sysctl(ns, "net/ipv6/conf/default/disable_ipv6", "1")
@@ -202,6 +227,29 @@ class Testbed:
                      "  chain post { type nat hook postrouting priority srcnat; policy accept;\n"
                      f'    oifname "{self.uplink}" masquerade\n'
                      "  }\n}\n")
+
+    def _address_ipv6(self) -> None:
+        """The IPv4 layout again in IPv6; addresses are added `nodad` so that they work at once
+        instead of after duplicate address detection's second."""
+        if self.bridge is None:
+            raise ValueError("ipv6 is built for the bridge topology only")
+        self.sysctl(self.host_ns, "net/ipv6/conf/all/forwarding", "1")
+        nodad = 0x02  # IFA_F_NODAD
+        with IPRoute(netns=self.host_ns, flags=0) as host:
+            host.addr("add", index=_index(host, self.bridge), address=self.gateway6,
+                      prefixlen=HOST_NET6.prefixlen, flags=nodad)
+            host.addr("add", index=_index(host, self.uplink), address=self.host_ip6,
+                      prefixlen=PEER_NET6.prefixlen, flags=nodad)
+            host.route("add", dst="::/0", gateway=self.peer_ip6, family=10)
+        with IPRoute(netns=self.peer_ns, flags=0) as peer:
+            peer.addr("add", index=_index(peer, self.peer_dev), address=self.peer_ip6,
+                      prefixlen=PEER_NET6.prefixlen, flags=nodad)
+            peer.route("add", dst=str(HOST_NET6), gateway=self.host_ip6, family=10)
+        for c in self.containers:
+            with IPRoute(netns=c.ns, flags=0) as cr:
+                cr.addr("add", index=_index(cr, c.inner), address=c.ip6,
+                        prefixlen=HOST_NET6.prefixlen, flags=nodad)
+                cr.route("add", dst="::/0", gateway=self.gateway6, family=10)
 
     def _build_bridge(self, host: IPRoute) -> int:
         host.link("add", ifname=self.bridge, kind="bridge")
@@ -285,7 +333,7 @@ def _check_argv(argv: Sequence[str]) -> None:
         except ValueError:
             continue
         if not _in_benchmark_range(str(ip)):
-            raise ValueError(f"testbed commands may only address 198.18.0.0/15, not {a}")
+            raise ValueError(f"testbed commands may only address 198.18.0.0/15 or 2001:2::/48, not {a}")
 
 
 def _index(ipr: IPRoute, name: str) -> int:
