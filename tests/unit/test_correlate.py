@@ -214,6 +214,70 @@ def test_same_reports_and_counters_as_the_reference(stream):
 # -- a tiny table gives fewer reports, never a wrong pairing ----------------------------------
 
 
+PROM_BOUNDS = [100, 200, 500, 1000, 2000, 5000, 10_000, 50_000]
+
+
+def expected_buckets(reports, container, direction, hops):
+    """What enable_buckets() must count, from the reports themselves: the bucket of the
+    first bound >= the value, the latency in row 0 and, with hops, each interval from the
+    previous step seen to a hop slot (row 1 + slot) or to the end (row 5)."""
+    import bisect
+    nb = len(PROM_BOUNDS) + 1
+    counts, sums = [[0] * nb for _ in range(6)], [0] * 6
+
+    def add(row, v):
+        counts[row][bisect.bisect_left(PROM_BOUNDS, v)] += 1
+        sums[row] += v
+
+    for r in reports:
+        if (r.container, r.dir) != (container, direction):
+            continue
+        add(0, r.latency)
+        if hops:
+            prev = 0
+            for i, h in enumerate((*r.hops, *[None] * (4 - len(r.hops)), r.latency)):
+                if h is not None:
+                    add(5 if i == 4 else 1 + i, max(h - prev, 0))
+                    prev = h
+    return counts, sums
+
+
+@MAIN
+@given(streams(), st.booleans())
+def test_caller_buckets_count_every_report_exactly(stream, hops):
+    plan, age = stream.world.plan, stream.world.max_age
+    corr = plan.correlator(plan.probes(), table_size=BIG_TABLE, max_age_ns=age, ncpu=NCPU)
+    corr.enable_buckets(PROM_BOUNDS, hops=hops)
+    corr.feed_bytes(pack(stream.events))
+    out = cython_outcome(corr)
+    for c in range(len(plan.containers)):
+        for d in (0, 1):
+            assert corr.buckets(c, d) == expected_buckets(out.reports, c, d, hops)
+
+
+def test_caller_buckets_survive_growth_and_restart_with_a_reset_container():
+    plan = make_plan([Box("m0v0", BRIDGE, 0)], hops=True, end_at_queue=False, start_at_veth=False)
+    corr = plan.correlator(plan.probes(), table_size=BIG_TABLE, max_age_ns=10**9, ncpu=NCPU)
+    with pytest.raises(RuntimeError):
+        corr.buckets(0, 0)
+    corr.enable_buckets([1000, 2000], hops=True)
+    with pytest.raises(RuntimeError):
+        corr.enable_buckets([1000])
+    s = Script(plan)
+    egress(s, A, 84)
+    corr.feed_bytes(pack(s.events))
+    counts, sums = corr.buckets(0, 0)
+    assert sum(counts[0]) == 1 and sums[0] > 0
+    classes, owner = plan.device_classes()
+    corr.reconfigure(classes + [2], owner + [1], plan.inner_slots() + [plan.inner_slots()[0]])
+    assert corr.buckets(1, 0) == ([[0, 0, 0]] * 6, [0] * 6)
+    assert corr.buckets(0, 0) == (counts, sums)
+    corr.reconfigure(classes + [2], owner + [1], plan.inner_slots() + [plan.inner_slots()[0]], reset=[0])
+    assert corr.buckets(0, 0) == ([[0, 0, 0]] * 6, [0] * 6)
+    with pytest.raises(ValueError):
+        type(corr).enable_buckets(plan.correlator(plan.probes()), [5, 5])
+
+
 @settings(MAIN, max_examples=150)
 @given(streams(), st.sampled_from([2, 4, 8]))
 def test_tiny_table_never_pairs_wrongly(stream, table_size):

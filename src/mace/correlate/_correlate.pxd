@@ -74,6 +74,13 @@ cdef class Correlator(EventSink):
     cdef uint64_t *lat_max
     cdef uint64_t *lat_sum
     cdef uint64_t *seq              # container x direction: last sequence number
+    # Exact counts in caller-given buckets (Prometheus' le bounds), when enabled: per
+    # container x direction, PMR rows (the latency, then each hop interval) x (pm_nb + 1)
+    cdef uint64_t *pm
+    cdef uint64_t *pm_sum           # container x direction x row: sum in ns
+    cdef uint64_t pm_bounds[32]     # inclusive upper bounds in ns, ascending
+    cdef int pm_nb
+    cdef bint pm_hops
     cdef uint64_t *pq_skb           # per CPU, oldest first: skbs whose synchronous step may
     cdef uint64_t *pq_ts            #   come next (a batch of receives), and when each moved
     cdef int *pq_n
@@ -101,6 +108,7 @@ cdef class Correlator(EventSink):
     cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start) except -1
     cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1
     cdef void _zero(self, int cd) noexcept
+    cdef void _pm_count(self, const mace_entry *e, uint64_t lat, int cd) noexcept nogil
     cdef uint64_t _home(self, uint64_t skb) noexcept nogil
     cdef bytes _take(self)
 

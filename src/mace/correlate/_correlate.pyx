@@ -54,6 +54,7 @@ cdef enum:
     INGRESS = 1
 
     NB = 1792       # histogram buckets, see _bucket
+    PMR = 6         # rows of caller-given buckets: the latency, MACE_HOPS hop slots, the end
 
     # per container and direction
     CC_CROSSED = 0
@@ -137,6 +138,18 @@ cdef inline uint32_t _bucket(uint64_t v) noexcept nogil:
     return 128 + (k - 1) * 64 + <uint32_t>((v >> k) - 64)
 
 
+cdef inline int _pm_bucket(const uint64_t *bounds, int n, uint64_t v) noexcept nogil:
+    # the first bucket whose inclusive upper bound holds v; n (+Inf) past the last
+    cdef int lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if v <= bounds[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 cdef void *_grow(void *p, size_t old, size_t n, size_t size) except NULL:
     # realloc that zeroes the new part and leaves `p` alone on failure
     cdef void *q = calloc(max(n, 1), size)
@@ -188,6 +201,10 @@ cdef class Correlator(EventSink):
         self.lat_max = NULL
         self.lat_sum = NULL
         self.seq = NULL
+        self.pm = NULL
+        self.pm_sum = NULL
+        self.pm_nb = -1
+        self.pm_hops = False
         self.pq_skb = NULL
         self.pq_ts = NULL
         self.pq_n = NULL
@@ -300,6 +317,9 @@ cdef class Correlator(EventSink):
         self.lat_max[cd] = 0
         self.lat_sum[cd] = 0
         self.seq[cd] = 0
+        if self.pm != NULL:
+            memset(&self.pm[cd * PMR * (self.pm_nb + 1)], 0, PMR * (self.pm_nb + 1) * sizeof(uint64_t))
+            memset(&self.pm_sum[cd * PMR], 0, PMR * sizeof(uint64_t))
 
     cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1:
         # (Re)builds the per-device tables and grows the per-container ones, keeping counts.
@@ -333,6 +353,11 @@ cdef class Correlator(EventSink):
                 self.lat_max = <uint64_t *>_grow(self.lat_max, old * 2, n * 2, sizeof(uint64_t))
                 self.lat_sum = <uint64_t *>_grow(self.lat_sum, old * 2, n * 2, sizeof(uint64_t))
                 self.seq = <uint64_t *>_grow(self.seq, old * 2, n * 2, sizeof(uint64_t))
+                if self.pm != NULL:
+                    self.pm = <uint64_t *>_grow(self.pm, old * 2 * PMR * (self.pm_nb + 1),
+                                                n * 2 * PMR * (self.pm_nb + 1), sizeof(uint64_t))
+                    self.pm_sum = <uint64_t *>_grow(self.pm_sum, old * 2 * PMR, n * 2 * PMR,
+                                                    sizeof(uint64_t))
             except MemoryError:
                 free(cls)
                 free(owner_of)
@@ -369,6 +394,8 @@ cdef class Correlator(EventSink):
         free(self.lat_max)
         free(self.lat_sum)
         free(self.seq)
+        free(self.pm)
+        free(self.pm_sum)
         free(self.pq_skb)
         free(self.pq_ts)
         free(self.pq_n)
@@ -621,6 +648,8 @@ cdef class Correlator(EventSink):
             self.lat_min[cd] = lat
         if lat > self.lat_max[cd]:
             self.lat_max[cd] = lat
+        if self.pm != NULL:
+            self._pm_count(e, lat, cd)
         MACE_ASSERT(0 <= cd < self.ncont * 2, "report for a known container")
         MACE_ASSERT(self.nreports < self.report_cap, "report buffer has room")
         if self.nreports == self.report_cap:
@@ -637,6 +666,30 @@ cdef class Correlator(EventSink):
         r.nhops = 4 if e.dir == EGRESS else 3
         r.cpu = ev.cpu
         memcpy(r.hop, e.hop, sizeof(r.hop))
+
+    cdef void _pm_count(self, const mace_entry *e, uint64_t lat, int cd) noexcept nogil:
+        # Row 0 the latency; with hops, row 1 + i the interval ending at hop slot i (from
+        # the previous step seen), row PMR - 1 the last one, to the end (as the summary's).
+        cdef int i, nb = self.pm_nb + 1
+        cdef uint64_t prev = 0, v
+        cdef uint64_t *row = &self.pm[cd * PMR * nb]
+        cdef uint64_t *sums = &self.pm_sum[cd * PMR]
+        row[_pm_bucket(self.pm_bounds, self.pm_nb, lat)] += 1
+        sums[0] += lat
+        if not self.pm_hops:
+            return
+        for i in range(MACE_HOPS + 1):
+            if i < MACE_HOPS:
+                if e.hop[i] == 0:
+                    continue
+                v = e.hop[i]
+            else:
+                v = lat
+            v = v - prev if v > prev else 0
+            row[(1 + i) * nb + _pm_bucket(self.pm_bounds, self.pm_nb, v)] += 1
+            sums[1 + i] += v
+            if i < MACE_HOPS:
+                prev = e.hop[i]
 
     cdef void _resolve(self, int cpu, uint64_t skb, uint64_t ts, const mace_event *ev,
                        uint8_t t, uint8_t cls) noexcept nogil:
@@ -1008,6 +1061,43 @@ cdef class Correlator(EventSink):
                 entry[DIRECTIONS[d]] = counts
             per.append(entry)
         return {"global": glob, "containers": per}
+
+    def enable_buckets(self, bounds_ns, bint hops=False):
+        """Count every report from now on in buckets with these inclusive upper bounds (ns,
+        ascending, at most 32; a last bucket takes the rest), and with `hops` each hop
+        interval too: exact cumulative histograms, as Prometheus defines them, that a scrape
+        reads with buckets().  Once only."""
+        cdef int i, n = len(bounds_ns)
+        if self.pm != NULL:
+            raise RuntimeError("buckets are enabled already")
+        if not 0 < n <= 32 or any(b <= a for a, b in zip(bounds_ns, bounds_ns[1:])) or bounds_ns[0] < 0:
+            raise ValueError("bounds must be 1 to 32 ascending non-negative ns")
+        self.pm = <uint64_t *>calloc(max(self.ncont * 2 * PMR * (n + 1), 1), sizeof(uint64_t))
+        self.pm_sum = <uint64_t *>calloc(max(self.ncont * 2 * PMR, 1), sizeof(uint64_t))
+        if self.pm == NULL or self.pm_sum == NULL:
+            free(self.pm)
+            free(self.pm_sum)
+            self.pm = self.pm_sum = NULL
+            raise MemoryError()
+        for i in range(n):
+            self.pm_bounds[i] = bounds_ns[i]
+        self.pm_nb = n
+        self.pm_hops = hops
+
+    def buckets(self, int container, int direction):
+        """(counts, sums) since enable_buckets(): counts[row][bucket] (not cumulative) and
+        sums[row] in ns; row 0 is the latency, rows 1..4 the intervals ending at each hop
+        slot and row 5 the one ending at the end (all zero without hops)."""
+        cdef int r, b, nb = self.pm_nb + 1
+        if self.pm == NULL:
+            raise RuntimeError("buckets are not enabled")
+        if not 0 <= container < self.ncont or direction not in (0, 1):
+            raise IndexError("no such container or direction")
+        cdef int cd = container * 2 + direction
+        cdef uint64_t *row = &self.pm[cd * PMR * nb]
+        counts = [[row[r * nb + b] for b in range(nb)] for r in range(PMR)]
+        sums = [self.pm_sum[cd * PMR + r] for r in range(PMR)]
+        return counts, sums
 
     def histogram(self, int container, int direction):
         """Report counts per latency bucket (see bucket_bounds)."""
