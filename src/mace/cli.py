@@ -52,6 +52,10 @@ SERVE_EPILOG = """Containers reach the service through its socket, bind-mounted 
 A caller can enable, disable and read only its own network namespace: the service takes it
 from the socket's peer, never from the request.
 
+For Prometheus, every traced container's latency histograms and packet counts:
+  mace serve --metrics 9464              http://127.0.0.1:9464/metrics
+  mace serve --metrics 0.0.0.0:9464      scraped from other hosts
+
 """ + exit_status_text(["UsageError", "PermissionProblem", "ResourceError"],
                        done="stopped by SIGTERM/SIGINT")
 
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"namespaces enabled at once (default {DEFAULT_MAX_NAMESPACES})")
     sv.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
                     help=f"connections at once (default {DEFAULT_MAX_CLIENTS})")
+    sv.add_argument("--metrics", metavar="[ADDR:]PORT",
+                    help="serve Prometheus metrics at http://ADDR:PORT/metrics (address 127.0.0.1 "
+                         "unless given; [::] form for IPv6)")
     _runtime_socket_option(sv, "containers named by their runtime")
     _tracer_options(sv)
     sv.set_defaults(func=cmd_serve)
@@ -282,13 +289,17 @@ def cmd_serve(args) -> int:
     if not 0 <= mode <= 0o777:
         raise UsageError(f"--socket-mode {args.socket_mode!r} is not an octal mode",
                          hint="e.g. 666 (anyone), 660 (owner and group)")
+    metrics = None
+    if args.metrics is not None:
+        from mace.service.metrics import parse_address
+        metrics = parse_address(args.metrics)
     _check_privileges()
     opts = Options(uplink=args.uplink, hops=args.hops, end_at_queue=args.end_at_queue,
                    start_at_veth=not args.start_at_inner,
                    table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
                    ring_pages=args.ring_pages, queue_size=args.queue,
                    max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode,
-                   state_dir=args.state_dir, runtime_socket=args.runtime_socket)
+                   state_dir=args.state_dir, runtime_socket=args.runtime_socket, metrics=metrics)
     return serve(socket_path(args.socket), opts, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 

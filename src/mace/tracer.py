@@ -226,6 +226,17 @@ class Tracer:
         self.updates += 1
         return previous
 
+    def hold(self):
+        """A context in which the drain thread does not feed the correlator: counters read
+        inside it belong to one moment (a scrape reads many)."""
+        return self._lock
+
+    @property
+    def kernel_dropped_retired(self) -> int:
+        """Samples the kernel dropped in the captures update() retired: exact, unlike a
+        running capture's count, which includes samples not read yet."""
+        return self._retired["kernel_dropped"]
+
     def interrupt(self) -> None:
         """Make a poll() waiting in another thread return now."""
         self._ready.set()

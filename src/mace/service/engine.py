@@ -59,6 +59,11 @@ class Engine(threading.Thread):
         self.uplink: str | None = opts.uplink
         self.stopping = False
         self.error: BaseException | None = None
+        # what scrapes show beyond the live tracer (mace.service.metrics), with --metrics
+        self.book = None
+        if opts.metrics is not None:
+            from mace.service.metrics import Book
+            self.book = Book()
 
     # -- requests from the loop -----------------------------------------------------------
 
@@ -72,6 +77,16 @@ class Engine(threading.Thread):
         if self.tracer is not None:
             self.tracer.interrupt()
         return asyncio.wrap_future(fut, loop=self.loop)
+
+    def call_blocking(self, fn: Callable, *args, timeout: float):
+        """call() for another thread than the event loop's (a scrape); waits for the result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.stopping or not self.is_alive():
+            raise P.ProtocolError(P.STOPPING, "the service is stopping")
+        self.commands.put((fn, args, fut))
+        if self.tracer is not None:
+            self.tracer.interrupt()
+        return fut.result(timeout)
 
     def run(self) -> None:
         try:
@@ -232,6 +247,9 @@ class Engine(threading.Thread):
                 tracer = Tracer(plan, table_size=self.opts.table_size,
                                 max_age_ns=self.opts.max_age_ns, ring_pages=self.opts.ring_pages)
                 tracer.open(bridge=True)
+                if self.book is not None:
+                    from mace.service.metrics import BOUNDS_NS
+                    tracer.correlator.enable_buckets(BOUNDS_NS, hops=self.opts.hops)
                 try:
                     tracer.start()
                 except BaseException:
@@ -266,6 +284,7 @@ class Engine(threading.Thread):
                             end_at_queue=self.opts.end_at_queue,
                             start_at_veth=self.opts.start_at_veth)
                 self._dispatch(self.tracer.update(plan, raw=True))
+                self._retire_series(ns)
             else:
                 self._stop_tracer()        # the last one: no perf event stays open
                 self.host, self.uplink = None, self.opts.uplink
@@ -281,8 +300,36 @@ class Engine(threading.Thread):
             return
         try:
             self._dispatch(tracer.stop(raw=True))
+            if self.book is not None:
+                for ns in self.slots:
+                    if ns is not None:
+                        self._retire_series(ns, tracer)
+                self.book.close_tracer(tracer.stats())
         finally:
             tracer.close()
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def _retire_series(self, ns: Namespace, tracer: Tracer | None = None) -> None:
+        # a namespace's last counters, before its index can be reused
+        if self.book is None:
+            return
+        from mace.service.metrics import labels_of, series_of
+        tracer = tracer or self.tracer
+        with tracer.hold():
+            self.book.retire(series_of(tracer, ns.index, labels_of(ns.label, ns.identity)))
+
+    def metrics_snapshot(self):
+        """What a scrape shows (mace.service.metrics.Snapshot); runs in this thread."""
+        from mace.service.metrics import labels_of, series_of
+        tracer = self.tracer
+        if tracer is None:
+            return self.book.snapshot([], None)
+        with tracer.hold():
+            counters = tracer.correlator.counters()
+            live = [series_of(tracer, ns.index, labels_of(ns.label, ns.identity), counters)
+                    for ns in self.enabled.values()]
+            return self.book.snapshot(live, tracer)
 
     def shutdown(self) -> None:
         """Stop tracing (the last reports go to their queues) and end the thread."""

@@ -69,6 +69,7 @@ from mace.targets.netns import describe_path
 SEND_BATCH = 1024                   # reports per write before waiting for the client
 REQUEST_TIMEOUT = 60.0              # s a connection may take to send a complete request
 STOP_FLUSH = 2.0                    # s followers get to take their last reports at a stop
+SCRAPE_TIMEOUT = 5.0                # s a scrape waits for the engine's snapshot
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Options:
     mode: int = 0o666
     state_dir: str = DEFAULT_STATE_DIR
     runtime_socket: str | None = None   # where runtime-named targets are asked (mace.targets.runtimes)
+    metrics: tuple[str, int] | None = None  # (address, port) of the Prometheus endpoint
 
 
 def _report_format() -> tuple[str, int]:
@@ -113,6 +115,7 @@ class Service:
         self._stopping = False
         self._sock: socket.socket | None = None
         self._sock_ino: int | None = None
+        self._metrics = None
 
     # -- socket ---------------------------------------------------------------------------
 
@@ -173,7 +176,26 @@ class Service:
             raise UsageError(f"the state directory {d} is not a directory only its owner can use",
                              hint=f"chmod 700 {d}, or choose another --state-dir")
 
+    def bind_metrics(self) -> None:
+        """Listen for scrapes (at once: a port in use fails the start, not the first scrape)."""
+        if self.opts.metrics is None:
+            return
+        from mace.service.metrics import Collector, Endpoint
+
+        def snapshot():
+            engine = self.engine
+            if engine is None or self._stopping:
+                return None
+            return engine.call_blocking(engine.metrics_snapshot, timeout=SCRAPE_TIMEOUT)
+
+        self._metrics = Endpoint(*self.opts.metrics,
+                                 Collector(snapshot, self.opts.hops, self.opts.end_at_queue))
+        self.log(f"mace: metrics on {self._metrics.url}")
+
     def _unbind(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._sock is not None:
             self._sock.close()
         try:
@@ -504,6 +526,7 @@ def serve(path: str, opts: Options, log: Callable[[str], None] = print) -> int:
     service = Service(path, opts, log)
     service.bind()
     try:
+        service.bind_metrics()
         return asyncio.run(service.serve())
     finally:
         service._unbind()
