@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"namespaces enabled at once (default {DEFAULT_MAX_NAMESPACES})")
     sv.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, metavar="N",
                     help=f"connections at once (default {DEFAULT_MAX_CLIENTS})")
+    sv.add_argument("--all", action="store_true",
+                    help="trace every container on the host (every veth whose peer is in another "
+                         "namespace), following them as they come and go")
+    sv.add_argument("--netns", action="append", default=[], metavar="TARGET",
+                    help="trace this container from the start, as `mace trace --netns` takes it "
+                         "(repeatable); its reports go to the metrics, and to its clients once "
+                         "one runs `mace on`")
     sv.add_argument("--metrics", metavar="[ADDR:]PORT",
                     help="serve Prometheus metrics at http://ADDR:PORT/metrics (address 127.0.0.1 "
                          "unless given; [::] form for IPv6)")
@@ -294,12 +301,15 @@ def cmd_serve(args) -> int:
         from mace.service.metrics import parse_address
         metrics = parse_address(args.metrics)
     _check_privileges()
+    from mace.targets.netns import resolve
+    targets = tuple(resolve(spec, args.runtime_socket) for spec in args.netns)
     opts = Options(uplink=args.uplink, hops=args.hops, end_at_queue=args.end_at_queue,
                    start_at_veth=not args.start_at_inner,
                    table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
                    ring_pages=args.ring_pages, queue_size=args.queue,
                    max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode,
-                   state_dir=args.state_dir, runtime_socket=args.runtime_socket, metrics=metrics)
+                   state_dir=args.state_dir, runtime_socket=args.runtime_socket, metrics=metrics,
+                   all=args.all, targets=targets)
     return serve(socket_path(args.socket), opts, log=lambda line: print(line, file=sys.stderr, flush=True))
 
 

@@ -162,7 +162,8 @@ class Tracer:
             self.capture.wakeup()
             thread.join()
 
-    def update(self, plan: Plan, *, raw: bool = False) -> list:
+    def update(self, plan: Plan, *, raw: bool = False,
+               on_reset: Callable[[list[int]], None] | None = None) -> list:
         """Trace another set of containers from now on, without a gap or a duplicate.
 
         A perf event's filter cannot be changed once set, so a new capture with the new
@@ -172,6 +173,9 @@ class Tracer:
         index, counters and packets in flight when their index holds the same container;
         an index whose container changed starts afresh.  `self.plan` becomes the plan as
         traced (its device slots rebased on the previous plan's).
+
+        `on_reset(indexes)` hears of the containers about to start afresh once their last
+        events are correlated, while the correlator still holds their counters.
 
         Returns the reports of the previous plan not yet polled (as poll() would, `raw`
         too): whatever poll() returns afterwards belongs to the new plan, so a caller that
@@ -209,6 +213,8 @@ class Tracer:
                 # A hit both captures recorded is stamped twice, a sample apart: the new
                 # capture learns which of the hits stamped near the cut the old one delivered.
                 new.rings.start_at(cut, old.rings.twin_log(), _traced(old, new))
+                if on_reset is not None and reset:
+                    on_reset(reset)
                 self.correlator.reconfigure(classes, owner, inner, reset)
                 self.capture, self.plan = new, plan
                 previous = self._take(raw)

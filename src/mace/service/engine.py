@@ -16,6 +16,7 @@ import functools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ from mace.output.sinks import NO_CONTAINER
 from mace.plan import ContainerPath, Plan
 from mace.service import protocol as P
 from mace.service.queue import Namespace
-from mace.targets.netns import Target, describe_path, discover, host_links, present
+from mace.targets.netns import Target, candidate_namespaces, describe_path, discover, host_links, present
 from mace.tracer import Tracer
 
 if TYPE_CHECKING:
@@ -59,6 +60,11 @@ class Engine(threading.Thread):
         self.uplink: str | None = opts.uplink
         self.stopping = False
         self.error: BaseException | None = None
+        self._host: tuple[str, int] | None = None      # from the latest discovery
+        self._uplink: str | None = None
+        self._not_containers: set[int] = set()         # namespaces --all found no veth in
+        self._excluded: set[int] = set()               # turned off by their own `mace off`
+        self._full = False
         # what scrapes show beyond the live tracer (mace.service.metrics), with --metrics
         self.book = None
         if opts.metrics is not None:
@@ -151,20 +157,83 @@ class Engine(threading.Thread):
             fut.set_exception(e)
 
     def _dispatch(self, chunks: list[bytes]) -> None:
-        if not chunks:
+        # (namespaces traced for the metrics alone queue nothing: no work per report)
+        if not chunks or not any(s is not None and s.keep for s in self.slots):
             return
         batch = [(self.slots[i], raw) for i, raw in split(chunks).items()
-                 if i < len(self.slots) and self.slots[i] is not None]
+                 if i < len(self.slots) and self.slots[i] is not None and self.slots[i].keep]
         if batch:
             self.loop.call_soon_threadsafe(self._deliver, batch)
 
     # -- enabling and disabling -----------------------------------------------------------
 
-    def enable(self, inode: int, ns_path: str, pid: int | None) -> tuple[Namespace, bool]:
-        """Discover the namespace's path to the host and trace it.  (ns, was enabled)"""
-        if self.find(inode) is not None:
-            return self.enabled[inode], True
+    def enable(self, inode: int, ns_path: str, pid: int | None, *, auto: bool = False,
+               identity: dict | None = None) -> tuple[Namespace, bool]:
+        """Discover the namespace's path to the host and trace it.  (ns, was enabled)
+        auto: traced for the service itself (--all, --netns), its reports queued only once
+        a client enables it too."""
+        if not auto:
+            self._excluded.discard(inode)
+        ns = self.find(inode)
+        if ns is not None:
+            if not auto and not ns.keep:
+                ns.keep = True          # a client wants the reports of a namespace --all traces
+                self._save()
+                return ns, False
+            return ns, True
         self._room()
+        ns = self._namespace(inode, ns_path, pid)
+        ns.auto, ns.keep = auto, not auto
+        self._add([ns], self._host, self._uplink)
+        ns.identity = identity if identity is not None else self._runtime_name(inode)
+        return ns, False
+
+    def enable_auto(self) -> list[str]:
+        """--all: trace every namespace with a veth into this one that is not traced yet, in
+        one update.  Lines for the log."""
+        own = os.stat("/proc/self/ns/net").st_ino
+        found, out = [], []
+        for path, inode in candidate_namespaces():
+            if inode == own or inode in self.enabled or inode in self._not_containers:
+                continue
+            if inode in self._excluded:
+                continue
+            if len(self.enabled) + len(found) >= self.opts.max_namespaces:
+                if not self._full:
+                    out.append(f"not tracing more than {self.opts.max_namespaces} namespaces "
+                               "(--max-namespaces)")
+                self._full = True
+                break
+            try:
+                ns = self._namespace(inode, path, None)
+            except P.ProtocolError:
+                self._not_containers.add(inode)     # no veth here (yet): asked again on a link event
+                continue
+            ns.auto, ns.keep = True, False
+            found.append(ns)
+        if found:
+            self._add(found, self._host, self._uplink)
+            for ns in found:
+                ns.identity = self._runtime_name(ns.inode)
+                out.append(f"netns {ns.inode} traced ({ns.identity['container'] if ns.identity else 'no runtime names it'}): "
+                           f"{describe_path(ns.path, self.uplink)}")
+        return out
+
+    def links_changed(self) -> None:
+        """A link came or went on the host (the watcher, in this thread): look again."""
+        self._not_containers.clear()
+        for line in self.enable_auto():
+            self._log(f"mace: {line}")
+
+    def call_soon(self, fn: Callable, *args) -> None:
+        """Run fn in this thread between polls; nobody waits for it (the watcher)."""
+        if not self.stopping:
+            self.commands.put((fn, args, concurrent.futures.Future()))
+            if self.tracer is not None:
+                self.tracer.interrupt()
+
+    def _namespace(self, inode: int, ns_path: str, pid: int | None) -> Namespace:
+        # discovery of one namespace's path to the host, checked to be this service's host
         try:
             topo = discover([Target(f"netns:{inode}", ns_path, inode, pid)], uplink=self.uplink)
         except MaceError as e:
@@ -184,9 +253,8 @@ class Engine(threading.Thread):
                                   hint="start the service with --uplink to choose")
         ns = Namespace(inode, ContainerPath(f"netns:{inode}", c.inner, c.veth, c.bridge),
                        c.veth_index, self.opts.queue_size, pid=pid)
-        self._add(ns, (topo.host_ns, topo.host_ns_inode), topo.uplink)
-        ns.identity = self._runtime_name(inode)
-        return ns, False
+        self._host, self._uplink = (topo.host_ns, topo.host_ns_inode), topo.uplink
+        return ns
 
     def _runtime_name(self, inode: int) -> dict | None:
         # clients are known by their namespace: ask the runtimes which container that is,
@@ -223,7 +291,7 @@ class Engine(threading.Thread):
             ns.dropped = item.get("dropped", 0)
             try:
                 self._room()
-                self._add(ns, ("/proc/self/ns/net", os.stat("/proc/self/ns/net").st_ino), uplink)
+                self._add([ns], ("/proc/self/ns/net", os.stat("/proc/self/ns/net").st_ino), uplink)
             except (P.ProtocolError, MaceError) as e:
                 out.append(f"netns {ns.inode}: cannot resume: {e}")
                 continue
@@ -236,10 +304,16 @@ class Engine(threading.Thread):
             raise P.ProtocolError(P.BUSY, f"the service already traces {len(self.enabled)} namespaces",
                                   hint="its --max-namespaces limit; ask the host's administrator")
 
-    def _add(self, ns: Namespace, host: tuple[str, int], uplink: str) -> None:
-        index = self.slots.index(None) if None in self.slots else len(self.slots)
-        containers = [s.path if s else None for s in self.slots] + [None] * (index + 1 - len(self.slots))
-        containers[index] = ns.path
+    def _add(self, new: list[Namespace], host: tuple[str, int], uplink: str) -> None:
+        # free indexes first, then new ones; one plan for all
+        slots = list(self.slots)
+        for ns in new:
+            index = slots.index(None) if None in slots else len(slots)
+            if index == len(slots):
+                slots.append(None)
+            slots[index] = ns
+            ns.index = index
+        containers = [s.path if s else None for s in slots]
         plan = Plan(containers, uplink, hops=self.opts.hops, end_at_queue=self.opts.end_at_queue,
                     start_at_veth=self.opts.start_at_veth)
         try:
@@ -266,25 +340,24 @@ class Engine(threading.Thread):
             raise P.ProtocolError(P.FAILED, f"cannot trace: {e.strerror or e}",
                                   hint="see the service's log") from None
         self.host, self.uplink = host, uplink
-        if index == len(self.slots):
-            self.slots.append(None)
-        self.slots[index] = ns
-        ns.index = index
-        self.enabled[ns.inode] = ns
+        self.slots = slots
+        for ns in new:
+            self.enabled[ns.inode] = ns
         self._save()
 
     def disable(self, ns: Namespace, reason: str) -> None:
         """Stop tracing `ns`; its queue is freed (the loop learns why)."""
         if self.enabled.get(ns.inode) is not ns:
             return
+        if ns.auto and reason == "mace off":
+            self._excluded.add(ns.inode)    # its own choice: --all leaves it alone from now on
         containers = [s.path if s is not None and s is not ns else None for s in self.slots]
         try:
             if any(containers):
                 plan = Plan(containers, self.uplink, hops=self.opts.hops,
                             end_at_queue=self.opts.end_at_queue,
                             start_at_veth=self.opts.start_at_veth)
-                self._dispatch(self.tracer.update(plan, raw=True))
-                self._retire_series(ns)
+                self._dispatch(self.tracer.update(plan, raw=True, on_reset=self._retire_indexes))
             else:
                 self._stop_tracer()        # the last one: no perf event stays open
                 self.host, self.uplink = None, self.opts.uplink
@@ -310,14 +383,23 @@ class Engine(threading.Thread):
 
     # -- metrics --------------------------------------------------------------------------
 
-    def _retire_series(self, ns: Namespace, tracer: Tracer | None = None) -> None:
+    def _retire_series(self, ns: Namespace, tracer: Tracer) -> None:
         # a namespace's last counters, before its index can be reused
         if self.book is None:
             return
         from mace.service.metrics import labels_of, series_of
-        tracer = tracer or self.tracer
         with tracer.hold():
             self.book.retire(series_of(tracer, ns.index, labels_of(ns.label, ns.identity)))
+
+    def _retire_indexes(self, indexes: list[int]) -> None:
+        # Tracer.update's on_reset: it holds the correlator still already
+        if self.book is None:
+            return
+        from mace.service.metrics import labels_of, series_of
+        for i in indexes:
+            ns = self.slots[i] if i < len(self.slots) else None
+            if ns is not None:
+                self.book.retire(series_of(self.tracer, i, labels_of(ns.label, ns.identity)))
 
     def metrics_snapshot(self):
         """What a scrape shows (mace.service.metrics.Snapshot); runs in this thread."""
@@ -381,3 +463,53 @@ class Engine(threading.Thread):
         ns = self.slots[index]
         if ns is not None:
             self.disable(ns, "namespace gone")
+
+
+class LinkWatcher(threading.Thread):
+    """--all: tells the engine when links come and go in the host namespace (netlink link
+    events, a burst taken as one), and every RESCAN_EVERY s in case an event was lost."""
+
+    DEBOUNCE = 0.1          # s: a container's veth is created, moved and renamed in a burst
+    RESCAN_EVERY = 30.0
+
+    def __init__(self, engine: Engine):
+        super().__init__(name="mace-links", daemon=True)
+        self.engine = engine
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import select
+
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+        # (made in this thread: pyroute2's sockets run an event loop of their own, which
+        # cannot start inside the service's)
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=RTMGRP_LINK)
+        last = time.monotonic()
+        try:
+            while not self._halt.is_set() and not self.engine.stopping:
+                ready, _, _ = select.select([self.ipr.fileno()], [], [], 0.5)
+                if ready:
+                    self._drain()
+                    time.sleep(self.DEBOUNCE)
+                    self._drain()
+                elif time.monotonic() - last < self.RESCAN_EVERY:
+                    continue
+                last = time.monotonic()
+                self.engine.call_soon(self.engine.links_changed)
+        finally:
+            self.ipr.close()
+
+    def _drain(self) -> None:
+        import select
+        while select.select([self.ipr.fileno()], [], [], 0)[0]:
+            try:
+                self.ipr.get()
+            except OSError:         # ENOBUFS: events lost; the rescan that follows finds all
+                pass
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)

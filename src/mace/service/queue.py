@@ -42,6 +42,11 @@ class Namespace:
         self.waiters: set[asyncio.Event] = set()
         # what its runtime calls it ({"container": "web", "runtime": "docker"}), if one does
         self.identity: dict | None = None
+        # traced because the service was told to (--all, --netns), not by a client's `on`;
+        # its reports are queued only once a client asks for them (`keep`), the metrics
+        # count them regardless
+        self.auto = False
+        self.keep = True
 
     @property
     def label(self) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -56,12 +57,12 @@ from mace.defaults import (
     DEFAULT_STATE_DIR,
     DEFAULT_TABLE_SIZE,
 )
-from mace.errors import ResourceError, UsageError
+from mace.errors import ResourceError, TopologyError, UsageError
 from mace.output.clock import wall, wall_offset_ns
 from mace.output.report import REPORT_SIZE, unpack
 from mace.output.sinks import NO_CONTAINER, jsonl_line
 from mace.service import protocol as P
-from mace.service.engine import Engine
+from mace.service.engine import Engine, LinkWatcher
 from mace.service.identity import Peer, netns_inode
 from mace.service.queue import Namespace
 from mace.targets.netns import describe_path
@@ -88,6 +89,8 @@ class Options:
     state_dir: str = DEFAULT_STATE_DIR
     runtime_socket: str | None = None   # where runtime-named targets are asked (mace.targets.runtimes)
     metrics: tuple[str, int] | None = None  # (address, port) of the Prometheus endpoint
+    all: bool = False                   # trace every container on the host, as they come and go
+    targets: tuple = ()                 # mace.targets.netns.Target, traced from the start
 
 
 def _report_format() -> tuple[str, int]:
@@ -116,6 +119,7 @@ class Service:
         self._sock: socket.socket | None = None
         self._sock_ino: int | None = None
         self._metrics = None
+        self._watcher = None
 
     # -- socket ---------------------------------------------------------------------------
 
@@ -249,7 +253,8 @@ class Service:
         engine = self.engine
         if engine is None:
             return
-        items = [ns.saved(queue=queues) for ns in list(engine.enabled.values())]
+        # namespaces traced for --all or --netns are found again at the next start
+        items = [ns.saved(queue=queues) for ns in list(engine.enabled.values()) if ns.keep]
         fmt, size = _report_format()
         state = {"v": P.VERSION, "report_format": fmt, "report_size": size, "uplink": engine.uplink,
                  "namespaces": items}
@@ -291,6 +296,7 @@ class Service:
             if saved:
                 for line in await self.engine.call(self.engine.restore, saved):
                     self.log(f"mace: {line}")
+            await self._start_targets()
             server = await asyncio.start_unix_server(self._client, sock=self._sock,
                                                      limit=P.MAX_REQUEST + 1)
             self.log(f"mace: serving on {self.path} (protocol {P.VERSION}, mace {__version__})")
@@ -308,9 +314,27 @@ class Service:
             raise self.engine.error
         return 0
 
+    async def _start_targets(self) -> None:
+        """--netns targets, then with --all every container there is and a watcher for more."""
+        engine = self.engine
+        for t in self.opts.targets:
+            try:
+                ns, _ = await engine.call(functools.partial(engine.enable, auto=True, identity=t.identity()),
+                                          t.inode, t.path, t.pid)
+            except P.ProtocolError as e:
+                raise TopologyError(f"{t.spec}: {e}", hint=e.hint or None) from None
+            self.log(f"mace: {t.spec} traced: {describe_path(ns.path, engine.uplink)}")
+        if self.opts.all:
+            for line in await engine.call(engine.enable_auto):
+                self.log(f"mace: {line}")
+            self._watcher = LinkWatcher(engine)
+            self._watcher.start()
+
     async def _shutdown(self) -> None:
         engine = self.engine
         self._stopping = True               # no new request reaches the engine
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.stop)
         if engine.is_alive():
             try:
                 await engine.call(engine.shutdown)
@@ -438,7 +462,8 @@ class Service:
             await self._send(writer, reply)
             return True
         # read
-        if ns is None:
+        if ns is None or not ns.keep:
+            # (one --all traces queues nothing until asked)
             raise P.ProtocolError(P.NOT_ENABLED, "measurement is not enabled for this network namespace",
                                   hint="run `mace on` in it first")
         follow = req.get("follow", False)

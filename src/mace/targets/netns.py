@@ -193,7 +193,7 @@ def _own_ns_inode() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
 
-def _candidate_namespaces():
+def candidate_namespaces():
     """(path, inode) of every network namespace we can find, ours first, each once."""
     seen = set()
     paths = ["/proc/self/ns/net", "/proc/1/ns/net"]
@@ -218,7 +218,7 @@ def _candidate_namespaces():
 
 def _peer_namespace(ipr: IPRoute, nsid: int) -> tuple[str, int] | None:
     """The namespace that the target's namespace calls `nsid`."""
-    for path, inode in _candidate_namespaces():
+    for path, inode in candidate_namespaces():
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
