@@ -129,3 +129,12 @@ def test_service_benchmark_quick(tmp_path):
     assert len(changing["update_ms"]) == 4 and changing["duplicates"] == 0 and changing["in_order"]
     d = res["delivery"]
     assert d["delivered"] > 100 and d["queued"] > 0
+
+
+def test_metrics_benchmark_quick(tmp_path):
+    res = run_quick("metrics", tmp_path)
+    on = [r for r in res["rounds"] if r["metrics"]]
+    assert on and all(r["scrape_ms"] and r["scrape_bytes"] > 1000 for r in on)
+    # every flood ping was counted in the exported histograms, none lost on the way
+    assert all(r["mace_container_latency_seconds_count"] > 0 and r["mace_ring_lost_total"] == 0 for r in on)
+    assert all(0 < r["cpu_share"] < 2 for r in res["rounds"])
