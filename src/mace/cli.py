@@ -251,7 +251,7 @@ def _check_privileges() -> None:
         caps = -1 if os.geteuid() == 0 else 0
     if not caps >> CAP_SYS_ADMIN & 1:
         raise PermissionProblem("mace needs to enter network namespaces and open kernel tracepoints",
-                                hint="run it as root (sudo mace ...), or grant CAP_SYS_ADMIN and CAP_PERFMON")
+                                hint="run it as root (sudo mace ...), or grant CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_IPC_LOCK")
 
 
 class _Stop:
@@ -366,6 +366,7 @@ HINT_AFTER = 5          # egress packets crossed with no report before mace says
 
 def cmd_trace(args) -> int:
     from mace.capture import others
+    from mace.output.report import REPORT_SIZE, unpack
     from mace.output.sinks import make_sink
     from mace.output.summary import Tally, build, format_text, uplink_hint
     from mace.targets.netns import discover, resolve
@@ -434,18 +435,22 @@ def cmd_trace(args) -> int:
         # the live view keeps a fixed set of rows: there, a restarted target is not followed
         restarts = Restarts(topo) if live is None else None
 
-        def emit(reports) -> bool:
-            """Hand reports on; True once --count is reached."""
+        def emit(chunks) -> bool:
+            """Hand packed reports on (the sink formats them in compiled code); True once
+            --count is reached."""
             nonlocal taken
+            raw = b"".join(chunks)
             if args.count is not None:
-                reports = reports[:args.count - taken]
-            taken += len(reports)
+                raw = raw[:(args.count - taken) * REPORT_SIZE]
+            taken += len(raw) // REPORT_SIZE
+            # only the tally and the live view take Report tuples
+            reports = list(unpack(raw)) if tally is not None or live is not None else None
             if tally is not None:
                 tally.add(reports)
             if live is not None:
                 live.add(reports)
             else:
-                sink.write(reports)
+                sink.write_packed(raw)
             return args.count is not None and taken >= args.count
 
         def show(reports) -> bool:
@@ -514,17 +519,17 @@ def cmd_trace(args) -> int:
                 say(f"mace: {t.label} runs again, in a new network namespace: "
                     f"{topo.describe()[new]}; traced as {restarts.label(new)}")
             if emit(tracer.update(restarts.plan(hops=args.hops, end_at_queue=args.end_at_queue,
-                                                start_at_veth=not args.start_at_inner))):
+                                                start_at_veth=not args.start_at_inner), raw=True)):
                 stop.requested = True           # --count reached: end at the next check
             return restarts.present(topo.present())
 
         try:
             tracer.follow(until, show, presence=presence, on_gone=gone, check_every=PRESENCE_EVERY,
-                          timeout_ms=100 if live is None else 50)
+                          timeout_ms=100 if live is None else 50, raw=True)
         finally:
             # Every way out (a stop, the last target gone, a closed pipe): what the kernel
             # already gave us is correlated and written, then the counts are settled.
-            tail = tracer.stop()
+            tail = tracer.stop(raw=True)
             try:
                 if args.count is None or taken < args.count:
                     emit(tail)

@@ -30,7 +30,7 @@ class UsageError(MaceError):
 
 
 class PermissionProblem(MaceError):
-    """Permission: mace needs root (or CAP_SYS_ADMIN and CAP_PERFMON)."""
+    """Permission: mace needs root (or CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_IPC_LOCK)."""
     exit_code = 3
 
 

@@ -55,7 +55,7 @@ class Peer:
                                       hint="keep the process alive while it talks to the service") from None
             if e.errno not in (errno.ENOTTY, errno.EINVAL):
                 raise P.ProtocolError(P.IDENTITY, f"cannot find the caller's namespace: {e.strerror}",
-                                      hint="the service must run as root on the host") from None
+                                      hint="the service must run as root on the host (with CAP_SYS_PTRACE in a container)") from None
         # kernels before 6.11: through /proc, then make sure the PID is still that process
         fd = os.open(f"/proc/{self.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         if select.select([self.pidfd], [], [], 0)[0]:

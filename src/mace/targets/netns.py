@@ -171,7 +171,7 @@ def resolve(spec: str, runtime_socket: str | None = None) -> Target:
                                  hint="give the PID of a process inside the container")
         if not _is_netns(path):
             raise TargetNotFound(f"cannot open the network namespace of PID {pid}",
-                                 hint="run as root")
+                                 hint="run as root, or grant CAP_SYS_PTRACE")
         return Target(spec, path, os.stat(path).st_ino, pid)
     if "/" in spec:
         if not os.path.exists(spec):
