@@ -306,3 +306,25 @@ def test_the_service_names_a_docker_containers_namespace(docker, tmp_path):
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=30)
+
+
+def test_containerd_task_by_namespace_and_id(docker, mace):
+    """`containerd:NAMESPACE/ID` through a real containerd: the one the test's dockerd runs,
+    whose containers are tasks in its `moby` namespace (with ctr, as for any containerd)."""
+    cid = docker.container("ctd")
+    inode = docker.sandbox("ctd")
+    sock = os.path.join(docker.root, "exec", "containerd", "containerd.sock")
+    assert os.path.exists(sock), f"dockerd's containerd listens elsewhere: {os.listdir(os.path.dirname(sock))}"
+    resolve_peer()
+    t = mace("--netns", f"containerd:moby/{cid}", "--runtime-socket", sock, "--uplink", UPLINK,
+             "--count", 2 * N, "--duration", 60, "-f", "jsonl")
+    assert set(discovered(t.ready(1))) == {inode}
+    docker.exec_ping("ctd", N)
+    assert t.finish(WAIT) == 0, t.text()
+    reports = t.reports()
+    assert len(reports) == 2 * N and {r["netns"] for r in reports} == {inode}, reports
+    # containerd names a container by its id only
+    assert all(names_container(r, cid) for r in reports), reports
+    # a task that is not there: one line, its exit status
+    r = trace_once("--netns", "containerd:moby/nosuchtask", "--runtime-socket", sock, "--uplink", UPLINK)
+    one_line_error(r, ContainerNotFound.exit_code, r"nosuchtask")
