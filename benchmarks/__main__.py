@@ -24,6 +24,7 @@ SUITE = {
     "throughput": "benchmarks.throughput",
     "service": "benchmarks.service",
     "sample_cost": "benchmarks.sample_cost",
+    "scale": "benchmarks.scale",
     "metrics": "benchmarks.metrics",
 }
 

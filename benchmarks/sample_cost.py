@@ -17,6 +17,18 @@ on `syscalls:sys_enter_getppid` (id read from tracefs by `mace.capture.tracefs`)
     raw_syscalls        raw_syscalls:sys_enter filtered "id == <getppid>", TIME|RAW: a
                         72-byte raw record instead of 24
 
+Name filters (`name_filters` in the result): what a device-name filter costs each hit of a
+net tracepoint, for the choices a plan with many containers has (mace.plan, veth_prefixes).
+The worker sends 60-byte frames on an AF_PACKET socket bound to a veth named like Docker's
+(veth + 7 hex), in a network namespace of its own whose peer end is down: each send hits
+net:net_dev_queue once on that device, then the device's noop qdisc drops the frame (no
+carrier, no qdisc).  The events are mace's (TIME|RAW, use_clockid, a sample per hit), on
+that CPU, with filters of veth names that are not the device's (a miss: the kernel compares
+each), of 1 to 160 names (a page holds about 160), the same split over several events of
+the tracepoint (as mace opens more than a page of names), a prefix glob (`name ~ "P*"`)
+that misses or matches, and the device's own name (a sample is written).  Full: 5 rounds x
+best of 2 loops x 30k sends; quick: 2 x 2 x 4k.
+
 Sampled events map a ring of 1 + 2^k pages large enough for one loop's records, with
 watermark=1 and wakeup_watermark = the whole ring, so no sample ever queues a wakeup;
 the harness drains it between loops (while the worker waits) and counts the samples and
@@ -32,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import gc
 import itertools
 import mmap
@@ -205,12 +218,23 @@ def count_records(data: bytes) -> dict:
     return out
 
 
+def set_filter(fd: int, text: str) -> None:
+    """PERF_EVENT_IOC_SET_FILTER with a filter of any length up to the kernel's page
+    (fcntl.ioctl copies at most 1024 bytes of a bytes argument)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(text.encode())
+    if libc.ioctl(fd, ctypes.c_ulong(PERF_EVENT_IOC_SET_FILTER), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{os.strerror(err)} (SET_FILTER, {len(text)} bytes)")
+
+
 # -- the worker ------------------------------------------------------------------------------------
 
 class Worker:
-    """A forked process pinned to `cpu` that runs timed getppid loops on request."""
+    """A forked process pinned to `cpu` that runs timed loops on request: of getppid(), or,
+    with `send_on`, of 60-byte frames sent on a veth of that name (see _send_call)."""
 
-    def __init__(self, cpu: int):
+    def __init__(self, cpu: int, send_on: str | None = None):
         cmd_r, self._cmd = os.pipe()
         self._res, res_w = os.pipe()
         self.pid = os.fork()
@@ -219,7 +243,7 @@ class Worker:
             try:
                 os.close(self._cmd)
                 os.close(self._res)
-                _worker_main(cmd_r, res_w, cpu)
+                _worker_main(cmd_r, res_w, cpu, send_on)
                 code = 0
             finally:
                 os._exit(code)
@@ -231,7 +255,7 @@ class Worker:
         os.write(self._cmd, calls.to_bytes(8, "little"))
         reply = _read_exact(self._res, 16)
         if len(reply) != 16:
-            raise RuntimeError("the getppid worker died")
+            raise RuntimeError("the benchmark's worker died")
         return struct.unpack("<QQ", reply)
 
     def close(self) -> None:
@@ -264,10 +288,33 @@ def _read_exact(fd: int, n: int) -> bytes:
     return buf
 
 
-def _worker_main(cmd_r: int, res_w: int, cpu: int) -> None:
+def _send_call(dev: str):
+    """In a network namespace of this process's own (it dies with it): a veth `dev` whose
+    peer is down, and a function that sends one frame on it.  Without carrier the device
+    keeps its noop qdisc, so each send is one hit of net:net_dev_queue on `dev` and a drop,
+    the cheapest path through a device that a net tracepoint sees."""
+    import socket
+
+    from pyroute2 import IPRoute
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0:          # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+    for conf in ("all", "default"):             # no IPv6 of its own on the device: only the loop's frames
+        with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+            f.write("1\n")
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=dev, kind="veth", peer={"ifname": "peer0"}, state="up")
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    sock.bind((dev, 0))
+    frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(46)   # local experimental type
+    return functools.partial(sock.send, frame)
+
+
+def _worker_main(cmd_r: int, res_w: int, cpu: int, send_on: str | None = None) -> None:
     os.sched_setaffinity(0, {cpu})
+    call = _send_call(send_on) if send_on else os.getppid
     gc.disable()
-    call, cpu_clock, wall, repeat = os.getppid, time.thread_time_ns, time.perf_counter_ns, itertools.repeat
+    cpu_clock, wall, repeat = time.thread_time_ns, time.perf_counter_ns, itertools.repeat
     while True:
         msg = _read_exact(cmd_r, 8)
         calls = int.from_bytes(msg, "little") if len(msg) == 8 else 0
@@ -306,7 +353,7 @@ class Event:
         self.fd = fd
         try:
             if cfg.filter:
-                fcntl.ioctl(fd, PERF_EVENT_IOC_SET_FILTER, cfg.filter.encode() + b"\0")
+                set_filter(fd, cfg.filter)
             if self.pages:
                 self.map = mmap.mmap(fd, (1 + self.pages) * PAGE, mmap.MAP_SHARED,
                                      mmap.PROT_READ | mmap.PROT_WRITE)
@@ -451,7 +498,162 @@ def run(quick: bool) -> dict:
     return {**p, "cpu": cpu, "loop": "os.getppid()", "clock": "thread CPU time (wall kept too)",
             "perf_event_open": "pid=-1, cpu=N",
             "tracepoint_ids": {n: f.id for n, f in formats.items()},
-            "busy_before_round": busy, "configs": rows, "tid_cpu_saving": _spread(saves)}
+            "busy_before_round": busy, "configs": rows, "tid_cpu_saving": _spread(saves),
+            "name_filters": run_name_filters(quick, cpu, nr_open)}
+
+
+# -- name filters ----------------------------------------------------------------------------------
+
+QUEUE_TP = "net:net_dev_queue"
+IFNAMSIZ = 16
+
+
+@dataclass(frozen=True)
+class NameConfig:
+    key: str
+    label: str
+    filters: tuple[str | None, ...] = ()     # one perf event each (None: unfiltered); (): none
+    names: int = 0                           # name comparisons a hit on the device costs
+    sampled: bool = False                    # the device's hits pass: a sample is written
+
+
+def _veth_names(n: int, rng, avoid: str) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        name = f"veth{rng.getrandbits(28):07x}"
+        if name != avoid and name not in out:
+            out.append(name)
+    return out
+
+
+def _chain(names: list[str]) -> str:
+    return " || ".join(f'name == "{d}"' for d in names)
+
+
+def name_configs(dev: str, seed: int = 0) -> list[NameConfig]:
+    """The filters compared, on hits of the device `dev` (a Docker-like veth name)."""
+    import random
+    rng = random.Random(seed)
+    page = _veth_names(160, rng, dev)          # 160 such names fill a page (3,996 bytes)
+    split = _veth_names(500, rng, dev)
+    return [
+        NameConfig("none", "none (no event)"),
+        NameConfig("sample", "no filter: every hit sampled", (None,), sampled=True),
+        NameConfig("own", "its own name: sampled", (_chain([dev]),), names=1, sampled=True),
+        NameConfig("miss1", "1 other name", (_chain(page[:1]),), names=1),
+        NameConfig("miss40", "40 other names", (_chain(page[:40]),), names=40),
+        NameConfig("miss160", "160 other names (a page)", (_chain(page),), names=160),
+        NameConfig("own_last", "160 names, its own last: sampled",
+                   (_chain([*page[:159], dev]),), names=160, sampled=True),
+        NameConfig("events4", "4 events of 1 other name each", tuple(_chain([n]) for n in page[:4]),
+                   names=4),
+        NameConfig("split500", "500 other names over 4 events",
+                   tuple(_chain(split[i:i + 125]) for i in range(0, 500, 125)), names=500),
+        NameConfig("glob_miss", 'a prefix glob that misses (name ~ "cali*")', ('name ~ "cali*"',), names=1),
+        NameConfig("glob_hit", 'a prefix glob that matches (name ~ "veth*"): sampled',
+                   ('name ~ "veth*"',), names=1, sampled=True),
+    ]
+
+
+def _name_params(quick: bool) -> dict:
+    return {"rounds": 2, "reps": 2, "calls": 4_000} if quick else {"rounds": 5, "reps": 2, "calls": 30_000}
+
+
+def _measure_names(worker: Worker, cfg: NameConfig, fmt, cpu: int, p: dict, nr_open: int) -> tuple:
+    """Best CPU ns per send of `reps` loops with cfg's events attached, and their totals."""
+    events = []
+    cpu_ns = []
+    totals: dict = {}
+    try:
+        for text in cfg.filters:
+            c = Config(cfg.key, cfg.label, tracepoint=QUEUE_TP, sample_type=PERF_SAMPLE_TIME | PERF_SAMPLE_RAW,
+                       clockid=True, filter=text)
+            # a ring for every sample of a loop where samples come, the smallest elsewhere
+            events.append(Event(c, fmt.id, fmt.size + IFNAMSIZ, cpu, p["calls"] if cfg.sampled else 0, nr_open))
+        for _ in range(p["reps"]):
+            cpu_ns.append(worker.loop(p["calls"])[0])
+            for ev in events:
+                ev.drain()
+    finally:
+        for ev in events:
+            for k, v in ev.close().items():
+                if k not in ("record_bytes",):
+                    totals[k] = totals.get(k, 0) + v
+    return min(cpu_ns) / p["calls"], totals
+
+
+def run_name_filters(quick: bool, cpu: int, nr_open: int) -> dict:
+    """The name-filter part (see the module's docstring)."""
+    import secrets
+
+    from mace.capture.tracefs import read_formats
+    from mace.errors import MaceError
+    try:
+        fmt = read_formats([QUEUE_TP])[QUEUE_TP]
+    except MaceError as e:
+        return {"skipped": str(e)}
+    p = _name_params(quick)
+    dev = f"veth{secrets.token_hex(4)[:7]}"
+    cfgs = name_configs(dev)
+    allowed = sorted(os.sched_getaffinity(0))
+    ns = {c.key: [] for c in cfgs}
+    totals = {c.key: {} for c in cfgs}
+    worker = Worker(cpu, send_on=dev)
+    try:
+        os.sched_setaffinity(0, set(allowed[:-1]) or {cpu})
+        worker.loop(p["calls"])                               # warm-up
+        for r in range(p["rounds"]):
+            wait_quiet(QUIET_LIMIT_S, QUIET_BELOW)
+            k = r % len(cfgs)
+            for cfg in cfgs[k:] + cfgs[:k]:
+                v, t = _measure_names(worker, cfg, fmt, cpu, p, nr_open)
+                ns[cfg.key].append(v)
+                for name, x in t.items():
+                    totals[cfg.key][name] = totals[cfg.key].get(name, 0) + x
+    except (OSError, RuntimeError) as e:
+        return {"error": f"{type(e).__name__}: {e}", **p, "cpu": cpu}
+    finally:
+        worker.close()
+        os.sched_setaffinity(0, set(allowed))
+    base = ns["none"]
+    sends = p["calls"] * p["reps"] * p["rounds"]
+    rows = []
+    for c in cfgs:
+        added = [x - b for x, b in zip(ns[c.key], base, strict=True)]
+        t = totals[c.key]
+        rows.append({**asdict(c), "filter_bytes": [len(f or "") for f in c.filters],
+                     "ns_per_call": ns[c.key], "added_ns": added, "ns": _spread(ns[c.key]),
+                     "added": _spread(added),
+                     "count_per_call": t.get("count", 0) / sends, "samples_per_call": t.get("samples", 0) / sends,
+                     "lost": t.get("lost", 0)})
+    return {**p, "cpu": cpu, "tracepoint": QUEUE_TP, "device": dev,
+            "loop": "AF_PACKET send of 60 bytes on a veth without carrier", "configs": rows,
+            "derived": derive_name_costs(rows)}
+
+
+def derive_name_costs(rows: list[dict]) -> dict:
+    """What the rows say about a plan's choices: the cost of each name compared, of each
+    more event of a tracepoint, of a hit a prefix glob admits; from these, the number of
+    names past which a glob costs less even if every hit it admits were another device's
+    (each such hit is sampled: glob_hit), and the projected cost of a hit at N names."""
+    med = {r["key"]: r["added"]["median"] for r in rows}
+    pts = [(1, med["miss1"]), (40, med["miss40"]), (160, med["miss160"])]
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    per_name = (sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts))
+    per_event = (med["events4"] - med["miss1"]) / 3
+    admitted = med["glob_hit"] - med["glob_miss"]
+    breakeven = 1 + (med["glob_hit"] - med["miss1"]) / per_name if per_name > 0 else None
+    from mace.plan import GLOB_FROM
+
+    def exact(n: int) -> float:
+        return med["miss1"] + (n - 1) * per_name + (-(-n // 160) - 1) * per_event
+
+    return {"per_name_ns": per_name, "per_event_ns": per_event, "sample_ns": med["sample"],
+            "glob_miss_ns": med["glob_miss"], "glob_admitted_extra_ns": admitted,
+            "breakeven_names": breakeven, "glob_from": GLOB_FROM,
+            "projected_miss_ns": {str(n): exact(n) for n in (1, 8, 32, 128, 500, 1000)},
+            "measured_split500_ns": med["split500"]}
 
 
 # -- harness interface ---------------------------------------------------------------------------
@@ -470,7 +672,11 @@ def _not_measured(result: dict) -> str | None:
 
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    names = result.get("name_filters") or {}
+    fig, axes = plt.subplots(2, 1, figsize=(10, 10.5)) if names else plt.subplots(figsize=(10, 5.5))
+    ax, nax = (axes[0], axes[1]) if names else (axes, None)
+    if nax is not None:
+        _plot_names(nax, names)
     why = _not_measured(result)
     if why:
         ax.axis("off")
@@ -500,6 +706,36 @@ def plot(result: dict, path: Path) -> None:
     save(fig, path)
 
 
+def _plot_names(ax, names: dict) -> None:
+    why = _not_measured(names)
+    if why:
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"name filters {why}", ha="center", va="center", wrap=True)
+        return
+    rows = [c for c in names["configs"] if c["key"] != "none"][::-1]
+    med = [c["added"]["median"] for c in rows]
+    err = [[m - c["added"]["min"] for m, c in zip(med, rows, strict=True)],
+           [c["added"]["max"] - m for m, c in zip(med, rows, strict=True)]]
+    colors = ["tab:blue" if c["sampled"] else "tab:gray" for c in rows]
+    y = range(len(rows))
+    ax.barh(y, med, xerr=err, color=colors, capsize=3, ecolor="black")
+    top = max(c["added"]["max"] for c in rows)
+    for i, (m, c) in enumerate(zip(med, rows, strict=True)):
+        ax.text(max(m, c["added"]["max"]) + top * 0.02, i, f"+{m:.0f} ns", va="center", fontsize=8)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([c["label"] for c in rows], fontsize=8)
+    ax.set_xlim(min(0, min(c["added"]["min"] for c in rows)), top * 1.18)
+    ax.set_xlabel(f"added ns per hit of {names['tracepoint']} vs no event (median of rounds, "
+                  "whiskers min..max)")
+    d = names["derived"]
+    be = d["breakeven_names"]
+    ax.set_title(f"device-name filters: {d['per_name_ns']:.0f} ns per name compared, "
+                 f"{d['per_event_ns']:.0f} ns per more event, a sample {d['sample_ns']:.0f} ns\n"
+                 f"a prefix glob costs less past {be:.0f} names (mace switches at {d['glob_from']}); "
+                 f"{names['calls']:,} sends x best of {names['reps']}, {names['rounds']} rounds\n"
+                 "blue: the hit is sampled, gray: rejected by the filter", fontsize=10)
+
+
 def _range(s: dict, sign: str = "+") -> str:
     return f"{sign}{s['median']:.0f} ns ({s['min']:.0f}..{s['max']:.0f})"
 
@@ -524,6 +760,29 @@ def summary(result: dict) -> list[dict]:
     rows.append({"metric": "dropping TID and CPU saves (TID\\|TIME\\|CPU\\|RAW - TIME\\|RAW, per round)",
                  "value": f"{s['median']:.0f} ns per sample ({s['min']:.0f}..{s['max']:.0f})",
                  "target": "> 0", "met": s["median"] > 0})
+    return rows + name_summary(result.get("name_filters") or {})
+
+
+def name_summary(names: dict) -> list[dict]:
+    if not names:
+        return []
+    why = _not_measured(names)
+    if why:
+        return [{"metric": "name filters", "value": why, "target": "", "met": None}]
+    rows = [{"metric": f"name filter: {c['label']}",
+             "value": f"+{c['added']['median']:.0f} ns per hit ({c['added']['min']:.0f}..{c['added']['max']:.0f})",
+             "target": "", "met": None} for c in names["configs"] if c["key"] != "none"]
+    d = names["derived"]
+    be = d["breakeven_names"]
+    rows += [
+        {"metric": "name filter: each name compared (fit over 1, 40, 160 names)",
+         "value": f"{d['per_name_ns']:.1f} ns per hit", "target": "", "met": None},
+        {"metric": "name filter: each more perf event of the tracepoint",
+         "value": f"{d['per_event_ns']:.0f} ns per hit", "target": "", "met": None},
+        {"metric": "names past which a prefix glob costs less, every admitted hit another device's",
+         "value": "-" if be is None else f"{be:.0f}", "target": f"<= GLOB_FROM ({d['glob_from']})",
+         "met": None if be is None else be <= d["glob_from"]},
+    ]
     return rows
 
 
@@ -571,4 +830,29 @@ def notes(result: dict) -> list[str]:
     if busy:
         out.append(f"The machine was shared: all CPUs were {min(busy) * 100:.0f}-{max(busy) * 100:.0f}% busy "
                    "just before the rounds.")
-    return out
+    return out + name_notes(result.get("name_filters") or {})
+
+
+def name_notes(names: dict) -> list[str]:
+    if not names or _not_measured(names):
+        return []
+    d = names["derived"]
+    proj = d["projected_miss_ns"]
+    return [
+        f"Name filters: {names['calls']:,} AF_PACKET sends per loop on a veth without carrier "
+        f"({names['device']}), each one hit of {names['tracepoint']}; events as mace opens them "
+        "(TIME|RAW, use_clockid, a sample per hit); the other names are random Docker-like veth "
+        "names, so each comparison runs past the common `veth`.",
+        f"The kernel evaluates a filter's names one by one ({d['per_name_ns']:.0f} ns each here: an "
+        "indirect call per predicate) and every perf event of the tracepoint on that CPU in turn "
+        f"(+{d['per_event_ns']:.0f} ns each): splitting names over events lifts the page limit "
+        f"but not the cost. A hit rejected by an exact filter of N names costs about "
+        f"{proj['32']:.0f} ns at N=32, {proj['128']:.0f} at 128, {proj['500']:.0f} at 500 "
+        f"(measured over 4 events: {d['measured_split500_ns']:.0f} ns), on every hit of the "
+        "tracepoint on any device, inside mace's segments too.",
+        f"A prefix glob costs one comparison ({d['glob_miss_ns']:.0f} ns per rejected hit); each hit "
+        f"it admits is sampled (+{d['glob_admitted_extra_ns']:.0f} ns). Past "
+        f"{d['breakeven_names']:.0f} names a glob costs less even if every hit it admits were another "
+        f"device's: mace switches a group of veths to their common prefix from {d['glob_from']} on "
+        "(mace.plan.GLOB_FROM).",
+    ]

@@ -16,7 +16,8 @@ DEFAULT_MAX_AGE_NS = 1_000_000_000      # a packet not through after this long i
 DEFAULT_SOCKET = "/run/mace/mace.sock"
 SOCKET_ENV = "MACE_SOCKET"
 DEFAULT_QUEUE = 65536                   # reports kept per namespace for its readers
-DEFAULT_MAX_NAMESPACES = 128            # the kernel takes a page of filter text: ~150 veth names
+DEFAULT_MAX_NAMESPACES = 4096           # filters no longer bound it (prefix globs, names split over
+                                        # events); device slots are int16
 DEFAULT_MAX_CLIENTS = 1024
 DEFAULT_STATE_DIR = "/var/lib/mace"     # root's only: never the directory containers mount
 PRESENCE_EVERY = 1.0                    # s between checks that traced containers still exist

@@ -29,13 +29,22 @@ Bracketed steps are traced only with `hops`, except xmit inner: it is the start 
 and already split the expense in two (egress: before/after the veth's backlog, then the
 uplink's qdisc; ingress: routing and bridge, then the container's backlog).  kfree_skb is
 traced so that a packet dropped on the way ends its entry.
+
+The kernel compares a hit's device name with each name of a filter in turn, for every hit
+of the tracepoint: a filter of many veths is costly, and a page of filter text holds about
+160 names.  Past GLOB_FROM veths, a prefix they share (veth<hex>) stands for them in the
+filter; devices that share it but are not traced are then sampled too, and decode as
+DEV_OTHER: a packet is still attributed by the exact name of its veth.  Names that no
+prefix covers are spread over as many perf events of the tracepoint as the page requires
+(see mace.capture.perf.Probe.filters).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-from mace.capture.perf import Probe
+from mace.capture.perf import GLOB_CHARS, Probe
 from mace.correlate import _correlate
 
 XMIT = "net:net_dev_start_xmit"
@@ -43,6 +52,11 @@ RECV = "net:netif_receive_skb"
 RX = "net:netif_rx_entry"      # netif_rx with the protocol: the veth start must know it
 QUEUE = "net:net_dev_queue"
 FREE = "skb:kfree_skb"
+
+# Filters name veths one by one up to this many, then by a prefix they share (veth_prefixes);
+# groups are formed by their first PREFIX_KEY characters
+GLOB_FROM = 32
+PREFIX_KEY = 3
 
 EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "uplink queue")     # report hop slots
 INGRESS_HOPS = ("bridge", "veth", "container rx")
@@ -150,14 +164,24 @@ class Plan:
         # the kernel's filter: other containers' egress is never sampled.
         starts = () if self.start_at_veth else inner
         probes = [
-            Probe(XMIT, devices=_unique(starts + veths + bridges + uplink)),
-            Probe(RECV, devices=_unique(self.uplinks + veths + inner + bridges)),
+            self._probe(XMIT, starts + veths + bridges + uplink),
+            self._probe(RECV, self.uplinks + veths + inner + bridges),
             Probe(QUEUE, devices=self.uplinks),
             Probe(FREE, condition=_free_condition(formats)),
         ]
         if self.hops or self.start_at_veth:
-            probes.append(Probe(RX, devices=_unique(veths + (inner if self.hops else ()))))
+            probes.append(self._probe(RX, veths + (inner if self.hops else ())))
         return probes
+
+    def _probe(self, tracepoint: str, devices: tuple[str, ...]) -> Probe:
+        # Many veths in one filter cost every hit of the tracepoint a comparison each: past
+        # GLOB_FROM of them, a prefix they share stands for them (see veth_prefixes), unless
+        # it would also pass a device of the plan that this tracepoint must not sample.
+        devices = _unique(devices)
+        traced = set(devices)
+        others = [n for n in self.devices if n is not None and n not in traced]
+        veths = [c.veth for _, c in self.active]
+        return Probe(tracepoint, devices=devices, prefixes=veth_prefixes(veths, others))
 
     def device_classes(self) -> tuple[list[int], list[int]]:
         """Per device slot: class bits and the container whose veth it is (-1)."""
@@ -208,6 +232,35 @@ class Plan:
         # receive uplink, xmit bridge, xmit veth, netif_rx inner, receive inner
         ingress = 1 + (self.hops and bridge) + 1 + self.hops + 1
         return {"egress": int(egress), "ingress": int(ingress)}
+
+
+def veth_prefixes(veths, exclude=(), least: int | None = None) -> tuple[str, ...]:
+    """Name prefixes that stand for the host-side veths in a device filter (Probe.prefixes):
+    for each group of at least `least` veths whose names begin alike (the same first
+    PREFIX_KEY characters, as Docker's and Podman's veth<hex>, Calico's cali<hex>), the
+    longest prefix the whole group shares, unless a name in `exclude` starts with it.
+    `least` defaults to GLOB_FROM.
+
+    Why: the kernel compares a hit's device name with each name of a filter in turn, about
+    30 ns a name here, for every hit of the tracepoint on any device and in every segment
+    it measures; a sample costs about 1 µs (benchmarks/sample_cost.py, name filters).  Past
+    about 30 names, a prefix that passes the group's veths (one comparison), and with them
+    whichever other devices share it, costs less even if every hit were on another device.
+    Those others decode as DEV_OTHER, which attributes nothing: a report's container is
+    still found by the exact name of its veth."""
+    least = GLOB_FROM if least is None else least
+    groups: dict[str, list[str]] = {}
+    for name in dict.fromkeys(veths):
+        if len(name) > PREFIX_KEY and not any(ch in GLOB_CHARS for ch in name):
+            groups.setdefault(name[:PREFIX_KEY], []).append(name)
+    out = []
+    for names in groups.values():
+        if len(names) < least:
+            continue
+        prefix = os.path.commonprefix(names)
+        if not any(x.startswith(prefix) for x in exclude):
+            out.append(prefix)
+    return tuple(out)
 
 
 def _free_condition(formats: dict | None) -> str | None:

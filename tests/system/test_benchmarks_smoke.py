@@ -138,3 +138,35 @@ def test_metrics_benchmark_quick(tmp_path):
     # every flood ping was counted in the exported histograms, none lost on the way
     assert all(r["mace_container_latency_seconds_count"] > 0 and r["mace_ring_lost_total"] == 0 for r in on)
     assert all(0 < r["cpu_share"] < 2 for r in res["rounds"])
+
+
+def test_sample_cost_benchmark_quick(tmp_path):
+    res = run_quick("sample_cost", tmp_path)
+    assert res.get("configs"), res.get("error") or res.get("skipped")
+    names = res["name_filters"]
+    assert names.get("configs"), names.get("error") or names.get("skipped")
+    for c in names["configs"]:
+        # every send is one hit of the tracepoint on the device: sampled exactly when the
+        # filter passes it, never when it rejects it, and no record lost
+        if c["sampled"]:
+            assert c["samples_per_call"] >= 0.99 and c["count_per_call"] >= 0.99, c
+        else:
+            assert c["samples_per_call"] == 0 and c["count_per_call"] == 0, c
+        assert c["lost"] == 0 and all(n <= 4095 for n in c["filter_bytes"]), c
+    d = names["derived"]
+    assert d["per_name_ns"] > 0 and d["breakeven_names"] is not None
+
+
+def test_scale_benchmark_quick(tmp_path):
+    res = run_quick("scale", tmp_path)
+    assert res.get("variants"), res.get("skipped")
+    assert [v["variant"] for v in res["variants"]] == ["prefix", "names"]
+    prefix, names = res["variants"]
+    assert prefix["prefixes"] and not names["prefixes"]
+    assert res["sender_indexes"][0] == 0 and res["sender_indexes"][-1] == res["containers"] - 1
+    for v in res["variants"]:
+        # every ping reported once each way, in the container that sent it, none elsewhere
+        assert v["all_answered"] and v["misattributed"] == 0, v
+        assert v["reports"] == v["expected_reports"], v
+        assert all(r["egress"] == r["ingress"] == res["pings"] for r in v["per_sender"]), v["per_sender"]
+        assert v["lost"] == 0 and v["events"] > 0 and v["open_s"] > 0 and v["perf_events"] > 0

@@ -4,6 +4,8 @@ mace/testing/formats (no tracefs, no privileges)."""
 
 from __future__ import annotations
 
+import random
+import re
 from importlib import resources
 
 import pytest
@@ -188,3 +190,147 @@ def test_every_uplink_is_traced_and_read_as_one():
     assert p.rebased(Plan([DB], "up0", extra_uplinks=("wg0",))).uplinks == ("up0", "wg0")
     with pytest.raises(ValueError):
         Plan([WEB], "up0", extra_uplinks=("veth1a",))
+
+
+# -- many containers: filters split over events, veths by a prefix they share ----------------
+
+from mace.capture.perf import FILTER_MAX, Capture, Probe  # noqa: E402
+from mace.plan import GLOB_FROM, veth_prefixes  # noqa: E402
+
+TERM = re.compile(r'name (==|~) "([^"]*)"')
+
+
+def passes(text: str | None, dev: str) -> bool:
+    """Whether a filter of Probe.filters() passes a hit on `dev`, as the kernel reads it: an
+    OR of `name == "x"` and `name ~ "p*"` (a condition on other fields is taken to hold)."""
+    if text is None:
+        return True
+    names = text.split(") && (")[0].lstrip("(") if ") && (" in text else text
+    return any(dev == v if op == "==" else dev.startswith(v.rstrip("*"))
+               for op, v in TERM.findall(names))
+
+
+def docker(n: int, seed: int = 1) -> list[ContainerPath]:
+    """n containers as Docker names them: eth0 inside, veth<7 hex> on the host, docker0."""
+    rng = random.Random(seed)
+    veths = set()
+    while len(veths) < n:
+        veths.add(f"veth{rng.getrandbits(28):07x}")
+    return [ContainerPath(f"c{i}", "eth0", v, "docker0") for i, v in enumerate(sorted(veths))]
+
+
+def unlike(n: int) -> list[ContainerPath]:
+    """n containers whose veths share no beginning (no prefix can stand for them)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return [ContainerPath(f"c{i}", "eth0",
+                          f"{alphabet[i % 36]}{alphabet[i // 36 % 36]}{alphabet[i // 1296]}xvth{i:04d}", "br0")
+            for i in range(n)]
+
+
+def check_events(probe: Probe, others=()) -> list[str | None]:
+    """The probe's filters fit the kernel's page, and together pass each of its devices
+    through exactly one event and no other device of the plan through any."""
+    texts = probe.filters()
+    assert all(t is None or len(t) <= FILTER_MAX for t in texts), [len(t or "") for t in texts]
+    for dev in probe.devices:
+        assert sum(passes(t, dev) for t in texts) == 1, (probe.tracepoint, dev)
+    for dev in others:
+        assert not any(passes(t, dev) for t in texts), (probe.tracepoint, dev)
+    return texts
+
+
+@pytest.mark.parametrize("hops", [False, True])
+@pytest.mark.parametrize("start_at_veth", [True, False])
+def test_500_docker_containers_are_filtered_by_their_veth_prefix(hops, start_at_veth):
+    plan = Plan(docker(500), "ens5", hops=hops, start_at_veth=start_at_veth)
+    known = [d for d in plan.devices if d]
+    for p in plan.probes(FORMATS):
+        others = [d for d in known if d not in p.devices]
+        texts = check_events(p, others)
+        if any(d.startswith("veth") for d in p.devices):
+            assert p.prefixes == ("veth",) and len(texts) == 1, (p.tracepoint, texts)
+            assert texts[0].startswith('name ~ "veth*"')
+        # the exact devices stay the probe's: the decoder's slots and a handover's idea of
+        # what this capture traced (Tracer.update) are the names, not the glob
+        assert len(p.devices) == len(set(p.devices))
+    if RX in filters(plan):
+        assert set(filters(plan)[RX].split(" || ")) == {'name ~ "veth*"', *(['name == "eth0"'] if hops else [])}
+
+
+def test_500_containers_without_a_shared_prefix_are_split_over_events():
+    plan = Plan(unlike(500), "ens5", hops=True)
+    known = [d for d in plan.devices if d]
+    for p in plan.probes(FORMATS):
+        assert p.prefixes == ()
+        texts = check_events(p, [d for d in known if d not in p.devices])
+        if len(p.devices) >= 500:
+            # a page holds 160 names of 11 characters: 500 veths and a few more need 4 events
+            assert len(texts) == 4, (p.tracepoint, [len(t) for t in texts])
+            assert all(len(t) > FILTER_MAX - 30 for t in texts[:-1])     # each filled up first
+    xmit = next(p for p in plan.probes(FORMATS) if p.tracepoint == XMIT)
+    assert Capture(plan.probes(FORMATS), plan.devices, cpus=[0, 1]).events_per_cpu == \
+        sum(len(p.filters()) for p in plan.probes(FORMATS)) == 4 * 3 + 2
+    # in the plan's order: each event a run of consecutive names
+    joined = " || ".join(xmit.filters())
+    assert joined == xmit.filter_text()
+
+
+def test_split_filters_keep_their_condition_in_every_event():
+    devs = tuple(f"dev{i:04d}" for i in range(400))
+    p = Probe(RECV, devices=devs, condition="len > 100")
+    texts = check_events(p)
+    assert len(texts) == 3 and all(t.endswith(") && (len > 100)") and t.startswith("(") for t in texts)
+    assert Probe(FREE, condition="reason != 3").filters() == ["reason != 3"]
+    assert Probe(FREE).filters() == [None]
+
+
+def test_the_same_containers_are_traced_the_same_way_below_and_above_the_glob_threshold():
+    few, many = docker(GLOB_FROM - 1), docker(GLOB_FROM)
+    assert all(p.prefixes == () for p in Plan(few, "ens5").probes(FORMATS))
+    assert all(p.prefixes == ("veth",) for p in Plan(many, "ens5").probes(FORMATS) if p.tracepoint in (XMIT, RX))
+
+
+def test_a_prefix_is_not_used_where_it_would_pass_a_device_the_probe_must_not_sample():
+    # the uplink shares the veths' prefix: xmit (ending at the uplink's queue) does not
+    # trace the uplink, so no glob there; receive traces it anyway, so the glob stays
+    plan = Plan(docker(100), "vethup0")
+    probes = {p.tracepoint: p for p in plan.probes(FORMATS)}
+    assert probes[XMIT].prefixes == () and len(probes[XMIT].filters()) == 1      # 100 names fit a page
+    assert probes[RECV].prefixes == ("veth",)
+    assert not probes[RECV].terms().count('name == "vethup0"')      # covered by the glob
+    check_events(probes[XMIT], ["vethup0", "docker0", "eth0"])
+    check_events(probes[RECV], ["docker0"])
+    # the bridge too: without hops xmit never samples it
+    plan = Plan([ContainerPath(c.label, c.inner, c.veth, "vethbr") for c in docker(100)], "ens5")
+    assert next(p for p in plan.probes(FORMATS) if p.tracepoint == XMIT).prefixes == ()
+
+
+def test_veth_prefixes_group_by_beginning_and_take_the_longest_shared_prefix():
+    tb = [f"m1a2b3v{i}" for i in range(40)]          # the testbed's veths
+    cali = [f"cali{i:011x}" for i in range(33)]
+    few = [f"lxc{i:05d}" for i in range(5)]
+    assert veth_prefixes(tb + cali + few) == ("m1a2b3v", "cali" + "0" * 9)   # up to 0x20
+    assert veth_prefixes(tb, exclude=["m1a2b3v-up"]) == ()
+    assert veth_prefixes(tb, least=41) == ()
+    # names a glob could not match literally stay exact
+    assert veth_prefixes([f"v[th{i}" for i in range(40)]) == ()
+
+
+def test_probe_prefixes_must_be_plain_and_disjoint():
+    for bad in (("veth*",), ("",), ('ve"th',), ("veth", "vet"), ("a b",)):
+        with pytest.raises(ValueError):
+            Probe(XMIT, devices=("veth1",), prefixes=bad)
+    p = Probe(XMIT, devices=("veth1", "vexh2", "eth0"), prefixes=("veth", "vex"))
+    assert p.filter_text() == 'name ~ "veth*" || name ~ "vex*" || name == "eth0"'
+    assert p.covered("veth1") and not p.covered("eth0")
+
+
+def test_a_rebased_plan_of_many_containers_keeps_its_filters_exact_for_the_handover():
+    plan = Plan(docker(300), "ens5")
+    smaller = Plan([None, *plan.containers[1:]], "ens5").rebased(plan)
+    for p in smaller.probes(FORMATS):
+        check_events(p, ["ens5"] if p.tracepoint != RECV and p.tracepoint != QUEUE else [])
+        if p.tracepoint == RX:
+            # the first container's veth is out of the exact list (it decodes as DEV_OTHER,
+            # though the glob still samples it)
+            assert plan.containers[0].veth not in p.devices and len(p.devices) == 299

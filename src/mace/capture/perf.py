@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,7 +34,8 @@ from mace.errors import MaceError, PermissionProblem, ResourceError, TracepointM
 
 DEV_NONE = _ring.DEV_NONE
 DEV_OTHER = _ring.DEV_OTHER
-FILTER_MAX = 4000       # the kernel copies at most a page of filter text
+FILTER_MAX = 4000       # the kernel copies at most a page of filter text (strndup_user)
+GLOB_CHARS = "*?[\\"     # what makes `~` a pattern rather than a name
 MAX_RING_PAGES = 65536
 RING_BUDGET_PAGES = 16384      # 64 MiB of rings in all by default ...
 RING_MAX_DEFAULT_PAGES = 2048  # ... and at most 8 MiB per CPU
@@ -52,16 +54,69 @@ DEVICE_RE = re.compile(r"^[^\s/:\"'\\]{1,15}$")
 
 @dataclass(frozen=True)
 class Probe:
-    """A tracepoint to open, optionally filtered in the kernel by device name."""
+    """A tracepoint to open, optionally filtered in the kernel by device name.
+
+    The kernel takes at most a page of filter text per perf event, about 160 device names,
+    so a probe may be several perf events of its tracepoint (see `filters`), with disjoint
+    filters: each hit passes at most one of them and is sampled once.  The decoder tells the
+    device of a sample by the name in its record, never by the event that wrote it."""
 
     tracepoint: str                      # "net:net_dev_start_xmit"
     devices: tuple[str, ...] = ()        # keep only events on these devices; () keeps all
     condition: str | None = None         # extra ftrace filter, ANDed with the device filter
+    # Also keep every device whose name starts with one of these (`name ~ "P*"`): one
+    # comparison in the kernel instead of one per device, at the price of sampling devices
+    # that share the prefix and are not in `devices` (they decode as DEV_OTHER).  No prefix
+    # may start another: the filters stay disjoint.
+    prefixes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for p in self.prefixes:
+            if not p or not DEVICE_RE.match(p) or any(c in GLOB_CHARS for c in p):
+                raise ValueError(f"{p!r} is not a device name prefix")
+        for p in self.prefixes:
+            if any(q != p and q.startswith(p) for q in self.prefixes):
+                raise ValueError(f"device name prefixes overlap: {p!r} starts another")
+
+    def terms(self) -> list[str]:
+        """The predicates ORed together: a glob per prefix, then each device that no prefix
+        covers (each is a separate comparison for every hit of the tracepoint)."""
+        return ([f'name ~ "{p}*"' for p in self.prefixes]
+                + [f'name == "{d}"' for d in dict.fromkeys(self.devices) if not self.covered(d)])
+
+    def covered(self, device: str) -> bool:
+        return any(device.startswith(p) for p in self.prefixes)
 
     def filter_text(self) -> str | None:
+        """The whole filter as one expression (what ftrace's `filter` file would take),
+        whatever its length; `filters()` is what the perf events get."""
+        return self._text(self.terms())
+
+    def filters(self, limit: int = FILTER_MAX) -> list[str | None]:
+        """The filter of each perf event this probe opens: each at most `limit` characters,
+        each term in exactly one (so the events' filters pass disjoint sets of devices), in
+        the order of `terms()`; [None] for no filter at all."""
+        terms = self.terms()
+        if not terms:
+            return [self._text([])]
+        out: list[str | None] = []
+        chunk: list[str] = []
+        for t in terms:
+            if chunk and len(self._text([*chunk, t])) > limit:
+                out.append(self._text(chunk))
+                chunk = []
+            chunk.append(t)
+        out.append(self._text(chunk))
+        for text in out:
+            if len(text) > limit:
+                raise UsageError(f"a filter of {self.tracepoint} is {len(text)} bytes, the kernel "
+                                 f"takes {limit}", hint="use a shorter condition")
+        return out
+
+    def _text(self, terms: list[str]) -> str | None:
         parts = []
-        if self.devices:
-            parts.append(" || ".join(f'name == "{d}"' for d in self.devices))
+        if terms:
+            parts.append(" || ".join(terms))
         if self.condition:
             parts.append(self.condition)
         if not parts:
@@ -152,6 +207,26 @@ def _translate(err: OSError, what: str) -> MaceError:
     return MaceError(f"{what}: {op or 'a perf call'} failed with {name}: {err.strerror or os.strerror(code or 0)}")
 
 
+def _fd_room(more: int) -> None:
+    """Raise the soft limit on open files, within the hard one, so that `more` perf events
+    fit besides what is open: a host with many CPUs and containers needs thousands (twice
+    that while Tracer.update hands over), past the customary soft limit of 1024, which
+    only select() ever needed (mace waits with epoll)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        return
+    need = in_use + more + 64
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(hard, max(need, 2 * soft))
+        if new > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            except (OSError, ValueError):
+                pass            # perf_event_open then fails with EMFILE, which says what to do
+
+
 class Capture:
     """Per-CPU perf rings for a list of probes; a context manager that releases everything.
 
@@ -189,6 +264,8 @@ class Capture:
                 raise UsageError(f"{name!r} is not a network device name",
                                  hint="device names are 1 to 15 characters, without spaces, '/', ':' or quotes")
         self.devices = names
+        # per probe, the filter of each of its perf events (one event per filter and CPU)
+        self.filters = [p.filters() for p in self.probes]
         self.ring_pages = ring_pages
         self.watermark = watermark
         self.reorder_us = reorder_us
@@ -201,7 +278,7 @@ class Capture:
         """Open every event (disabled).  `formats`, if given, saves reading tracefs again."""
         self.formats = formats or read_formats([p.tracepoint for p in self.probes])
         for p in self.probes:
-            if p.devices and "name" not in self.formats[p.tracepoint].fields:
+            if (p.devices or p.prefixes) and "name" not in self.formats[p.tracepoint].fields:
                 raise UsageError(f"tracepoint {p.tracepoint} has no device name to filter on",
                                  hint="open it without devices")
         rings = _ring.Rings(self.cpus, ring_pages=self.ring_pages, watermark=self.watermark,
@@ -211,21 +288,23 @@ class Capture:
             for p in self.probes:
                 rings.add_kind(**kind_layout(self.formats[p.tracepoint]))
             rings.set_devices(self.devices)
+            _fd_room(self.events_per_cpu * len(self.cpus))
             for kind, p in enumerate(self.probes):
-                text = p.filter_text()
-                if text and len(text) > FILTER_MAX:
-                    raise UsageError(f"the device filter of {p.tracepoint} is {len(text)} bytes, "
-                                     f"the kernel takes {FILTER_MAX}",
-                                     hint="trace fewer containers per mace process")
-                for ring in range(len(self.cpus)):
-                    try:
-                        rings.open_event(kind, ring, text, p.tracepoint)
-                    except OSError as e:
-                        raise _translate(e, p.tracepoint) from e
+                for text in self.filters[kind]:
+                    for ring in range(len(self.cpus)):
+                        try:
+                            rings.open_event(kind, ring, text, p.tracepoint)
+                        except OSError as e:
+                            raise _translate(e, p.tracepoint) from e
         except BaseException:
             self.close()
             raise
         return self
+
+    @property
+    def events_per_cpu(self) -> int:
+        """Perf events opened on each CPU: one per filter of each probe."""
+        return sum(len(f) for f in self.filters)
 
     def start(self) -> None:
         try:

@@ -34,6 +34,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ipaddress
 import os
 import re
@@ -59,9 +61,22 @@ TOPOLOGIES = ("bridge", "routed")
 IFNAMSIZ = 16
 RTNH_F_ONLINK = 4
 RT_SCOPE_LINK = 253
+CLONE_NEWNET = 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 BENCHMARK_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:2::/48"))
+
+
+def _host_net(containers_n: int) -> ipaddress.IPv4Network:
+    """HOST_NET, or as much wider a network from the same start as `containers_n` containers
+    need (addresses from .10 on), within 198.18.0.0/16: PEER_NET stays apart."""
+    net = HOST_NET
+    while int(net.network_address) + 10 + containers_n >= int(net.broadcast_address):
+        if net.prefixlen <= 16:
+            raise ValueError(f"{containers_n} containers do not fit 198.18.0.0/16")
+        net = net.supernet()
+    return net
 
 
 def _in_benchmark_range(addr: str) -> bool:
@@ -85,8 +100,10 @@ class Container:
 class Testbed:
     """A host namespace with a bridge (or routes), an uplink to a peer namespace, and N containers.
 
-    containers_n: how many container namespaces.  masquerade: NAT the containers' traffic
-    to the uplink address with nftables (then the peer has no route back to them).
+    containers_n: how many container namespaces (hundreds build in seconds; past 245 the
+    containers' network, `host_net`, widens from 198.18.0.0/24 to /23 and beyond).
+    masquerade: NAT the containers' traffic to the uplink address with nftables (then the
+    peer has no route back to them).
     ipv6: dual-stack: IPv6 addresses and routes beside the IPv4 ones, forwarding on (off by
     default, IPv6 disabled, so router solicitations and MLD do not add traffic the tests did
     not send).  uplink_rate_kbit: a token-bucket qdisc limiting what the host
@@ -118,7 +135,8 @@ class Testbed:
         self.peer_dev = self.peer_dev or f"m{self.tag}pe"
         self.host_ip = str(PEER_NET.network_address + 1)
         self.peer_ip = str(PEER_NET.network_address + 2)
-        self.gateway = str(HOST_NET.network_address + 1)
+        self.host_net = _host_net(self.containers_n)
+        self.gateway = str(self.host_net.network_address + 1)
         self.host_ip6 = str(PEER_NET6.network_address + 1) if self.ipv6 else None
         self.peer_ip6 = str(PEER_NET6.network_address + 2) if self.ipv6 else None
         self.gateway6 = str(HOST_NET6.network_address + 1) if self.ipv6 else None
@@ -129,7 +147,7 @@ class Testbed:
         for i in range(self.containers_n):
             self.containers.append(Container(
                 index=i, ns=f"{base}-c{i}", inner="eth0",
-                ip=str(HOST_NET.network_address + 10 + i), veth=f"m{self.tag}v{i}",
+                ip=str(self.host_net.network_address + 10 + i), veth=f"m{self.tag}v{i}",
                 ip6=str(HOST_NET6.network_address + 10 + i) if self.ipv6 else None))
         for addr in (self.host_ip, self.peer_ip, self.gateway, *(c.ip for c in self.containers),
                      *(a for a in (self.host_ip6, self.peer_ip6, self.gateway6, *(c.ip6 for c in self.containers))
@@ -155,7 +173,7 @@ class Testbed:
 
     def build(self) -> None:
         for ns in (self.host_ns, self.peer_ns, *(c.ns for c in self.containers)):
-            netns.create(ns)
+            _create_ns(ns)
             self._made.append(ns)
             if self.ipv6:
                 # A link-local address is tentative for DAD's second after its link comes up,
@@ -164,7 +182,7 @@ class Testbed:
                 # Hosts that carry containers finished DAD long ago.
                 for conf in ("all", "default"):
                     self.sysctl(ns, f"net/ipv6/conf/{conf}/accept_dad", "0")
-        with IPRoute(netns=self.host_ns, flags=0) as host:
+        with _netlink(self.ns_path(self.host_ns)) as host:
             _up(host, "lo")
             if self.bridge is not None:
                 br = self._build_bridge(host)
@@ -174,31 +192,29 @@ class Testbed:
             host.addr("add", index=up, address=self.host_ip, prefixlen=PEER_NET.prefixlen)
             host.link("set", index=up, state="up")
             for c in self.containers:
-                host.link("add", ifname=c.veth, kind="veth",
-                          peer={"ifname": c.inner, "net_ns_fd": c.ns})
-                v = _index(host, c.veth)
-                if self.bridge is not None:
-                    host.link("set", index=v, master=br)
-                host.link("set", index=v, state="up")
+                # one request each: created enslaved and up
+                host.link("add", ifname=c.veth, kind="veth", state="up",
+                          peer={"ifname": c.inner, "net_ns_fd": c.ns},
+                          **({"master": br} if self.bridge is not None else {}))
                 if self.bridge is None:
-                    host.route("add", dst=f"{c.ip}/32", oif=v, scope=RT_SCOPE_LINK)
+                    host.route("add", dst=f"{c.ip}/32", oif=_index(host, c.veth), scope=RT_SCOPE_LINK)
             host.route("add", dst="default", gateway=self.peer_ip)
             if self.uplink_rate_kbit:
                 host.tc("add", "tbf", index=up, handle="1:", rate=f"{self.uplink_rate_kbit}kbit",
                         burst=16384, latency="500ms")
-        with IPRoute(netns=self.peer_ns, flags=0) as peer:
+        with _netlink(self.ns_path(self.peer_ns)) as peer:
             _up(peer, "lo")
             p = _index(peer, self.peer_dev)
             peer.addr("add", index=p, address=self.peer_ip, prefixlen=PEER_NET.prefixlen)
             peer.link("set", index=p, state="up")
             if not self.masquerade:
-                peer.route("add", dst=str(HOST_NET), gateway=self.host_ip)
+                peer.route("add", dst=str(self.host_net), gateway=self.host_ip)
         for c in self.containers:
-            with IPRoute(netns=c.ns, flags=0) as cr:
+            with _netlink(self.ns_path(c.ns)) as cr:
                 _up(cr, "lo")
                 i = _index(cr, c.inner)
                 if self.bridge is not None:
-                    cr.addr("add", index=i, address=c.ip, prefixlen=HOST_NET.prefixlen)
+                    cr.addr("add", index=i, address=c.ip, prefixlen=self.host_net.prefixlen)
                     cr.link("set", index=i, state="up")
                     cr.route("add", dst="default", gateway=self.gateway)
                 else:
@@ -235,18 +251,18 @@ class Testbed:
             raise ValueError("ipv6 is built for the bridge topology only")
         self.sysctl(self.host_ns, "net/ipv6/conf/all/forwarding", "1")
         nodad = 0x02  # IFA_F_NODAD
-        with IPRoute(netns=self.host_ns, flags=0) as host:
+        with _netlink(self.ns_path(self.host_ns)) as host:
             host.addr("add", index=_index(host, self.bridge), address=self.gateway6,
                       prefixlen=HOST_NET6.prefixlen, flags=nodad)
             host.addr("add", index=_index(host, self.uplink), address=self.host_ip6,
                       prefixlen=PEER_NET6.prefixlen, flags=nodad)
             host.route("add", dst="::/0", gateway=self.peer_ip6, family=10)
-        with IPRoute(netns=self.peer_ns, flags=0) as peer:
+        with _netlink(self.ns_path(self.peer_ns)) as peer:
             peer.addr("add", index=_index(peer, self.peer_dev), address=self.peer_ip6,
                       prefixlen=PEER_NET6.prefixlen, flags=nodad)
             peer.route("add", dst=str(HOST_NET6), gateway=self.host_ip6, family=10)
         for c in self.containers:
-            with IPRoute(netns=c.ns, flags=0) as cr:
+            with _netlink(self.ns_path(c.ns)) as cr:
                 cr.addr("add", index=_index(cr, c.inner), address=c.ip6,
                         prefixlen=HOST_NET6.prefixlen, flags=nodad)
                 cr.route("add", dst="::/0", gateway=self.gateway6, family=10)
@@ -258,7 +274,7 @@ class Testbed:
         # that port leaves: the containers' ARP entries for the gateway would go stale.
         host.link("set", index=br, address=f"02:6d:{int(self.tag, 16) >> 12 & 0xff:02x}:"
                                              f"{int(self.tag, 16) >> 4 & 0xff:02x}:00:01")
-        host.addr("add", index=br, address=self.gateway, prefixlen=HOST_NET.prefixlen)
+        host.addr("add", index=br, address=self.gateway, prefixlen=self.host_net.prefixlen)
         host.link("set", index=br, state="up")
         return br
 
@@ -299,8 +315,11 @@ class Testbed:
         return os.path.join(NS_RUN_DIR, ns)
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
-        """Write /proc/sys/<key> inside `ns` (sysctls under net/ are per namespace)."""
-        self.run(ns, ["sh", "-c", f"echo {value} > /proc/sys/{key}"], check=True)
+        """Write /proc/sys/<key> inside `ns` (sysctls under net/ are per namespace: /proc/sys/net
+        shows the one of the thread that looks, see _inside)."""
+        with _inside(self.ns_path(ns)):
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(f"{value}\n")
 
     def nft(self, ns: str, ruleset: str) -> None:
         if shutil.which("nft") is None:
@@ -334,6 +353,58 @@ def _check_argv(argv: Sequence[str]) -> None:
             continue
         if not _in_benchmark_range(str(ip)):
             raise ValueError(f"testbed commands may only address 198.18.0.0/15 or 2001:2::/48, not {a}")
+
+
+@contextlib.contextmanager
+def _inside(path: str | None):
+    """This thread in the network namespace at `path` (a new one: None) for the block, then
+    back in its own.  A namespace switch is per thread (setns, unshare: CLONE_NEWNET), and
+    costs microseconds where a helper process (nsenter, pyroute2's netns sockets) costs
+    milliseconds, which a testbed of hundreds of containers pays several times each.
+    Sockets made inside stay in that namespace."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if path is None:
+            if _LIBC.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        else:
+            _setns(path)
+        try:
+            yield
+        finally:
+            if _LIBC.setns(home, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                # this thread would go on in the wrong namespace: nothing may continue
+                os.write(2, f"testbed: cannot return to the own network namespace: {os.strerror(err)}\n".encode())
+                os._exit(70)
+    finally:
+        os.close(home)
+
+
+def _setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _LIBC.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _create_ns(name: str) -> None:
+    """`ip netns add name`, without a helper process: a new namespace for this thread,
+    bound where pyroute2 and iproute2 look for it (netns.attach does the bind mount)."""
+    with _inside(None):
+        netns.attach(name, "thread-self")
+
+
+@contextlib.contextmanager
+def _netlink(path: str):
+    """An IPRoute in the namespace at `path`, this thread in there with it for the block
+    (whenever pyroute2 opens its socket, it opens it there)."""
+    with _inside(path), IPRoute() as ipr:
+        yield ipr
 
 
 def _index(ipr: IPRoute, name: str) -> int:
