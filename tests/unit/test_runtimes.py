@@ -801,3 +801,18 @@ def test_the_service_can_name_the_container_of_a_namespace(engine):
     assert name_of_netns(1, fake.path) is None                    # no container runs there
     fake.close()
     assert name_of_netns(os.stat(OWN_NS).st_ino, fake.path) is None   # no runtime: no name, no error
+
+
+def test_the_service_names_a_pod_by_its_sandbox_namespace(tools, monkeypatch):
+    """--all and the service's clients are known by namespace: the ready sandbox holding
+    it names the pod, and each sandbox is inspected once."""
+    monkeypatch.setattr(runtimes.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(runtimes, "_SANDBOX_INODES", {})
+    answers = _pod_answers()
+    answers[("pods", "--state", "ready", "-o", "json")] = {"items": [_pod(name="web", namespace="shop")]}
+    fake = tools(answers)
+    own = os.stat(OWN_NS).st_ino
+    named = {"container": "web", "runtime": "cri", "pod": "web", "k8s_namespace": "shop"}
+    assert runtimes._pod_of_netns(own, "/run/k.sock") == named
+    assert runtimes._pod_of_netns(own + 1, "/run/k.sock") is None
+    assert sum(1 for c in fake.calls if "inspectp" in c) == 1

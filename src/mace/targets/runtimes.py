@@ -286,10 +286,15 @@ class EngineAPI:
 
 def name_of_netns(inode: int, runtime_socket: str | None = None, *,
                   timeout: float = 1.0) -> dict | None:
-    """Which Docker or Podman container runs in the network namespace `inode`, if one does:
-    {"container": name, "runtime": ...}, as mace.output.sinks names reports.  For the
-    service, whose clients are known by their namespace alone.  Runtimes that are not there
-    or do not answer are skipped: a name is a courtesy, never a reason to refuse."""
+    """Which Docker or Podman container, or which Kubernetes pod (through the node's CRI,
+    with crictl), runs in the network namespace `inode`, if one does: {"container": name,
+    "runtime": ...} (and "pod", "k8s_namespace"), as mace.output.sinks names reports.  For
+    the service, whose clients (and --all's containers) are known by their namespace alone.
+    Runtimes that are not there or do not answer are skipped: a name is a courtesy, never a
+    reason to refuse."""
+    pod = _pod_of_netns(inode, runtime_socket)
+    if pod is not None:
+        return pod
     for runtime in ("docker", "podman"):
         try:
             api = EngineAPI(runtime, socket_for(runtime, runtime_socket), timeout)
@@ -573,6 +578,36 @@ def _pod_target(spec: str, ref: str, sock: Socket) -> Target:
         label = container
     return Target(spec, path, inode, pid, name=label, runtime="cri", container_id=cid, pod=name,
                   k8s_namespace=namespace, runtime_socket=sock.path)
+
+
+# sandbox id -> its network namespace's inode (None: host network or not found); a
+# sandbox keeps its namespace for life, so `crictl inspectp` runs once per sandbox
+_SANDBOX_INODES: dict[str, int | None] = {}
+
+
+def _pod_of_netns(inode: int, runtime_socket: str | None) -> dict | None:
+    """The ready pod sandbox whose network namespace is `inode`, named as pod: targets are."""
+    if shutil.which("crictl") is None:
+        return None
+    try:
+        sock = socket_for("pod", runtime_socket)
+        pods = _crictl(sock, "pods", "--state", "ready", "-o", "json").get("items") or []
+        for p in pods:
+            sid = p.get("id")
+            if not sid:
+                continue
+            if sid not in _SANDBOX_INODES:
+                try:
+                    _SANDBOX_INODES[sid] = sandbox_netns(_crictl(sock, "inspectp", "-o", "json", sid),
+                                                         f"pod sandbox {sid[:12]}")[1]
+                except MaceError:
+                    _SANDBOX_INODES[sid] = None
+            if _SANDBOX_INODES[sid] == inode:
+                name, namespace = _meta(p).get("name"), _meta(p).get("namespace")
+                return {"container": name, "runtime": "cri", "pod": name, "k8s_namespace": namespace}
+    except MaceError:
+        return None
+    return None
 
 
 def sandbox_netns(inspected: dict, what: str) -> tuple[str, int, int | None]:
