@@ -29,3 +29,8 @@ PRESENCE_EVERY = 1.0                    # s between checks that traced container
 # event's filter rejects about 170 ns, because the kernel builds the record before filtering.
 SAMPLE_COST_NS = 1000
 FILTERED_HIT_COST_NS = 170
+# and every hit of a filtered tracepoint, sampled or not, walks the filter's terms one by
+# one (about 31 ns each after the first) and every perf event of it (about 46 ns each after
+# the first): benchmarks/sample_cost.py, "name filters"
+FILTER_TERM_COST_NS = 31
+EXTRA_EVENT_COST_NS = 46

@@ -98,7 +98,8 @@ def test_summary_gives_the_observers_cost(testbed, run_mace, tmp_path):
     assert basis["samples_inside"] == {d: spp[d] - 1 for d in spp}
     for d in ("egress", "ingress"):
         assert cost[d] == (basis["samples_inside"][d] * basis["sample_ns"]
-                           + basis["filtered_hits_inside"][d] * basis["filtered_hit_ns"])
+                           + basis["filtered_hits_inside"][d] * basis["filtered_hit_ns"]
+                           + basis["filter_walk_inside_ns"][d])
         # a few samples of about a microsecond each: well below the expense it is part of
         assert 1000 <= cost[d] <= 10_000, cost
     assert isinstance(s["other_tracers"], list)

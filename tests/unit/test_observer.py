@@ -129,8 +129,11 @@ def test_build_gives_the_observers_cost():
     assert obs["samples_per_packet"] == {"egress": 4, "ingress": 3}
     assert obs["unreported_samples_per_s"] == pytest.approx((1000 - 10 * 4 - 8 * 3) / 8.0, abs=0.1)
     cost = obs["own_cost_ns_estimate"]
-    assert cost["egress"] == 3 * SAMPLE_COST_NS + 1 * FILTERED_HIT_COST_NS
-    assert cost["ingress"] == 2 * SAMPLE_COST_NS + 3 * FILTERED_HIT_COST_NS
+    # two containers: the veths' tracepoints walk two names per hit
+    walk = cost["basis"]["filter_walk_inside_ns"]
+    assert walk["egress"] > 0 and walk["ingress"] > 0
+    assert cost["egress"] == 3 * SAMPLE_COST_NS + 1 * FILTERED_HIT_COST_NS + walk["egress"]
+    assert cost["ingress"] == 2 * SAMPLE_COST_NS + 3 * FILTERED_HIT_COST_NS + walk["ingress"]
     basis = cost["basis"]
     assert basis["sample_ns"] == SAMPLE_COST_NS == 1000
     assert basis["filtered_hit_ns"] == FILTERED_HIT_COST_NS == 170
@@ -142,7 +145,19 @@ def test_build_gives_the_observers_cost():
 
 def test_build_with_hops_counts_more_samples_and_fewer_filtered_hits():
     cost = summary_of(FakeTracer(plan(hops=True), [(1, 1)], events=11))["observer"]["own_cost_ns_estimate"]
-    assert (cost["egress"], cost["ingress"]) == (5 * SAMPLE_COST_NS, 4 * SAMPLE_COST_NS + 2 * FILTERED_HIT_COST_NS)
+    walk = cost["basis"]["filter_walk_inside_ns"]
+    assert (cost["egress"], cost["ingress"]) == (5 * SAMPLE_COST_NS + walk["egress"],
+                                                 4 * SAMPLE_COST_NS + 2 * FILTERED_HIT_COST_NS + walk["ingress"])
+
+
+def test_the_filter_walk_is_per_term_and_per_extra_event():
+    from mace.output.summary import filter_work_ns
+    p = plan()
+    probes = p.probes()
+    walk = filter_work_ns(p, probes)
+    per_hit = {q.tracepoint: 31 * (len(q.terms()) - 1) + 46 * (len(q.filters()) - 1)
+               for q in probes if q.devices}
+    assert walk == {d: sum(per_hit.get(tp, 0) for tp, _ in steps[1:]) for d, steps in path_steps(p).items()}
 
 
 def test_unreported_samples_are_never_negative():
@@ -156,10 +171,11 @@ def test_no_reports_no_duration_no_ratio():
     t.stopped_at = None
     obs = summary_of(t)["observer"]
     assert obs["events_per_report"] is None and obs["unreported_samples_per_s"] is None
-    assert obs["own_cost_ns_estimate"]["egress"] == 3 * SAMPLE_COST_NS + FILTERED_HIT_COST_NS
+    walk = obs["own_cost_ns_estimate"]["basis"]["filter_walk_inside_ns"]
+    assert obs["own_cost_ns_estimate"]["egress"] == 3 * SAMPLE_COST_NS + FILTERED_HIT_COST_NS + walk["egress"]
     line = [x for x in format_text(summary_of(t)).splitlines() if x.startswith("observer:")]
     assert line == ["observer: - events per reported packet, - samples/s unreported, own cost ≈ "
-                    "3.2 µs egress / 2.5 µs ingress (estimate)"]
+                    "3.4 µs egress / 2.7 µs ingress (estimate)"]
 
 
 def test_format_text_gives_one_observer_line_after_the_totals():
@@ -167,7 +183,7 @@ def test_format_text_gives_one_observer_line_after_the_totals():
     lines = format_text(summary_of(t)).splitlines()
     assert lines[-2].startswith("120 events in 4.0 s;")
     assert lines[-1] == ("observer: 12.0 events per reported packet, 21 samples/s unreported, "
-                         "own cost ≈ 3.2 µs egress / 2.5 µs ingress (estimate)")
+                         "own cost ≈ 3.4 µs egress / 2.7 µs ingress (estimate)")
 
 
 def test_other_tracers_are_recorded_and_shown_one_line_each():

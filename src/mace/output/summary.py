@@ -6,7 +6,13 @@ found at start; as text (stderr) or JSON (--summary-json)."""
 from __future__ import annotations
 
 from mace.capture.others import OtherTracer, warn_lines
-from mace.defaults import DIRECTIONS, FILTERED_HIT_COST_NS, SAMPLE_COST_NS
+from mace.defaults import (
+    DIRECTIONS,
+    EXTRA_EVENT_COST_NS,
+    FILTER_TERM_COST_NS,
+    FILTERED_HIT_COST_NS,
+    SAMPLE_COST_NS,
+)
 from mace.output.clock import us as _us
 from mace.output.report import Histogram, coverage
 from mace.plan import EGRESS_HOPS, INGRESS_HOPS, QUEUE, RECV, RX, XMIT
@@ -164,6 +170,15 @@ def filtered_hits(plan, probes) -> dict[str, int]:
             for d, steps in path_steps(plan).items()}
 
 
+def filter_work_ns(plan, probes) -> dict[str, int]:
+    """By direction, the time the kernel spends evaluating mace's filters on the hits
+    inside a segment (after its first step): each hit of a filtered tracepoint walks every
+    term of its filter and every perf event of it, sampled or not."""
+    per_hit = {p.tracepoint: FILTER_TERM_COST_NS * max(0, len(p.terms()) - 1)
+               + EXTRA_EVENT_COST_NS * max(0, len(p.filters()) - 1) for p in probes if p.devices}
+    return {d: sum(per_hit.get(tp, 0) for tp, _ in steps[1:]) for d, steps in path_steps(plan).items()}
+
+
 def observer(plan, stats: dict, seconds: float | None) -> dict:
     """What observing costs: events sampled per report, samples per second that no report
     accounts for (other devices of the same names, the host's traffic, packets not
@@ -174,9 +189,12 @@ def observer(plan, stats: dict, seconds: float | None) -> dict:
     total = sum(reports.values())
     events = stats["rings"].get("events", 0)
     chains = sum(reports[d] * per_packet[d] for d in DIRECTIONS)
-    filtered = filtered_hits(plan, plan.probes())
+    probes = plan.probes()
+    filtered = filtered_hits(plan, probes)
+    walking = filter_work_ns(plan, probes)
     inside = {d: max(0, per_packet[d] - 1) for d in DIRECTIONS}
-    cost = {d: inside[d] * SAMPLE_COST_NS + filtered[d] * FILTERED_HIT_COST_NS for d in DIRECTIONS}
+    cost = {d: inside[d] * SAMPLE_COST_NS + filtered[d] * FILTERED_HIT_COST_NS + walking[d]
+            for d in DIRECTIONS}
     return {
         "events_per_report": round(events / total, 3) if total else None,
         "samples_per_packet": per_packet,
@@ -185,6 +203,8 @@ def observer(plan, stats: dict, seconds: float | None) -> dict:
             **cost,
             "basis": {"sample_ns": SAMPLE_COST_NS, "filtered_hit_ns": FILTERED_HIT_COST_NS,
                       "samples_inside": inside, "filtered_hits_inside": filtered,
+                      "filter_term_ns": FILTER_TERM_COST_NS, "extra_event_ns": EXTRA_EVENT_COST_NS,
+                      "filter_walk_inside_ns": walking,
                       "source": "measured on one VM, not on this host: see KERNEL-NOTES.md, "
                                 "'What one sample costs here'"},
         },
