@@ -144,6 +144,76 @@ def _trace(tb, plan, name: str, p: dict, senders: list[int]) -> dict:
     return out
 
 
+def _serve_all(tb, n_new: int) -> dict:
+    """`mace serve --all --metrics` in the testbed's host namespace: how long it takes to
+    trace every container at start, then to follow each new one (a link event, discovery,
+    a handover), and what a scrape of all their series costs."""
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    addr = "127.0.0.1:9464"
+    scrape = ("import sys, time, urllib.request\nt = time.monotonic()\n"
+              f"b = urllib.request.urlopen('http://{addr}/metrics', timeout=30).read()\n"
+              "print(time.monotonic() - t, file=sys.stderr)\nprint(b.decode())")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        log_path = os.path.join(tmp, "serve.log")
+        log = open(log_path, "w")
+        t0 = time.monotonic()
+        srv = tb.popen(tb.host_ns, [sys.executable, "-m", "mace", "serve", "--socket", f"{tmp}/s/mace.sock",
+                                    "--state-dir", f"{tmp}/state", "--all", "--metrics", addr],
+                       stdout=subprocess.DEVNULL, stderr=log)
+
+        def traced() -> int:
+            return len(re.findall(r"^mace: netns \d+ traced ", open(log_path).read(), re.M))
+
+        def wait(count: int, limit: float) -> float:
+            start = time.monotonic()
+            while traced() < count:
+                if srv.poll() is not None or time.monotonic() - start > limit:
+                    raise RuntimeError(f"serve --all traced {traced()} of {count}:\n" + open(log_path).read()[-2000:])
+                time.sleep(0.01)
+            return time.monotonic()
+
+        try:
+            n = len(tb.containers)
+            start_s = wait(n, 600) - t0
+            rss = _rss_of(srv.pid)
+            follow = []
+            for k in range(n_new):
+                t = time.monotonic()
+                c = tb.add_container()
+                follow.append(round(wait(n + k + 1, 60) - t, 3))
+            tb.run(c.ns, ["ping", "-n", "-q", "-c", "5", "-i", "0.05", tb.peer_ip], timeout=30)
+            time.sleep(0.5)
+            r = tb.run(tb.host_ns, [sys.executable, "-c", scrape], timeout=60)
+            counts = {}
+            for fam in text_string_to_metric_families(r.stdout):
+                for smp in fam.samples:
+                    if smp.name == "mace_container_latency_seconds_count":
+                        counts[smp.labels["container"]] = counts.get(smp.labels["container"], 0) + smp.value
+            inode = os.stat(tb.ns_path(c.ns)).st_ino
+        finally:
+            srv.terminate()
+            srv.wait(60)
+            log.close()
+    return {"start_s": round(start_s, 2), "follow_s": follow, "rss_mib": rss,
+            "scrape_s": round(float(r.stderr.strip().splitlines()[-1]), 3), "scrape_bytes": len(r.stdout),
+            "series": len(counts), "new_reports": counts.get(f"netns:{inode}", 0)}
+
+
+def _rss_of(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 def run(quick: bool) -> dict:
     if os.geteuid() != 0:
         return {"skipped": "needs root (network namespaces, perf tracepoint events)"}
@@ -168,6 +238,8 @@ def run(quick: bool) -> dict:
         for name in VARIANTS:
             wait_quiet(2.0)
             out["variants"].append(_trace(tb, plan, name, p, senders))
+        wait_quiet(2.0)
+        out["serve_all"] = _serve_all(tb, 1 if quick else 5)
         t2 = time.monotonic()
     out["teardown_s"] = round(time.monotonic() - t2, 2)
     return out
@@ -259,6 +331,18 @@ def summary(result: dict) -> list[dict]:
     n = result["containers"]
     rows = [{"metric": f"testbed of {n} containers built / discovered",
              "value": f"{result['build_s']:.1f} s / {result['discover_s']:.1f} s", "target": "", "met": None}]
+    sa = result.get("serve_all")
+    if sa:
+        rows += [
+            {"metric": f"mace serve --all: all {n} traced after start / each new container followed in",
+             "value": f"{sa['start_s']:.1f} s / {', '.join(f'{x:.2f}' for x in sa['follow_s'])} s",
+             "target": "", "met": None},
+            {"metric": f"mace serve --all: one scrape of {sa['series']} containers' series; service RSS",
+             "value": f"{1e3 * sa['scrape_s']:.0f} ms, {sa['scrape_bytes'] / 1e6:.1f} MB; {sa['rss_mib']:.0f} MiB",
+             "target": "", "met": None},
+            {"metric": "mace serve --all: reports of the last container added (5 pings)",
+             "value": f"{sa['new_reports']:.0f}", "target": "10", "met": sa["new_reports"] == 10},
+        ]
     for v in result["variants"]:
         tag = f"{v['variant']} ({v['events_per_cpu']} events per CPU)"
         cov = v["coverage_min"]

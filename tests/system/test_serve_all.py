@@ -3,17 +3,13 @@ come and go (netlink link events), their series in /metrics; real pings in a tes
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import sys
 import time
 
 from helpers import WAIT, inode_of, one_line_error, ping, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from pyroute2 import IPRoute, netns
 from test_service_live import SETTLE, Service, mace_client, make_bed, ok, serve_argv
-
-from mace.testing.testbed import HOST_NET, Container
 
 METRICS = "127.0.0.1:9464"
 
@@ -41,36 +37,6 @@ def traced(m: dict) -> float:
     return m[("mace_containers_traced",)]
 
 
-def add_container(tb) -> Container:
-    """One more container on the testbed's bridge, made the way a runtime does it (veth in
-    the host namespace, its peer moved into the new namespace); torn down with the testbed."""
-    i = len(tb.containers)
-    c = Container(index=i, ns=f"{tb.host_ns.removesuffix('-host')}-c{i}", inner="eth0",
-                  ip=str(HOST_NET.network_address + 10 + i), veth=f"m{tb.tag}v{i}")
-    netns.create(c.ns)
-    tb._made.append(c.ns)
-    with IPRoute(netns=tb.host_ns, flags=0) as host:
-        host.link("add", ifname=c.veth, kind="veth", peer={"ifname": c.inner, "net_ns_fd": c.ns})
-        v = host.link_lookup(ifname=c.veth)[0]
-        host.link("set", index=v, master=host.link_lookup(ifname=tb.bridge)[0])
-        host.link("set", index=v, state="up")
-    with IPRoute(netns=c.ns, flags=0) as cr:
-        cr.link("set", index=cr.link_lookup(ifname="lo")[0], state="up")
-        e = cr.link_lookup(ifname=c.inner)[0]
-        cr.addr("add", index=e, address=c.ip, prefixlen=HOST_NET.prefixlen)
-        cr.link("set", index=e, state="up")
-        cr.route("add", dst="default", gateway=tb.gateway)
-    assert ipaddress.ip_address(c.ip) in HOST_NET
-    tb.containers.append(c)
-    return c
-
-
-def remove_container(tb, c: Container) -> None:
-    netns.remove(c.ns)
-    tb._made.remove(c.ns)
-    tb.containers.remove(c)
-
-
 def test_all_traces_every_container_follows_new_and_gone_ones_and_respects_off(testbed_factory, tmp_path):
     tb, sock = make_bed(testbed_factory, tmp_path, n=2)
     a, b = tb.containers
@@ -81,7 +47,7 @@ def test_all_traces_every_container_follows_new_and_gone_ones_and_respects_off(t
             svc.wait_log(rf"^mace: netns {inode_of(tb, c)} traced \(no runtime names it\): eth0 ⇄ {c.veth} ")
         # a container started while the service runs is traced within a moment
         t0, seen = time.monotonic(), len(svc.log)
-        new = add_container(tb)
+        new = tb.add_container()
         wait_for(lambda: any(f"netns {inode_of(tb, new)} traced " in line for line in svc.log[seen:]),
                  timeout=WAIT, what="the new container traced")
         followed = time.monotonic() - t0
@@ -97,7 +63,7 @@ def test_all_traces_every_container_follows_new_and_gone_ones_and_respects_off(t
         r = mace_client(tb, a, sock, "read")
         assert r.returncode == 6 and "not enabled" in r.stderr, r.stderr
         # a container that goes: its last values are scraped once, then its series leave
-        remove_container(tb, new)
+        tb.remove_container(new)
         svc.wait_log(rf"^mace: netns {labels[new.ns][6:]} disabled: namespace gone$", timeout=5)
         m = scrape(tb)
         assert counts(m)[(labels[new.ns], "egress")] == 5 and traced(m) == 2
@@ -110,7 +76,7 @@ def test_all_traces_every_container_follows_new_and_gone_ones_and_respects_off(t
         ok(mace_client(tb, a, sock, "off"))
         svc.wait_log(rf"^mace: netns {labels[a.ns][6:]} disabled: mace off$", timeout=5)
         seen = len(svc.log)
-        extra = add_container(tb)                   # a link event: --all looks again
+        extra = tb.add_container()                   # a link event: --all looks again
         # (its namespace may get the gone one's inode: look at new lines only)
         wait_for(lambda: any(f"netns {inode_of(tb, extra)} traced " in line for line in svc.log[seen:]),
                  timeout=WAIT, what="the extra container traced")

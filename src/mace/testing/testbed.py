@@ -244,6 +244,39 @@ class Testbed:
                      f'    oifname "{self.uplink}" masquerade\n'
                      "  }\n}\n")
 
+    def add_container(self) -> Container:
+        """One more container on the bridge of a built testbed, made as a runtime makes one
+        (its veth created in the host namespace, the peer moved into a new namespace), torn
+        down with the testbed.  IPv4 only."""
+        if self.bridge is None or self.ipv6:
+            raise ValueError("add_container is for the IPv4 bridge topology")
+        i = max((c.index for c in self.containers), default=-1) + 1
+        c = Container(index=i, ns=f"{self.host_ns.removesuffix('-host')}-c{i}", inner="eth0",
+                      ip=str(self.host_net.network_address + 10 + i), veth=f"m{self.tag}v{i}")
+        if not (_in_benchmark_range(c.ip) and ipaddress.ip_address(c.ip) in self.host_net):
+            raise ValueError(f"no address left for container {i}")
+        _create_ns(c.ns)
+        self._made.append(c.ns)
+        for conf in ("all", "default"):
+            self.sysctl(c.ns, f"net/ipv6/conf/{conf}/disable_ipv6", "1")
+        with _netlink(self.ns_path(self.host_ns)) as host:
+            host.link("add", ifname=c.veth, kind="veth", state="up",
+                      peer={"ifname": c.inner, "net_ns_fd": c.ns}, master=_index(host, self.bridge))
+        with _netlink(self.ns_path(c.ns)) as cr:
+            _up(cr, "lo")
+            e = _index(cr, c.inner)
+            cr.addr("add", index=e, address=c.ip, prefixlen=self.host_net.prefixlen)
+            cr.link("set", index=e, state="up")
+            cr.route("add", dst="default", gateway=self.gateway)
+        self.containers.append(c)
+        return c
+
+    def remove_container(self, c: Container) -> None:
+        """The container's namespace goes, and its veth pair with it (a container stopped)."""
+        netns.remove(c.ns)
+        self._made.remove(c.ns)
+        self.containers.remove(c)
+
     def _address_ipv6(self) -> None:
         """The IPv4 layout again in IPv6; addresses are added `nodad` so that they work at once
         instead of after duplicate address detection's second."""
