@@ -18,7 +18,7 @@ extensions = [
         extra_compile_args=cflags,
         define_macros=macros,
     )
-    for name in ("mace.capture._ring", "mace.correlate._correlate")
+    for name in ("mace.capture._ring", "mace.correlate._correlate", "mace.output._format")
 ]
 
 setup(

@@ -26,6 +26,7 @@ SUITE = {
     "sample_cost": "benchmarks.sample_cost",
     "scale": "benchmarks.scale",
     "metrics": "benchmarks.metrics",
+    "format": "benchmarks.format",
 }
 
 

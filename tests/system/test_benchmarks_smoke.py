@@ -170,3 +170,16 @@ def test_scale_benchmark_quick(tmp_path):
         assert v["reports"] == v["expected_reports"], v
         assert all(r["egress"] == r["ingress"] == res["pings"] for r in v["per_sender"]), v["per_sender"]
         assert v["lost"] == 0 and v["events"] > 0 and v["open_s"] > 0 and v["perf_events"] > 0
+
+
+def test_format_benchmark_quick(tmp_path):
+    res = run_quick("format", tmp_path)
+    rows = res["formatting"]
+    assert {(r["format"], r["hops"]) for r in rows} == {(f, h) for f in ("mace", "jsonl", "csv")
+                                                        for h in (False, True)}
+    # the compiled text is the reference's, byte for byte, in every format
+    assert res["all_identical"] and all(r["compiled_per_s"] > 0 and r["reference_per_s"] > 0 for r in rows)
+    live, backlog = res["delivery"]["live"], res["delivery"]["backlog"]
+    assert live["reports"] > 100 and live["dropped"] == 0
+    # the reader drained what was queued while it was away: every report, none dropped
+    assert backlog["queued"] > 100 and backlog["reports"] == backlog["queued"] and backlog["dropped"] == 0

@@ -14,7 +14,7 @@ from mace.capture import _ring, perf
 from mace.capture._ring import Rings
 from mace.correlate import _correlate
 from mace.errors import MaceError, PermissionProblem, ResourceError, TracepointMissing
-from mace.output import report
+from mace.output import _format, report
 from mace.output.report import REPORT_SIZE, Report, split, unpack
 from mace.testing import reference
 from mace.testing.synthetic import NetEvent, RingImage, builtin_layout
@@ -290,7 +290,7 @@ def stub_names(path: Path) -> set[str]:
     return {n for n in names if not n.startswith("_")}
 
 
-@pytest.mark.parametrize("module", [_ring, _correlate])
+@pytest.mark.parametrize("module", [_ring, _correlate, _format])
 def test_stubs_list_what_the_compiled_module_offers(module):
     stub = Path(module.__file__).parent / (module.__name__.rsplit(".", 1)[1] + ".pyi")
     src_stub = Path(__file__).parents[2] / "src" / Path(*module.__name__.split(".")[:-1]) / stub.name
@@ -300,7 +300,8 @@ def test_stubs_list_what_the_compiled_module_offers(module):
     assert stub_names(path) == public
 
 
-@pytest.mark.parametrize("module, cls", [(_ring, "Rings"), (_correlate, "Correlator")])
+@pytest.mark.parametrize("module, cls", [(_ring, "Rings"), (_correlate, "Correlator"),
+                                         (_format, "Formatter")])
 def test_stub_methods_match_the_class(module, cls):
     stub = Path(module.__file__).parent / (module.__name__.rsplit(".", 1)[1] + ".pyi")
     tree = ast.parse(stub.read_text())
@@ -317,4 +318,4 @@ def test_the_package_is_marked_typed():
 
 def test_debug_flag_is_exposed():
     assert isinstance(_ring.DEBUG, bool) and isinstance(_correlate.DEBUG, bool)
-    assert _ring.DEBUG == _correlate.DEBUG
+    assert _ring.DEBUG == _correlate.DEBUG == _format.DEBUG

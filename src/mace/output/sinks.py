@@ -12,21 +12,32 @@ pod: (null, or an empty CSV cell, for a PID or a namespace); a pod's reports als
 `ts` is the wall-clock time the packet entered the measured segment (egress: it left the
 container's device; ingress: the host's uplink received it).  Hops (with --hops) give, for
 each intermediate step, the ns after `ts` at which the packet reached it.
+
+The lines are made in compiled code (mace.output._format) from the packed reports, with
+what each target adds to them (JSON-escaped, CSV-quoted) made once, here, by target_prefix:
+no Python object per report.  The Python sinks they replace are kept as the reference,
+mace.testing.reference_sinks, and the two agree byte for byte.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from typing import IO
 
 from mace.defaults import DIRECTIONS, FORMATS  # noqa: F401 - FORMATS: where sinks are chosen
-from mace.output import clock
-from mace.output.report import Report
+from mace.output import _format, clock
+from mace.output.report import Report, pack
 from mace.plan import EGRESS_HOPS, INGRESS_HOPS
 
 HOP_NAMES = (EGRESS_HOPS, INGRESS_HOPS)
+NO_CONTAINER = {"container": None}      # a PID's or a namespace's reports: no runtime named them
+# JSON keys a report's own values take, after its target's: a runtime name may not take them
+REPORT_KEYS = ("dir", "seq", "latency_ns", "len", "cpu")
+# Labels and container names are text: any str survives the trip through bytes and back
+ENCODING, ERRORS = "utf-8", "surrogatepass"
 
 
 def hop_columns() -> list[str]:
@@ -34,8 +45,49 @@ def hop_columns() -> list[str]:
             for h in names]
 
 
+def target_prefix(fmt: str, label: str, inode: int, container: dict | None = None, *,
+                  hops: bool = False) -> bytes:
+    """What every line of a target's reports carries, for the compiled formatter: the label
+    and a space (MACE lines, with several targets); `"netns":..,"target":..,"container":..`
+    JSON-escaped (JSON lines); `,netns,target,container` quoted as the csv module quotes
+    them (CSV)."""
+    if fmt == "mace":
+        return f"{label} ".encode(ENCODING, ERRORS)
+    if fmt == "jsonl":
+        obj = {"netns": inode, "target": label, **(NO_CONTAINER | (container or {}))}
+        clash = set(obj) & {*REPORT_KEYS, *(("hops",) if hops else ())}
+        if clash:
+            raise ValueError(f"target {label}: {', '.join(sorted(clash))} is a report field, "
+                             "not a name of the target")
+        return json.dumps(obj, separators=(",", ":"))[1:-1].encode()
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(
+            [inode, label, container["container"] if container else ""])
+        return ("," + buf.getvalue()[:-1]).encode(ENCODING, ERRORS)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def formatter(fmt: str, wall_offset_ns: int, hops: bool = False,
+              targets: Sequence[tuple[str, int, dict | None]] = ()) -> _format.Formatter:
+    """A compiled formatter for `fmt` with `targets` (label, inode, container) added.
+
+    Example (the service, one namespace's queue)::
+
+        f = formatter("jsonl", offset, hops, [(ns.label, ns.inode, ns.identity)])
+        f.format(packed, out, 0)            # every report is target 0's
+    """
+    keys = tuple(tuple(json.dumps(h).encode() + b":" for h in names) for names in HOP_NAMES)
+    f = _format.Formatter(fmt, wall_offset_ns, hops=hops, hop_names=keys)
+    for label, inode, container in targets:
+        f.add_target(target_prefix(fmt, label, inode, container, hops=hops))
+    return f
+
+
 class Sink:
     """Writes reports for a list of targets (labels and namespace inodes, by container)."""
+
+    FORMAT = ""
 
     def __init__(self, out: IO[str], labels: Sequence[str], inodes: Sequence[int], *,
                  hops: bool = False, wall_offset_ns: int | None = None,
@@ -45,25 +97,43 @@ class Sink:
         self.inodes = list(inodes)
         # per target: {"container": name, and "pod", "k8s_namespace" for a pod} or None
         self.containers = list(containers) if containers is not None else [None] * len(self.labels)
+        if not len(self.labels) == len(self.inodes) == len(self.containers):
+            raise ValueError("a label, an inode and a container (or None) for each target")
         # MACE lines name the target when several were asked for (not when one restarted)
         self.many = len(self.labels) > 1
         self.hops = hops
         # CLOCK_MONOTONIC -> wall clock, taken once: the reports keep their spacing
         self.offset = wall_offset_ns if wall_offset_ns is not None else clock.wall_offset_ns()
         self.written = 0
+        # the target of every report, or -1: each report's container index's
+        self.formatter, self.target = self._formatter()
+
+    def _formatter(self) -> tuple[_format.Formatter, int]:
+        return formatter(self.FORMAT, self.offset, self.hops,
+                         zip(self.labels, self.inodes, self.containers, strict=True)), -1
 
     def add_target(self, label: str, inode: int, container: dict | None = None) -> None:
         """A target traced from now on, at the next container index (a restarted one)."""
         self.labels.append(label)
         self.inodes.append(inode)
         self.containers.append(container)
+        self.formatter.add_target(target_prefix(self.FORMAT, label, inode, container, hops=self.hops))
 
     def wall(self, r: Report, digits: int = 9) -> str:
         """When `r` entered the segment, in seconds since the epoch (see clock.wall)."""
         return clock.wall(r.t0 + self.offset, digits)
 
     def write(self, reports: list[Report]) -> None:
-        raise NotImplementedError
+        """Reports as Report tuples (a library caller's): packed, then as write_packed."""
+        self.write_packed(b"".join(map(pack, reports)))
+
+    def write_packed(self, data) -> None:
+        """Packed reports (REPORT_FORMAT each, as Tracer.poll(raw=True) gives them): a line
+        each.  A report no line can be made of raises ValueError, and nothing is written."""
+        text = bytearray()
+        self.written += self.formatter.format(data, text, self.target)
+        if text:
+            self.out.write(text.decode(ENCODING, ERRORS))
 
     def flush(self) -> None:
         self.out.flush()
@@ -72,59 +142,35 @@ class Sink:
 class MaceSink(Sink):
     """The original MACE kernel module's /dev/mace lines."""
 
-    def write(self, reports: list[Report]) -> None:
-        w = self.out.write
-        for r in reports:
-            prefix = f"{self.labels[r.container]} " if self.many else ""
-            w(f"{prefix}[{self.wall(r, 6)}] ({r.seq}) {r.direction}: {r.latency}\n")
-        self.written += len(reports)
+    FORMAT = "mace"
 
+    def _formatter(self) -> tuple[_format.Formatter, int]:
+        if self.many:
+            return super()._formatter()
+        # one target's lines carry no label, whatever their index (a restart adds one)
+        f = formatter(self.FORMAT, self.offset)
+        return f, f.add_target(b"")
 
-NO_CONTAINER = {"container": None}      # a PID's or a namespace's reports: no runtime named them
-
-
-def jsonl_line(r: Report, ts: str, netns: int, target: str, hops: bool,
-               container: dict | None = None) -> str:
-    """One report as a JSON line; `ts` is Sink.wall(r), written as a number with all nine
-    digits exact (a JSON encoder would go through a double)."""
-    obj = {"netns": netns, "target": target, **(NO_CONTAINER | (container or {})),
-           "dir": r.direction, "seq": r.seq, "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
-    if hops:
-        obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops, strict=True))
-    return '{"ts":' + ts + "," + json.dumps(obj, separators=(",", ":"))[1:] + "\n"
+    def add_target(self, label: str, inode: int, container: dict | None = None) -> None:
+        if self.many:
+            return super().add_target(label, inode, container)
+        self.labels.append(label)
+        self.inodes.append(inode)
+        self.containers.append(container)
 
 
 class JsonlSink(Sink):
-    def write(self, reports: list[Report]) -> None:
-        w = self.out.write
-        for r in reports:
-            w(jsonl_line(r, self.wall(r), self.inodes[r.container], self.labels[r.container],
-                         self.hops, self.containers[r.container]))
-        self.written += len(reports)
+    FORMAT = "jsonl"
 
 
 class CsvSink(Sink):
+    FORMAT = "csv"
     COLUMNS = ["ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"]
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.csv = csv.writer(self.out, lineterminator="\n")
-        self.csv.writerow(self.COLUMNS + (hop_columns() if self.hops else []))
-
-    def write(self, reports: list[Report]) -> None:
-        ncols = len(hop_columns())
-        for r in reports:
-            named = self.containers[r.container]
-            row = [self.wall(r), self.inodes[r.container], self.labels[r.container],
-                   named["container"] if named else "", r.direction, r.seq, r.latency, r.len, r.cpu]
-            if self.hops:
-                hops = [""] * ncols
-                base = 0 if r.dir == 0 else len(EGRESS_HOPS)
-                for i, h in enumerate(r.hops):
-                    hops[base + i] = "" if h is None else h
-                row += hops
-            self.csv.writerow(row)
-        self.written += len(reports)
+        csv.writer(self.out, lineterminator="\n").writerow(
+            self.COLUMNS + (hop_columns() if self.hops else []))
 
 
 def make_sink(fmt: str, out: IO[str], labels, inodes, **kw) -> Sink:

@@ -58,9 +58,9 @@ from mace.defaults import (
     DEFAULT_TABLE_SIZE,
 )
 from mace.errors import ResourceError, TopologyError, UsageError
-from mace.output.clock import wall, wall_offset_ns
-from mace.output.report import REPORT_SIZE, unpack
-from mace.output.sinks import NO_CONTAINER, jsonl_line
+from mace.output.clock import wall_offset_ns
+from mace.output.report import REPORT_SIZE
+from mace.output.sinks import NO_CONTAINER, formatter
 from mace.service import protocol as P
 from mace.service.engine import Engine, LinkWatcher
 from mace.service.identity import Peer, netns_inode
@@ -475,12 +475,12 @@ class Service:
         return True
 
     async def _write_items(self, ns: Namespace, writer, raw: bytes, dropped: int) -> None:
-        text = "".join(jsonl_line(r, wall(r.t0 + self.wall_offset), ns.inode, ns.label, self.opts.hops,
-                                  ns.identity)
-                       for r in unpack(raw))
-        if dropped:
-            text = P.encode({"v": P.VERSION, "dropped": dropped}).decode() + text
-        writer.write(text.encode())
+        out = bytearray(P.encode({"v": P.VERSION, "dropped": dropped}) if dropped else b"")
+        # the lines are made in compiled code, the namespace's own fields once per batch;
+        # every report in its queue is its own (target 0), whatever the tracer's index
+        formatter("jsonl", self.wall_offset, self.opts.hops,
+                  [(ns.label, ns.inode, ns.identity)]).format(raw, out, 0)
+        writer.write(out)
         await writer.drain()
 
     async def _read(self, ns: Namespace, writer) -> None:
