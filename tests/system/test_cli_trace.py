@@ -33,7 +33,8 @@ MACE_RE = re.compile(rf"^{MACE_LINE}$")
 MACE_PARSE = re.compile(r"^(?:(?P<target>\S+) )?\[(?P<ts>\d+\.\d{6})\] \((?P<seq>\d+)\) "
                         r"(?P<dir>egress|ingress): (?P<lat>\d+)$")
 JSONL_KEYS = {"ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"}
-CSV_HEADER = ["ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"]
+CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
+              "len", "cpu"]
 EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "uplink queue")
 INGRESS_HOPS = ("bridge", "veth", "container rx")
 HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns",
@@ -218,11 +219,15 @@ def parse(fmt: str, lines: list[str], labels: list[str], *, hops=False) -> list[
         for row in rows[1:]:
             assert len(row) == len(rows[0]), row
             assert re.fullmatch(r"\d+\.\d{9}", row[0]), row
-            assert row[3] == "", row          # a namespace, not a runtime's container
-            r = {"ts": float(row[0]), "netns": int(row[1]), "target": row[2], "dir": row[4],
-                 "seq": int(row[5]), "latency": int(row[6]), "len": int(row[7]), "cpu": int(row[8])}
+            cell = dict(zip(rows[0], row, strict=True))
+            # a namespace, not a runtime's container (nor a pod)
+            assert cell["container"] == cell["pod"] == cell["k8s_namespace"] == "", row
+            r = {"ts": float(cell["ts"]), "netns": int(cell["netns"]), "target": cell["target"],
+                 "dir": cell["dir"], "seq": int(cell["seq"]), "latency": int(cell["latency_ns"]),
+                 "len": int(cell["len"]), "cpu": int(cell["cpu"])}
             if hops:
-                eg, ing = row[9:13], row[13:]
+                first = len(CSV_HEADER)
+                eg, ing = row[first:first + 4], row[first + 4:]
                 mine, other = (eg, ing) if r["dir"] == "egress" else (ing, eg)
                 assert other == [""] * len(other), row        # the other direction's columns
                 r["hops"] = [int(h) if h else None for h in mine]

@@ -20,7 +20,8 @@ OFFSET = WALL - T0
 HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns",
                "egress_uplink_queue_ns", "ingress_bridge_ns", "ingress_veth_ns",
                "ingress_container_rx_ns"]
-CSV_HEADER = ["ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"]
+CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
+              "len", "cpu"]
 
 
 def report(container=0, d=0, seq=1, t0=T0, latency=80932, length=84, cpu=1, hops=()):
@@ -88,7 +89,9 @@ def test_reports_name_the_runtimes_container_and_pod():
     pod = {"container": "app", "pod": "web-7d9", "k8s_namespace": "shop"}
     obj = json.loads(write("jsonl", [report()], containers=[pod]))
     assert (obj["container"], obj["pod"], obj["k8s_namespace"]) == ("app", "web-7d9", "shop")
-    assert rows(write("csv", [report()], containers=[{"container": "web"}]))[1][3] == "web"
+    assert rows(write("csv", [report()], containers=[{"container": "web"}]))[1][3:6] == ["web", "", ""]
+    # CSV has the pod's columns too, as JSON lines have its fields
+    assert rows(write("csv", [report()], containers=[pod]))[1][3:7] == ["app", "web-7d9", "shop", "egress"]
 
 
 @pytest.mark.parametrize("wall_ns,shown", [
@@ -131,7 +134,7 @@ def rows(text: str) -> list[list[str]]:
 def test_csv_header_and_a_row():
     got = rows(write("csv", [report(seq=2, cpu=0)]))
     assert got == [CSV_HEADER,
-                   ["1552589043.315681234", "4026532281", "web", "", "egress", "2", "80932", "84", "0"]]
+                   ["1552589043.315681234", "4026532281", "web", "", "", "", "egress", "2", "80932", "84", "0"]]
 
 
 def test_csv_header_only_when_nothing_was_written():
@@ -143,8 +146,8 @@ def test_csv_hop_columns_each_direction_in_its_own_and_none_empty():
     got = rows(write("csv", [report(hops=(1, 2, None, 4)), report(d=1, hops=(7, None, 9))],
                      hops=True))
     assert got[0] == CSV_HEADER + HOP_COLUMNS
-    assert got[1][9:] == ["1", "2", "", "4", "", "", ""]
-    assert got[2][9:] == ["", "", "", "", "7", "", "9"]
+    assert got[1][len(CSV_HEADER):] == ["1", "2", "", "4", "", "", ""]
+    assert got[2][len(CSV_HEADER):] == ["", "", "", "", "7", "", "9"]
     assert all(len(r) == len(got[0]) for r in got)
 
 

@@ -3,11 +3,11 @@
     mace   [1552589043.315681] (1) egress: 80932      (prefixed with the target with several)
     jsonl  {"ts": 1552589043.315681, "netns": 4026532281, "target": "web", "container": "web",
             "dir": "egress", "seq": 1, "latency_ns": 80932, "len": 84, "cpu": 1, "hops": {...}}
-    csv    ts,netns,target,container,dir,seq,latency_ns,len,cpu[,hop columns]
+    csv    ts,netns,target,container,pod,k8s_namespace,dir,seq,latency_ns,len,cpu[,hop columns]
 
 `container` is the runtime's name for a target given as docker:, podman:, containerd: or
 pod: (null, or an empty CSV cell, for a PID or a namespace); a pod's reports also carry
-`pod` and `k8s_namespace`.
+`pod` and `k8s_namespace` (CSV has their columns always, empty but for a pod).
 
 `ts` is the wall-clock time the packet entered the measured segment (egress: it left the
 container's device; ingress: the host's uplink received it).  Hops (with --hops) give, for
@@ -45,12 +45,17 @@ def hop_columns() -> list[str]:
             for h in names]
 
 
+def csv_names(container: dict | None) -> list[str]:
+    """A target's container, pod and k8s_namespace cells (empty where there is none)."""
+    return [(container or {}).get(k) or "" for k in ("container", "pod", "k8s_namespace")]
+
+
 def target_prefix(fmt: str, label: str, inode: int, container: dict | None = None, *,
                   hops: bool = False) -> bytes:
     """What every line of a target's reports carries, for the compiled formatter: the label
     and a space (MACE lines, with several targets); `"netns":..,"target":..,"container":..`
-    JSON-escaped (JSON lines); `,netns,target,container` quoted as the csv module quotes
-    them (CSV)."""
+    JSON-escaped (JSON lines); `,netns,target,container,pod,k8s_namespace` quoted as the
+    csv module quotes them (CSV)."""
     if fmt == "mace":
         return f"{label} ".encode(ENCODING, ERRORS)
     if fmt == "jsonl":
@@ -62,8 +67,7 @@ def target_prefix(fmt: str, label: str, inode: int, container: dict | None = Non
         return json.dumps(obj, separators=(",", ":"))[1:-1].encode()
     if fmt == "csv":
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(
-            [inode, label, container["container"] if container else ""])
+        csv.writer(buf, lineterminator="\n").writerow([inode, label, *csv_names(container)])
         return ("," + buf.getvalue()[:-1]).encode(ENCODING, ERRORS)
     raise ValueError(f"unknown format {fmt!r}")
 
@@ -165,7 +169,8 @@ class JsonlSink(Sink):
 
 class CsvSink(Sink):
     FORMAT = "csv"
-    COLUMNS = ["ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"]
+    COLUMNS = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
+               "len", "cpu"]
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

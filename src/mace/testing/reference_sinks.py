@@ -80,7 +80,8 @@ class JsonlSink(Sink):
 
 
 class CsvSink(Sink):
-    COLUMNS = ["ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"]
+    COLUMNS = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
+               "len", "cpu"]
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -92,7 +93,8 @@ class CsvSink(Sink):
         for r in reports:
             named = self.containers[r.container]
             row = [self.wall(r), self.inodes[r.container], self.labels[r.container],
-                   named["container"] if named else "", r.direction, r.seq, r.latency, r.len, r.cpu]
+                   *[(named or {}).get(k) for k in ("container", "pod", "k8s_namespace")],
+                   r.direction, r.seq, r.latency, r.len, r.cpu]
             if self.hops:
                 hops = [""] * ncols
                 base = 0 if r.dir == 0 else len(EGRESS_HOPS)
