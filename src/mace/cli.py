@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-f", "--format", choices=FORMATS, help="report format (default: mace, or the live view on a terminal)")
     tr.add_argument("-o", "--output", metavar="FILE", help="write reports to FILE instead of stdout")
     tr.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON to FILE")
-    _tracer_options(tr, uplinks=True)
+    _tracer_options(tr)
     view = tr.add_mutually_exclusive_group()
     view.add_argument("--tui", dest="tui", action="store_true", default=None, help="live view")
     view.add_argument("--no-tui", dest="tui", action="store_false", help="stream reports even on a terminal")
@@ -198,14 +198,10 @@ def _runtime_socket_option(p: argparse.ArgumentParser, text: str = "docker:, pod
                         "$CONTAINER_HOST, ..., else the runtime's usual one)")
 
 
-def _tracer_options(p: argparse.ArgumentParser, *, uplinks: bool = False) -> None:
-    if uplinks:
-        p.add_argument("--uplink", metavar="DEV", action="append",
-                       help="a device the containers' traffic leaves the host by; repeatable (default: "
-                            "every device of a default route, in any routing table, and overlays)")
-    else:
-        p.add_argument("--uplink", metavar="DEV",
-                       help="the host's uplink (default: its default route's device)")
+def _tracer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uplink", metavar="DEV", action="append",
+                   help="a device the containers' traffic leaves the host by; repeatable (default: "
+                        "every device of a default route, in any routing table, and overlays)")
     p.add_argument("--table-size", type=int, default=DEFAULT_TABLE_SIZE, metavar="N",
                    help=f"correlation table entries, a power of two; 64 bytes each (default {DEFAULT_TABLE_SIZE})")
     p.add_argument("--ring-pages", type=int, metavar="N",
@@ -303,7 +299,7 @@ def cmd_serve(args) -> int:
     _check_privileges()
     from mace.targets.netns import resolve
     targets = tuple(resolve(spec, args.runtime_socket) for spec in args.netns)
-    opts = Options(uplink=args.uplink, hops=args.hops, end_at_queue=args.end_at_queue,
+    opts = Options(uplinks=tuple(args.uplink or ()), hops=args.hops, end_at_queue=args.end_at_queue,
                    start_at_veth=not args.start_at_inner,
                    table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
                    ring_pages=args.ring_pages, queue_size=args.queue,

@@ -66,6 +66,13 @@ def test_trace_options_parse_to_their_values():
     assert not a.end_at_queue and a.tui is False and a.quiet
 
 
+def test_serve_uplink_is_repeatable_like_traces():
+    a = cli.build_parser().parse_args(["serve", "--uplink", "eth1", "--uplink", "wg0"])
+    assert a.uplink == ["eth1", "wg0"]
+    # none named: the service traces every uplink discovery finds, as trace does
+    assert cli.build_parser().parse_args(["serve"]).uplink is None
+
+
 def test_trace_defaults():
     a = cli.build_parser().parse_args(["trace", "--netns", "web"])
     assert a.format is None and a.output is None and a.duration is None and a.count is None

@@ -239,7 +239,7 @@ def test_saved_state_records_the_report_format_and_keeps_reports_of_that_format(
     q = ns(4)
     q.push(recs(1, 2, 3))
     q.read_at = 1
-    s.engine = types.SimpleNamespace(enabled={q.inode: q}, uplink="eth1")
+    s.engine = types.SimpleNamespace(enabled={q.inode: q}, uplinks=("eth1",))
     s.save_state(queues=True)
     with open(s.state_path) as f:
         saved = json.load(f)

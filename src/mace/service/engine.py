@@ -57,11 +57,13 @@ class Engine(threading.Thread):
         self.slots: list[Namespace | None] = []
         self.enabled: dict[int, Namespace] = {}     # read by the loop, changed here only
         self.host: tuple[str, int] | None = None    # host namespace path and inode
-        self.uplink: str | None = opts.uplink
+        # the uplinks traced: those named (--uplink), else every one discovery finds for the
+        # first namespace, kept while any is traced
+        self.uplinks: tuple[str, ...] = tuple(opts.uplinks)
         self.stopping = False
         self.error: BaseException | None = None
         self._host: tuple[str, int] | None = None      # from the latest discovery
-        self._uplink: str | None = None
+        self._uplinks: tuple[str, ...] = ()
         self._not_containers: set[int] = set()         # namespaces --all found no veth in
         self._excluded: set[int] = set()               # turned off by their own `mace off`
         self._full = False
@@ -184,7 +186,7 @@ class Engine(threading.Thread):
         self._room()
         ns = self._namespace(inode, ns_path, pid)
         ns.auto, ns.keep = auto, not auto
-        self._add([ns], self._host, self._uplink)
+        self._add([ns], self._host, self._uplinks)
         ns.identity = identity if identity is not None else self._runtime_name(inode)
         return ns, False
 
@@ -212,7 +214,7 @@ class Engine(threading.Thread):
             ns.auto, ns.keep = True, False
             found.append(ns)
         if found:
-            self._add(found, self._host, self._uplink)
+            self._add(found, self._host, self._uplinks)
             for ns in found:
                 ns.identity = self._runtime_name(ns.inode)
                 out.append(f"netns {ns.inode} traced ({ns.identity['container'] if ns.identity else 'no runtime names it'}): "
@@ -235,7 +237,7 @@ class Engine(threading.Thread):
     def _namespace(self, inode: int, ns_path: str, pid: int | None) -> Namespace:
         # discovery of one namespace's path to the host, checked to be this service's host
         try:
-            topo = discover([Target(f"netns:{inode}", ns_path, inode, pid)], uplink=self.uplink)
+            topo = discover([Target(f"netns:{inode}", ns_path, inode, pid)], uplink=self.uplinks or None)
         except MaceError as e:
             raise P.ProtocolError(P.TOPOLOGY, str(e), e.hint or "") from None
         c = topo.containers[0].main
@@ -247,13 +249,9 @@ class Engine(threading.Thread):
             raise P.ProtocolError(P.TOPOLOGY, "this namespace's veth leads to another namespace "
                                               "than the service's",
                                   hint="run `mace serve` in the host namespace the containers' veths are in")
-        if self.uplink is not None and topo.uplink != self.uplink:
-            raise P.ProtocolError(P.TOPOLOGY, f"this namespace leaves through {topo.uplink}, the "
-                                              f"service traces {self.uplink}",
-                                  hint="start the service with --uplink to choose")
         ns = Namespace(inode, ContainerPath(f"netns:{inode}", c.inner, c.veth, c.bridge),
                        c.veth_index, self.opts.queue_size, pid=pid)
-        self._host, self._uplink = (topo.host_ns, topo.host_ns_inode), topo.uplink
+        self._host, self._uplinks = (topo.host_ns, topo.host_ns_inode), topo.uplinks
         return ns
 
     def _runtime_name(self, inode: int) -> dict | None:
@@ -266,9 +264,12 @@ class Engine(threading.Thread):
         """Re-enable namespaces a previous service saved, if their veth is still the same
         interface.  Returns a line per namespace for the log."""
         out = []
-        uplink = saved.get("uplink")
-        if self.uplink is not None and uplink != self.uplink:
-            return [f"not resuming: the saved state traced {uplink}, this service {self.uplink}"]
+        # (a state saved before uplinks were repeatable has one, as "uplink")
+        uplinks = tuple(saved.get("uplinks") or ([saved["uplink"]] if saved.get("uplink") else []))
+        if not uplinks:
+            return ["not resuming: the saved state names no uplink"]
+        if self.uplinks and uplinks != self.uplinks:
+            return [f"not resuming: the saved state traced {'|'.join(uplinks)}, this service {self.uplink}"]
         present = host_links("/proc/self/ns/net")
         if present is None:
             return ["not resuming: cannot list the host's links"]
@@ -291,11 +292,11 @@ class Engine(threading.Thread):
             ns.dropped = item.get("dropped", 0)
             try:
                 self._room()
-                self._add([ns], ("/proc/self/ns/net", os.stat("/proc/self/ns/net").st_ino), uplink)
+                self._add([ns], ("/proc/self/ns/net", os.stat("/proc/self/ns/net").st_ino), uplinks)
             except (P.ProtocolError, MaceError) as e:
                 out.append(f"netns {ns.inode}: cannot resume: {e}")
                 continue
-            out.append(f"netns {ns.inode}: resumed ({describe_path(ns.path, uplink)}), "
+            out.append(f"netns {ns.inode}: resumed ({describe_path(ns.path, '|'.join(uplinks))}), "
                        f"{ns.queued} unread reports kept")
         return out
 
@@ -304,7 +305,16 @@ class Engine(threading.Thread):
             raise P.ProtocolError(P.BUSY, f"the service already traces {len(self.enabled)} namespaces",
                                   hint="its --max-namespaces limit; ask the host's administrator")
 
-    def _add(self, new: list[Namespace], host: tuple[str, int], uplink: str) -> None:
+    @property
+    def uplink(self) -> str | None:
+        """The uplinks as paths name them (`eth0|eth1`); None while none is known."""
+        return "|".join(self.uplinks) or None
+
+    def _plan(self, containers: list, uplinks: tuple[str, ...]) -> Plan:
+        return Plan(containers, uplinks[0], hops=self.opts.hops, end_at_queue=self.opts.end_at_queue,
+                    start_at_veth=self.opts.start_at_veth, extra_uplinks=uplinks[1:])
+
+    def _add(self, new: list[Namespace], host: tuple[str, int], uplinks: tuple[str, ...]) -> None:
         # free indexes first, then new ones; one plan for all
         slots = list(self.slots)
         for ns in new:
@@ -314,8 +324,7 @@ class Engine(threading.Thread):
             slots[index] = ns
             ns.index = index
         containers = [s.path if s else None for s in slots]
-        plan = Plan(containers, uplink, hops=self.opts.hops, end_at_queue=self.opts.end_at_queue,
-                    start_at_veth=self.opts.start_at_veth)
+        plan = self._plan(containers, uplinks)
         try:
             if self.tracer is None:
                 tracer = Tracer(plan, table_size=self.opts.table_size,
@@ -339,7 +348,7 @@ class Engine(threading.Thread):
         except OSError as e:
             raise P.ProtocolError(P.FAILED, f"cannot trace: {e.strerror or e}",
                                   hint="see the service's log") from None
-        self.host, self.uplink = host, uplink
+        self.host, self.uplinks = host, uplinks
         self.slots = slots
         for ns in new:
             self.enabled[ns.inode] = ns
@@ -354,13 +363,11 @@ class Engine(threading.Thread):
         containers = [s.path if s is not None and s is not ns else None for s in self.slots]
         try:
             if any(containers):
-                plan = Plan(containers, self.uplink, hops=self.opts.hops,
-                            end_at_queue=self.opts.end_at_queue,
-                            start_at_veth=self.opts.start_at_veth)
+                plan = self._plan(containers, self.uplinks)
                 self._dispatch(self.tracer.update(plan, raw=True, on_reset=self._retire_indexes))
             else:
                 self._stop_tracer()        # the last one: no perf event stays open
-                self.host, self.uplink = None, self.opts.uplink
+                self.host, self.uplinks = None, tuple(self.opts.uplinks)
         finally:
             self.slots[ns.index] = None
             del self.enabled[ns.inode]
@@ -446,7 +453,8 @@ class Engine(threading.Thread):
             out[name] = {"reports": k["reports"], "crossed": k["crossed"],
                          "coverage": coverage(k), "p50_ns": h.percentile(50),
                          "p99_ns": h.percentile(99), "max_ns": k["max_ns"],
-                         "missed": {m: k[m] for m in ("orphans", "expired", "evicted", "rejected")}}
+                         "missed": {m: k[m] for m in ("orphans", "expired", "evicted", "rejected")},
+                         "local": k["local"], "dropped": k["dropped"]}
         out["lost"] = stats["rings"]["lost"]      # ring overflows, for all namespaces alike
         return out
 

@@ -75,7 +75,7 @@ SCRAPE_TIMEOUT = 5.0                # s a scrape waits for the engine's snapshot
 
 @dataclass
 class Options:
-    uplink: str | None = None
+    uplinks: tuple[str, ...] = ()      # --uplink (repeatable); none: every one discovery finds
     hops: bool = False
     end_at_queue: bool = True
     start_at_veth: bool = True
@@ -256,7 +256,7 @@ class Service:
         # namespaces traced for --all or --netns are found again at the next start
         items = [ns.saved(queue=queues) for ns in list(engine.enabled.values()) if ns.keep]
         fmt, size = _report_format()
-        state = {"v": P.VERSION, "report_format": fmt, "report_size": size, "uplink": engine.uplink,
+        state = {"v": P.VERSION, "report_format": fmt, "report_size": size, "uplinks": list(engine.uplinks),
                  "namespaces": items}
         try:
             fd, tmp = tempfile.mkstemp(dir=self.opts.state_dir, prefix=".serve-")
