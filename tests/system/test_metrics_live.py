@@ -1,7 +1,9 @@
 """`mace serve --metrics` scraped by a real Prometheus server (Debian's `prometheus`),
 started by the test in the testbed's host namespace and stopped by its PID: what
-Prometheus stored is checked against what mace itself reported, per container and
-direction; a container removed mid-run leaves the scrapes; bad input fails at start."""
+Prometheus stored is checked against what mace itself reported (its reports, and its
+status: p50 and every outcome counter), per container and direction; a container removed
+mid-run stays its grace period (shortened here), then leaves the scrapes; probes have
+/healthz; bad input fails at start."""
 
 from __future__ import annotations
 
@@ -18,12 +20,16 @@ from helpers import WAIT, finish, inode_of, one_line_error, ping, wait_for
 from pyroute2 import netns
 from test_service_live import NOPRIV, SETTLE, Service, mace_client, make_bed, ok, serve_argv
 
-from mace.service.metrics import BOUNDS_NS
+from mace.service.metrics import BOUNDS_NS, GRACE_ENV, OUTCOMES
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 METRICS = "127.0.0.1:9464"          # inside the testbed's own host namespace: always free
 PROMETHEUS = "127.0.0.1:9490"
 N = 10
+GRACE = 3.0                         # s a gone container's series stay (120 by default)
+LOCAL = 4                           # pings to the host itself: counted local, both ways
+DROPPED = 5                         # datagrams the host's firewall drops: counted dropped
+DISCARD = 9                         # their UDP port (discard)
 
 
 def prometheus_binary() -> str:
@@ -93,9 +99,42 @@ class Prometheus:
         self.log.close()
 
 
+def http_get(tb, url: str) -> tuple[int, str]:
+    """(status, body) of a GET from inside the testbed's host namespace."""
+    code = ("import sys, urllib.request, urllib.error\n"
+            "try:\n"
+            "    r = urllib.request.urlopen(sys.argv[1], timeout=5)\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    r = e\n"
+            "print(r.status); print(r.read().decode(), end='')\n")
+    r = tb.run(tb.host_ns, [sys.executable, "-c", code, url], timeout=30)
+    assert r.returncode == 0, r.stderr
+    status, _, body = r.stdout.partition("\n")
+    return int(status), body
+
+
+def drop_udp(tb, port: int) -> None:
+    """The testbed host's firewall drops forwarded UDP to `port` (its own table, in its own
+    namespace: gone with it)."""
+    tb.nft(tb.host_ns, "table ip mace_test_drop {\n"
+                       "  chain mace_fwd { type filter hook forward priority filter; policy accept;\n"
+                       f"    udp dport {port} drop\n"
+                       "  }\n}\n")
+
+
+def send_udp(tb, c, n: int, port: int) -> None:
+    code = ("import socket, sys, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for _ in range(int(sys.argv[2])):\n"
+            "    s.sendto(b'mace', (sys.argv[1], int(sys.argv[3]))); time.sleep(0.02)\n")
+    r = tb.run(c.ns, [sys.executable, "-c", code, tb.peer_ip, str(n), str(port)], timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.fixture
-def prom_bed(testbed_factory, tmp_path):
+def prom_bed(testbed_factory, tmp_path, monkeypatch):
     tb, sock = make_bed(testbed_factory, tmp_path, n=3)
+    monkeypatch.setenv(GRACE_ENV, str(GRACE))         # the service inherits it
     svc = Service(tb, sock, "--metrics", METRICS, "--hops")
     prom = None
     try:
@@ -127,6 +166,12 @@ def test_prometheus_stores_what_mace_reported_per_container_and_direction(prom_b
         ok(mace_client(tb, c, sock, "on"))
     for c in tb.containers:
         ping(tb, c, N, interval="0.05")
+    # outcomes besides reported: a's pings to the host itself stay on the host (local, both
+    # ways), b's datagrams are dropped by the host's firewall on their way out (dropped)
+    r = tb.run(a.ns, ["ping", "-n", "-q", "-c", str(LOCAL), "-i", "0.05", tb.gateway], timeout=30)
+    assert r.returncode == 0 and f" {LOCAL} received" in r.stdout, r.stdout + r.stderr
+    drop_udp(tb, DISCARD)
+    send_udp(tb, b, DROPPED, DISCARD)
     time.sleep(SETTLE)
     # scraped while all three are there, then the third one goes
     wait_for(lambda: len(prom.value("mace_container_latency_seconds_count")) == 6, timeout=WAIT,
@@ -134,14 +179,25 @@ def test_prometheus_stores_what_mace_reported_per_container_and_direction(prom_b
     status = {c.ns: json.loads(ok(mace_client(tb, c, sock, "status", "--json")).stdout)
               for c in (a, b)}
     reports = {c.ns: read_reports(tb, c, sock) for c in (a, b)}
+    # probes ask /healthz: it answers without a snapshot; /metrics alone serves the series
+    assert http_get(tb, f"http://{METRICS}/healthz") == (200, "ok\n")
+    assert http_get(tb, f"http://{METRICS}/")[0] == 404
     netns.remove(gone.ns)
     tb._made.remove(gone.ns)
     svc.wait_log(rf"^mace: netns {inode_of_name(names[gone.ns])} disabled: namespace gone", timeout=5)
-    # the next scrapes no longer have it: wait for a few
-    before = time.monotonic()
-    wait_for(lambda: names[gone.ns] not in {k[0] for k in prom.value("mace_packets_total")},
-             timeout=WAIT, what="the removed container's series to leave")
-    assert time.monotonic() - before < 10
+    went = time.monotonic()
+
+    def gone_series() -> set[str]:
+        return {k[0] for k in prom.value("mace_packets_total")} & {names[gone.ns]}
+
+    # its frozen series stay their grace (probes asking meanwhile), scraped every 0.5 s...
+    while time.monotonic() < went + GRACE - 1:
+        assert http_get(tb, f"http://{METRICS}/healthz")[0] == 200
+        assert gone_series(), f"{names[gone.ns]} left within {time.monotonic() - went:.1f} s"
+        time.sleep(0.2)
+    # ... then leave: the next scrapes no longer have it
+    wait_for(lambda: not gone_series(), timeout=WAIT, what="the removed container's series to leave")
+    assert time.monotonic() - went < GRACE + 10
 
     count = prom.value("mace_container_latency_seconds_count")
     seen = prom.value(f'max_over_time(mace_container_latency_seconds_count{{container="{names[gone.ns]}"}}[5m])')
@@ -153,21 +209,28 @@ def test_prometheus_stores_what_mace_reported_per_container_and_direction(prom_b
             mine = [r["latency_ns"] for r in reports[c.ns] if r["dir"] == d]
             assert len(mine) == N == st[d]["reports"]
             assert count[(label, d)] == N, count
-            # histogram_quantile interpolates inside the bucket that holds the median
+            # histogram_quantile interpolates inside the bucket that holds the median: within
+            # one bucket of the p50 mace itself gives (status, from its own histogram)
             q = prom.value(f'histogram_quantile(0.5, mace_container_latency_seconds_bucket'
                            f'{{container="{label}",direction="{d}"}})')
-            median = sorted(mine)[(N - 1) // 2]
-            assert abs(bucket_index(q[(label, d)]) - bucket_index(median / 1e9)) <= 1, (q, median)
+            p50 = st[d]["p50_ns"]
+            assert abs(bucket_index(q[(label, d)]) - bucket_index(p50 / 1e9)) <= 1, (q, p50)
             total = prom.value(f'mace_container_latency_seconds_sum{{container="{label}",direction="{d}"}}')
             assert total[(label, d)] == pytest.approx(sum(mine) / 1e9, rel=1e-9)
+            # every outcome, as mace's status counts it
             outcomes = {k[2]: v for k, v in prom.value("mace_packets_total").items() if k[:2] == (label, d)}
-            assert outcomes["reported"] == st[d]["reports"]
-            assert {o: outcomes[o[:-1] if o == "orphans" else o] for o in st[d]["missed"]} == st[d]["missed"]
+            mace_says = {"reported": st[d]["reports"], "local": st[d]["local"], "dropped": st[d]["dropped"],
+                         **{o: st[d]["missed"][c] for o, c in OUTCOMES.items() if c in st[d]["missed"]}}
+            assert set(mace_says) == set(OUTCOMES) == set(outcomes), (mace_says, outcomes)
+            assert outcomes == mace_says, (label, d)
             # with --hops: every report ends its last hop interval
             hops = {k[2]: v for k, v in prom.value("mace_hop_latency_seconds_count").items()
                     if k[:2] == (label, d)}
             last = "uplink_queue" if d == "egress" else "container_receive"
             assert hops[last] == N, hops
+    # the traffic meant to move local and dropped did
+    assert status[a.ns]["egress"]["local"] >= LOCAL and status[a.ns]["ingress"]["local"] >= LOCAL, status[a.ns]
+    assert status[b.ns]["egress"]["dropped"] == DROPPED, status[b.ns]
     assert prom.value("mace_containers_traced") == {(): 2}
     assert list(prom.value("mace_events_total").values())[0] > 0
     assert prom.value("mace_ring_lost_total") == {(): 0}

@@ -11,6 +11,8 @@ from helpers import WAIT, inode_of, one_line_error, ping, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_service_live import SETTLE, Service, mace_client, make_bed, ok, serve_argv
 
+from mace.service.metrics import GRACE_ENV
+
 METRICS = "127.0.0.1:9464"
 
 
@@ -37,9 +39,13 @@ def traced(m: dict) -> float:
     return m[("mace_containers_traced",)]
 
 
-def test_all_traces_every_container_follows_new_and_gone_ones_and_respects_off(testbed_factory, tmp_path):
+def test_all_traces_every_container_follows_new_and_gone_ones_and_respects_off(testbed_factory, tmp_path,
+                                                                             monkeypatch):
     tb, sock = make_bed(testbed_factory, tmp_path, n=2)
     a, b = tb.containers
+    # no grace: a gone container's series are served by one scrape (test_metrics_live and
+    # the unit tests take the grace period)
+    monkeypatch.setenv(GRACE_ENV, "0")
     svc = Service(tb, sock, "--all", "--metrics", METRICS)
     try:
         svc.ready()
@@ -62,7 +68,7 @@ def test_all_traces_every_container_follows_new_and_gone_ones_and_respects_off(t
         # no client asked: nothing is queued for them
         r = mace_client(tb, a, sock, "read")
         assert r.returncode == 6 and "not enabled" in r.stderr, r.stderr
-        # a container that goes: its last values are scraped once, then its series leave
+        # a container that goes: its last values are scraped once (no grace), then its series leave
         tb.remove_container(new)
         svc.wait_log(rf"^mace: netns {labels[new.ns][6:]} disabled: namespace gone$", timeout=5)
         m = scrape(tb)

@@ -6,7 +6,18 @@ from __future__ import annotations
 import pytest
 
 from mace.errors import UsageError
-from mace.service.metrics import BOUNDS_NS, Book, Collector, Series, Snapshot, parse_address
+from mace.service.metrics import (
+    BOUNDS_NS,
+    GRACE,
+    GRACE_ENV,
+    Book,
+    Collector,
+    Series,
+    Snapshot,
+    grace_from_env,
+    make_app,
+    parse_address,
+)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -39,11 +50,121 @@ def series(name: str, n: int) -> Series:
                   [(counts, [n * 500] + [0] * 5)] * 2)
 
 
-def test_a_gone_container_is_served_once_then_leaves():
-    book = Book()
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def names(snap: Snapshot) -> list[str]:
+    return [s.labels[0] for s in snap.series]
+
+
+def test_a_gone_container_stays_its_grace_then_leaves_with_the_scrape_that_serves_it():
+    clock = Clock()
+    book = Book(grace=120, clock=clock)
     book.retire(series("web", 3))
-    assert [s.labels[0] for s in book.snapshot([], None).series] == ["web"]
-    assert book.snapshot([], None).series == []
+    for _ in range(5):                      # scrapes within the grace: still there, frozen
+        clock.now += 20
+        snap = book.snapshot([], None)
+        assert names(snap) == ["web"] and snap.series[0].outcomes[0]["reported"] == 3
+    clock.now += 20                         # 120 s: served once more, then gone
+    assert names(book.snapshot([], None)) == ["web"]
+    assert names(book.snapshot([], None)) == []
+
+
+def test_a_gone_container_no_scrape_has_served_waits_for_one():
+    clock = Clock()
+    book = Book(grace=120, clock=clock)
+    book.retire(series("web", 3))
+    clock.now += 3600                       # no scraper for an hour
+    assert names(book.snapshot([], None)) == ["web"]
+    assert names(book.snapshot([], None)) == []
+
+
+def test_zero_grace_serves_a_gone_container_once():
+    book = Book(grace=0, clock=Clock())
+    book.retire(series("web", 3))
+    assert names(book.snapshot([], None)) == ["web"]
+    assert names(book.snapshot([], None)) == []
+
+
+def test_gone_again_its_new_last_values_get_a_grace_of_their_own():
+    clock = Clock()
+    book = Book(grace=120, clock=clock)
+    book.retire(series("web", 3))
+    clock.now += 100
+    book.snapshot([], None)
+    book.retire(series("web", 2))           # a later incarnation under the same names went
+    clock.now += 100                        # 200 s after the first, 100 after the second
+    snap = book.snapshot([], None)
+    assert names(snap) == ["web"] and snap.series[0].outcomes[0]["reported"] == 5
+    clock.now += 20
+    assert names(book.snapshot([], None)) == ["web"]
+    assert names(book.snapshot([], None)) == []
+
+
+def test_gone_containers_are_bounded_oldest_first():
+    clock = Clock()
+    book = Book(grace=120, limit=2, clock=clock)
+    for name in ("a", "b", "c"):
+        book.retire(series(name, 1))
+        clock.now += 1
+    assert sorted(names(book.snapshot([], None))) == ["b", "c"]
+
+
+def test_grace_from_the_environment():
+    assert grace_from_env({}) == GRACE == 120
+    assert grace_from_env({GRACE_ENV: " 2.5 "}) == 2.5
+    assert grace_from_env({GRACE_ENV: "0"}) == 0
+    for bad in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(UsageError, match=GRACE_ENV):
+            grace_from_env({GRACE_ENV: bad})
+
+
+def _get(app, path: str, method: str = "GET") -> tuple[str, bytes]:
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": method}
+    setup_testing_defaults(environ)
+    got = []
+    body = b"".join(app(environ, lambda status, headers: got.append(status)))
+    return got[0], body
+
+
+def test_probes_ask_healthz_which_takes_no_snapshot():
+    """/healthz answers from health() alone: only a scrape of /metrics takes a snapshot,
+    so a probe cannot serve (and end) a gone container's series."""
+    from prometheus_client import CollectorRegistry
+
+    clock = Clock()
+    book = Book(grace=0, clock=clock)
+    book.retire(series("web", 3))
+    taken = []
+
+    def snapshot():
+        taken.append(1)
+        return book.snapshot([], None)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(snapshot, hops=False, end_at_queue=True))
+    healthy = [True]
+    app = make_app(registry, lambda: (healthy[0], "ok" if healthy[0] else "starting"))
+    for _ in range(3):
+        assert _get(app, "/healthz") == ("200 OK", b"ok\n")
+    healthy[0] = False
+    assert _get(app, "/healthz") == ("503 Service Unavailable", b"starting\n")
+    for path in ("/", "/favicon.ico", "/metrics/x"):
+        status, _ = _get(app, path)
+        assert status.startswith("404"), path
+    assert _get(app, "/healthz", "POST")[0].startswith("405")
+    assert taken == []
+    status, body = _get(app, "/metrics")
+    assert status == "200 OK" and b'mace_packets_total{container="web"' in body
+    assert taken == [1]
+    assert b'container="web"' not in _get(app, "/metrics")[1]
 
 
 def test_a_container_back_under_its_name_continues_its_counters():

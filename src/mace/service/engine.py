@@ -70,8 +70,9 @@ class Engine(threading.Thread):
         # what scrapes show beyond the live tracer (mace.service.metrics), with --metrics
         self.book = None
         if opts.metrics is not None:
-            from mace.service.metrics import Book
-            self.book = Book()
+            from mace.service.metrics import GRACE, Book
+            self.book = Book(grace=GRACE if opts.metrics_grace is None else opts.metrics_grace,
+                             limit=opts.max_namespaces)
 
     # -- requests from the loop -----------------------------------------------------------
 

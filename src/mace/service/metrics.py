@@ -10,15 +10,25 @@ counters, between two polls, and builds the families from it.
 Series are labelled by the container's names (container, pod, namespace: the runtime's,
 or `netns:INODE` for a namespace no runtime claims), never by addresses or per-packet
 values; their number is bounded by --max-namespaces.  A container that goes away keeps its
-series, frozen, until a scrape has served them; a namespace that comes back under the same
-names (a restarted container) continues the same counters.
+series, frozen, for a grace period (GRACE, `$MACE_METRICS_GRACE`) and until a scrape of
+/metrics has served them; a namespace that comes back under the same names (a restarted
+container) continues the same counters.
+
+Probes ask /healthz: it takes no snapshot, so it can neither cost a scrape's work nor take a
+gone container's last values from Prometheus.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from mace import __version__
 from mace.defaults import DIRECTIONS
@@ -35,6 +45,16 @@ OUTCOMES = {"reported": "reports", "orphan": "orphans", "expired": "expired", "e
             "rejected": "rejected", "local": "local", "dropped": "dropped"}
 LABELS = ("container", "pod", "namespace")
 HOP_ROWS = 6          # Correlator.buckets(): the latency, 4 hop slots, the end
+
+# How long a gone container's frozen series stay (s), at least: served by every scraper
+# before they leave.  Prometheus scrapes every 1 min unless told (its global default), the
+# ServiceMonitor every 15 s: 120 s is two scrapes at the default, so one failed scrape (or
+# one of an HA pair's scrapes landing late) still sees the last values; 8 at 15 s.  They
+# also stay until a /metrics scrape has served them, however long that takes.
+GRACE = 120.0
+GRACE_ENV = "MACE_METRICS_GRACE"
+METRICS_PATH = "/metrics"
+HEALTH_PATH = "/healthz"
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -55,6 +75,21 @@ def parse_address(text: str) -> tuple[str, int]:
     if ip.version == 6 and not text.startswith("["):
         raise UsageError(f"--metrics {text!r}: an IPv6 address needs brackets", hint=hint)
     return str(ip), int(port)
+
+
+def grace_from_env(env=None) -> float:
+    """The grace period: `$MACE_METRICS_GRACE` (seconds, >= 0), else GRACE."""
+    text = (os.environ if env is None else env).get(GRACE_ENV, "").strip()
+    if not text:
+        return GRACE
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{GRACE_ENV}={text!r} is not a number of seconds",
+                         hint=f"unset it (default {GRACE:g} s) or give e.g. {GRACE_ENV}=300")
+    return value
 
 
 @dataclass
@@ -97,19 +132,41 @@ class Snapshot:
 
 
 @dataclass
+class Gone:
+    """A container that went away: its last counters, and since when."""
+
+    series: Series
+    since: float        # Book.clock() when it went (again)
+
+
+@dataclass
 class Book:
     """The engine's record of what scrapes have to show beyond the live tracer: counters of
-    containers that went away (until served) and of tracers already closed."""
+    containers that went away and of tracers already closed.
 
-    retired: dict[tuple, Series] = field(default_factory=dict)
+    A gone container's series leave with the first scrape that serves them `grace` seconds
+    or more after it went: so never unserved, and never before every scraper polling at
+    least that often has seen them.  At most `limit` gone containers are kept (the oldest
+    go first; a restarted container's earlier counters among them, which Prometheus then
+    sees as a counter reset)."""
+
+    grace: float = GRACE
+    limit: int | None = None
+    clock: Callable[[], float] = time.monotonic
+    retired: dict[tuple, Gone] = field(default_factory=dict)
     base: dict[str, int] = field(default_factory=lambda: {"events": 0, "lost": 0, "kernel_dropped": 0})
     # kernel-dropped samples are known exactly only when a capture is retired (a handover,
     # a stop); the exported counter moves then
     settled_kernel_dropped: int = 0
 
     def retire(self, series: Series) -> None:
-        old = self.retired.get(series.labels)
-        self.retired[series.labels] = series if old is None else old.add(series)
+        """`series` went away (or its index is reset): counted on, frozen, until it may go."""
+        old = self.retired.pop(series.labels, None)
+        # new last values: they need a scrape of their own, and the grace starts again
+        self.retired[series.labels] = Gone(series if old is None else old.series.add(series), self.clock())
+        if self.limit is not None:
+            while len(self.retired) > self.limit:      # insertion order: the oldest first
+                del self.retired[next(iter(self.retired))]
 
     def close_tracer(self, stats: dict) -> None:
         rings = stats["rings"]
@@ -118,15 +175,17 @@ class Book:
         self.base["kernel_dropped"] += rings.get("kernel_dropped", 0)
 
     def snapshot(self, live: Iterable[Series], tracer) -> Snapshot:
+        """What a scrape of /metrics serves; the gone containers it serves past their grace
+        leave the next ones (one back under the same names keeps its old counters)."""
         merged: dict[tuple, Series] = {}
         for s in live:
             merged[s.labels] = s if s.labels not in merged else merged[s.labels].add(s)
         live_keys = set(merged)
-        for key, s in self.retired.items():
-            merged[key] = s if key not in merged else merged[key].add(s)
-        # served once: a container that is gone leaves the next scrapes
-        for key in [k for k in self.retired if k not in live_keys]:
-            del self.retired[key]
+        now = self.clock()
+        for key, gone in list(self.retired.items()):
+            merged[key] = gone.series if key not in merged else merged[key].add(gone.series)
+            if key not in live_keys and now - gone.since >= self.grace:
+                del self.retired[key]
         events, lost, dropped, fill = (self.base["events"], self.base["lost"],
                                        self.base["kernel_dropped"], 0.0)
         if tracer is not None:
@@ -211,22 +270,64 @@ def _le(seconds: float) -> str:
     return f"{seconds:.6g}"
 
 
+def make_app(registry, health: Callable[[], tuple[bool, str]]) -> Callable:
+    """The WSGI app: /metrics (prometheus_client's exposition of `registry`: a snapshot) and
+    /healthz (`health()`, no snapshot: for probes); any other path is 404, so that nothing
+    but a scrape of /metrics can serve a gone container's last values."""
+    from prometheus_client import make_wsgi_app
+
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        if path == METRICS_PATH:
+            return metrics(environ, start_response)
+        if environ.get("REQUEST_METHOD") != "GET":
+            start_response("405 Method Not Allowed", [("Allow", "GET")])
+            return [b""]
+        if path == HEALTH_PATH:
+            ok, text = health()
+            body = (text + "\n").encode()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+            return [body]
+        body = f"not found: mace serves {METRICS_PATH} and {HEALTH_PATH}\n".encode()
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True           # a stuck scraper never holds the service's exit
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):      # noqa: A002 - the base class's signature
+        pass                        # a request per scrape and probe: not for the service's log
+
+
 class Endpoint:
     """The HTTP server: bound at once (so a port in use fails the start), serving in a
     daemon thread until closed."""
 
-    def __init__(self, addr: str, port: int, collector: Collector):
-        from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    def __init__(self, addr: str, port: int, collector: Collector,
+                 health: Callable[[], tuple[bool, str]] = lambda: (True, "ok")):
+        from prometheus_client import CollectorRegistry, ProcessCollector
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         ProcessCollector(registry=self.registry)
+        server = type("Server", (_Server,), {"address_family": socket.AF_INET6 if ":" in addr else socket.AF_INET})
         try:
-            self.httpd, self.thread = start_http_server(port, addr=addr, registry=self.registry)
+            self.httpd = make_server(addr, port, make_app(self.registry, health), server, handler_class=_Quiet)
         except OSError as e:
             raise ResourceError(f"--metrics: cannot listen on {_show(addr, port)}: {e.strerror or e}",
                                 hint="choose another port, or stop what listens there") from None
-        self.addr, self.port = addr, port
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="mace-metrics", daemon=True)
+        self.thread.start()
+        self.addr, self.port = addr, self.httpd.server_port
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -235,7 +336,7 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        return f"http://{_show(self.addr, self.port)}/metrics"
+        return f"http://{_show(self.addr, self.port)}{METRICS_PATH}"
 
 
 def _show(addr: str, port: int) -> str:

@@ -71,6 +71,7 @@ SEND_BATCH = 1024                   # reports per write before waiting for the c
 REQUEST_TIMEOUT = 60.0              # s a connection may take to send a complete request
 STOP_FLUSH = 2.0                    # s followers get to take their last reports at a stop
 SCRAPE_TIMEOUT = 5.0                # s a scrape waits for the engine's snapshot
+HEALTH_TIMEOUT = 3.0                # s /healthz waits for the engine to answer (probes give 5)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Options:
     state_dir: str = DEFAULT_STATE_DIR
     runtime_socket: str | None = None   # where runtime-named targets are asked (mace.targets.runtimes)
     metrics: tuple[str, int] | None = None  # (address, port) of the Prometheus endpoint
+    metrics_grace: float | None = None  # s a gone container's series stay; None: $MACE_METRICS_GRACE or 120
     all: bool = False                   # trace every container on the host, as they come and go
     targets: tuple = ()                 # mace.targets.netns.Target, traced from the start
 
@@ -184,7 +186,10 @@ class Service:
         """Listen for scrapes (at once: a port in use fails the start, not the first scrape)."""
         if self.opts.metrics is None:
             return
-        from mace.service.metrics import Collector, Endpoint
+        from mace.service.metrics import Collector, Endpoint, grace_from_env
+
+        if self.opts.metrics_grace is None:
+            self.opts.metrics_grace = grace_from_env()
 
         def snapshot():
             engine = self.engine
@@ -193,8 +198,27 @@ class Service:
             return engine.call_blocking(engine.metrics_snapshot, timeout=SCRAPE_TIMEOUT)
 
         self._metrics = Endpoint(*self.opts.metrics,
-                                 Collector(snapshot, self.opts.hops, self.opts.end_at_queue))
+                                 Collector(snapshot, self.opts.hops, self.opts.end_at_queue),
+                                 health=self.health)
         self.log(f"mace: metrics on {self._metrics.url}")
+
+    def health(self) -> tuple[bool, str]:
+        """For /healthz (probes): is the engine there and answering between its polls.  No
+        snapshot is taken, so a probe costs next to nothing and serves no series."""
+        engine = self.engine
+        if self._stopping:
+            return False, "stopping"
+        if engine is None:
+            return False, "starting"
+        if not engine.is_alive():
+            return False, "the engine stopped"
+        try:
+            engine.call_blocking(lambda: None, timeout=HEALTH_TIMEOUT)
+        except P.ProtocolError:
+            return False, "stopping"
+        except TimeoutError:
+            return False, f"the engine did not answer within {HEALTH_TIMEOUT:g} s"
+        return True, "ok"
 
     def _unbind(self) -> None:
         if self._metrics is not None:
