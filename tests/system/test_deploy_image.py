@@ -7,11 +7,12 @@ bundle, so pip and apt trust what the host trusts.
 
 Then, in the image: `mace --version`; `mace demo` (its own namespaces, inside the
 container); and the agent as deploy/kubernetes/daemonset.yaml runs it (host network and
-PIDs, exactly the manifest's capabilities, a read-only root, the socket's directory from
-the host) serving a busybox container whose `mace on` and `mace read` come from the image
-as an unprivileged user sharing that container's network, with /metrics counting the
-packets; and each of the manifest's capabilities is shown to be needed, by the failure
-that dropping it causes.
+PIDs, exactly the manifest's capabilities, a read-only root, a read-only /run holding the
+runtime's socket and the service's writable socket directory) serving a busybox container
+whose `mace on` and `mace read` come from the image as an unprivileged user sharing that
+container's network, with /healthz answering the probes and /metrics counting the packets
+under the container's Docker name; and each of the manifest's capabilities is shown to be
+needed, by the failure that dropping it causes.
 """
 
 from __future__ import annotations
@@ -193,22 +194,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
         assert r.status == 200
         return r.read().decode()
+
+
+def _scrape(port: int) -> str:
+    return _get(port, "/metrics")
 
 
 class Agent:
     """`mace serve` in the image with the manifest's arguments (--all: every container of
     the host) and options, but on loopback and with the test's uplink.  The memlock limit is
     pinned (8 MiB, systemd's default) so that the rings' need of CAP_IPC_LOCK does not
-    depend on the daemon's."""
+    depend on the daemon's.  The node's /run, which the manifest mounts read-only, is a
+    directory of the test's with the private dockerd's socket at /run/docker.sock (not the
+    test machine's /run), and the service's socket directory, writable, in it."""
 
     def __init__(self, rt, tmp: Path, caps: list[str]):
         self.rt, self.caps = rt, caps
-        self.socket_dir, self.state = tmp / "run-mace", tmp / "var-lib-mace"
+        self.run, self.state = tmp / "run", tmp / "var-lib-mace"
+        self.socket_dir = self.run / "mace"
+        self.run.mkdir(mode=0o755)
         self.socket_dir.mkdir(mode=0o755)
+        (self.run / "docker.sock").touch()    # where the daemon's socket is mounted
         self.state.mkdir(mode=0o755)         # as the kubelet makes a hostPath directory
         self.port = _free_port()
         self.name = f"{PREFIX}-agent"
@@ -223,22 +233,23 @@ class Agent:
         opts = ["--network", "host", "--pid", "host", "--read-only", "--ulimit", "memlock=8388608",
                 "--cap-drop", "ALL",
                 *(a for c in self.caps for a in ("--cap-add", c)),
+                "-v", f"{self.run}:/run:ro", "-v", f"{self.rt.socket}:/run/docker.sock:ro",
                 "-v", f"{self.socket_dir}:/run/mace", "-v", f"{self.state}:/var/lib/mace"]
         self.rt("run", "-d", "--name", self.name, *opts, IMAGE, *self.args())
         self.rt.made.append(self.name)
 
     def wait_ready(self, timeout: float = 30) -> None:
-        """Until /metrics answers, as the readiness probe asks; fails if the agent exits."""
+        """Until /healthz answers ok, as the probes ask; fails if the agent exits."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                _scrape(self.port)
+                assert _get(self.port, "/healthz") == "ok\n"
                 return
-            except OSError:
+            except OSError:         # refused while it starts, 503 until its engine runs
                 pass
             state = self.rt("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", self.name).stdout.split()
             assert state[0] == "true", f"the agent exited {state[1]}:\n{self.logs()}"
-            assert time.monotonic() < deadline, f"no /metrics within {timeout} s:\n{self.logs()}"
+            assert time.monotonic() < deadline, f"no /healthz within {timeout} s:\n{self.logs()}"
             time.sleep(0.2)
 
     def exit_code(self, timeout: float = 30) -> int:
@@ -267,7 +278,8 @@ def _series(text: str, name: str, **labels) -> float:
 
 def test_agent_with_the_manifests_capabilities(rt, image, tmp_path):
     """The DaemonSet's agent, with exactly its capabilities, traces a container of the host
-    (--all) and /metrics counts its packets; the container asks for its own reports as an
+    (--all), names it through the runtime's socket in the read-only /run, and /metrics
+    counts its packets under that name; the container asks for its own reports as an
     unprivileged user, through the socket's directory, and reads them."""
     caps, _ = manifest_agent()
     agent = Agent(rt, tmp_path, caps)
@@ -280,7 +292,7 @@ def test_agent_with_the_manifests_capabilities(rt, image, tmp_path):
 
     def reported() -> dict[str, float]:
         text = _scrape(agent.port)
-        return {d: _series(text, "mace_packets_total", container=f"netns:{inode}", direction=d,
+        return {d: _series(text, "mace_packets_total", container=box, direction=d,
                            outcome="reported") for d in ("egress", "ingress")}
 
     deadline = time.monotonic() + 30        # until --all has found the container
@@ -291,6 +303,9 @@ def test_agent_with_the_manifests_capabilities(rt, image, tmp_path):
             break
         assert time.monotonic() < deadline, (got, agent.logs())
     assert _series(_scrape(agent.port), "mace_containers_traced") >= 1
+    # named by Docker, asked through the socket on the read-only mount
+    assert re.search(rf"^mace: netns {inode} traced \({re.escape(box)}\): ", agent.logs(), re.M), agent.logs()
+    assert f'container="netns:{inode}"' not in _scrape(agent.port)
 
     on = agent.client(box, "on")
     assert on.returncode == 0, on.stdout + on.stderr + agent.logs()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mace.cli import build_parser
+from mace.targets.runtimes import DEFAULT_SOCKETS
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -155,8 +156,13 @@ def test_selectors_and_ports_agree():
     (svc_port,) = svc["spec"]["ports"]
     assert svc_port["targetPort"] in ("metrics", port) and svc_port["port"] == port
     assert [e["port"] for e in sm["spec"]["endpoints"]] == [svc_port["name"]]
+    # probes ask /healthz: a GET of /metrics would serve (and so end) a gone container's
+    # last series before Prometheus scrapes them
     for probe in ("readinessProbe", "livenessProbe"):
-        assert agent[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+        assert agent[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+        assert agent[probe]["timeoutSeconds"] > 3, "/healthz waits up to 3 s for the engine"
+    assert ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert [e.get("path", "/metrics") for e in sm["spec"]["endpoints"]] == ["/metrics"]
     assert args[args.index("--metrics") + 1].startswith("0.0.0.0:"), "probes and scrapers come from outside"
 
 
@@ -189,15 +195,39 @@ def test_volumes_serve_the_arguments():
     assert _agent()["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+def test_the_runtimes_sockets_are_where_mace_looks_read_only():
+    """Every socket mace asks a runtime on by default (Docker, Podman, containerd, the CRI)
+    is at the same path in the container as on the node, under a read-only mount of a
+    directory every node has (a hostPath of a socket stops the pod where it is missing),
+    following the node's unmounts; the socket's directory stays writable within it."""
+    pod = _one("DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = _agent()["volumeMounts"]
+
+    def holder(path: str) -> dict:
+        path = re.sub(r"^/var/run/", "/run/", path)      # a symlink to /run in Debian
+        inside = [m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert inside, f"{path}: on no volume"
+        return max(inside, key=lambda m: len(m["mountPath"]))
+
+    for runtime, paths in DEFAULT_SOCKETS.items():
+        for path in paths:
+            m = holder(path)
+            host = volumes[m["name"]]["hostPath"]
+            assert host["path"] == m["mountPath"] and host["type"] == "Directory", (runtime, path)
+            assert m.get("readOnly") is True and m.get("mountPropagation") == "HostToContainer", m
+    for v in volumes.values():
+        assert v["hostPath"].get("type") != "Socket", v
+    sock = holder("/run/mace/mace.sock")
+    assert sock["mountPath"] == "/run/mace" and not sock.get("readOnly")
+
+
 def test_arguments_parse(capsys):
     args = _agent()["args"]
     try:
         build_parser().parse_args(args)
     except SystemExit:
-        err = capsys.readouterr().err
-        if "--all" in args and "unrecognized arguments: --all" in err:
-            pytest.xfail("mace serve has no --all yet")
-        pytest.fail(f"mace rejects the DaemonSet's args {args}: {err}")
+        pytest.fail(f"mace rejects the DaemonSet's args {args}: {capsys.readouterr().err}")
 
 
 # -- the dashboard ------------------------------------------------------------------------------
