@@ -512,11 +512,16 @@ def cmd_trace(args) -> int:
                 sink.add_target(t.label, t.inode, t.identity())
                 if tally is not None:
                     tally.grow()
-                say(f"mace: {t.label} runs again, in a new network namespace: "
-                    f"{topo.describe()[new]}; traced as {restarts.label(new)}")
-            if emit(tracer.update(restarts.plan(hops=args.hops, end_at_queue=args.end_at_queue,
-                                                start_at_veth=not args.start_at_inner), raw=True)):
+            plan = restarts.plan(hops=args.hops, end_at_queue=args.end_at_queue,
+                                 start_at_veth=not args.start_at_inner)
+            # the incarnations gone keep their counters for the summary: their indexes reset
+            if emit(tracer.update(plan, raw=True, on_reset=lambda gone: restarts.keep_counters(
+                    tracer.correlator, gone))):
                 stop.requested = True           # --count reached: end at the next check
+            for _old, new in back:
+                # once this is out, the new incarnation's packets are traced
+                say(f"mace: {topo.containers[new].target.label} runs again, in a new network "
+                    f"namespace: {topo.describe()[new]}; traced as {restarts.label(new)}")
             return restarts.present(topo.present())
 
         try:
@@ -540,7 +545,8 @@ def cmd_trace(args) -> int:
                         print(line, file=err)
             names = ([restarts.label(i) for i in range(len(labels))] if restarts is not None
                      else labels)
-            summary = build(tracer, names, inodes, tally, stopped, topo.other_routes)
+            summary = build(restarts.summarised(tracer) if restarts is not None else tracer, names,
+                            inodes, tally, stopped, topo.other_routes)
             if summary_file is not None:
                 json.dump(summary, summary_file, indent=2)
                 summary_file.write("\n")

@@ -71,3 +71,42 @@ def test_a_removed_container_is_no_longer_waited_for(monkeypatch):
         raise ContainerNotFound("no docker container named 'web'")
     monkeypatch.setattr(mod, "reresolve", removed)
     assert r.check() == [] and not r.waiting and r.present([False]) == [None]
+
+
+class FakeCorrelator:
+    """Counters and histograms by container index, as the compiled correlator gives them."""
+
+    def __init__(self, reports: list[int]):
+        self.reports = reports
+
+    def counters(self) -> dict:
+        return {"containers": [{d: {"reports": n} for d in ("egress", "ingress")} for n in self.reports]}
+
+    def histogram(self, container: int, direction: int) -> list[int]:
+        return [self.reports[container], direction]
+
+
+class FakeTracer:
+    def __init__(self, correlator: FakeCorrelator):
+        self.correlator, self.plan = correlator, "the plan"
+
+    def stats(self) -> dict:
+        per = self.correlator.counters()["containers"]
+        for entry in per:
+            for k in entry.values():
+                k["in_flight"] = 1
+        return {"rings": {}, "containers": per}
+
+
+def test_an_incarnation_keeps_its_counters_for_the_summary_once_its_index_resets():
+    r = Restarts(topology(container("web", 100, 7001, "vethaaa"), container("db", 101, 7002, "vethbbb")))
+    tracer = FakeTracer(FakeCorrelator([5, 7]))
+    assert r.summarised(tracer) is tracer           # nothing reset: the tracer as it is
+    r.keep_counters(tracer.correlator, [0])         # Tracer.update's on_reset, then the reset
+    tracer.correlator.reports = [0, 7, 6]           # (and a new incarnation at index 2)
+    seen = r.summarised(tracer)
+    per = seen.stats()["containers"]
+    assert [k["egress"]["reports"] for k in per] == [5, 7, 6]
+    assert per[0]["egress"]["in_flight"] == 0 and per[1]["egress"]["in_flight"] == 1
+    assert [seen.correlator.histogram(i, 1) for i in range(3)] == [[5, 1], [7, 1], [6, 1]]
+    assert seen.plan == "the plan"                  # everything else is the tracer's

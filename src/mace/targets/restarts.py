@@ -37,6 +37,8 @@ class Restarts:
         self.waiting: dict[int, Target] = {}     # container index -> the target as last seen
         self.over: set[int] = set()              # indexes no longer traced
         self.incarnation = [1] * len(topo.containers)
+        # index -> (counters, histograms) an incarnation had when its index was reset
+        self.final: dict[int, tuple[dict, list[list[int]]]] = {}
 
     def gone(self, i: int) -> bool:
         """Container i's veth is gone; True if it is waited for (a runtime target)."""
@@ -72,6 +74,18 @@ class Restarts:
             back.append((i, len(self.topo.containers) - 1))
         return back
 
+    def keep_counters(self, correlator, indexes: list[int]) -> None:
+        """Tracer.update's on_reset: the last counters and latency histograms of the
+        incarnations whose index starts afresh (no longer traced), for the summary."""
+        per = correlator.counters()["containers"]
+        for i in indexes:
+            self.final[i] = (per[i], [correlator.histogram(i, d) for d in (0, 1)])
+
+    def summarised(self, tracer):
+        """`tracer` as the summary reads it (mace.output.summary.build): an incarnation no
+        longer traced shows the counters it ended with, not its reset index's zeros."""
+        return _Kept(tracer, self.final) if self.final else tracer
+
     def present(self, now: list[bool | None] | None) -> list[bool | None] | None:
         """Tracer.follow's presence list: a waited-for index counts as there (following goes
         on), an index no longer traced as unused."""
@@ -92,3 +106,34 @@ class Restarts:
         """How the summary names index i: `web`, then `web (2)` for its next incarnation."""
         name = self.topo.containers[i].target.label
         return name if self.incarnation[i] == 1 else f"{name} ({self.incarnation[i]})"
+
+
+class _Kept:
+    """A stopped Tracer with the counters and histograms of some indexes as they were kept
+    (Restarts.keep_counters); everything else is the tracer's own."""
+
+    def __init__(self, tracer, final: dict[int, tuple[dict, list[list[int]]]]):
+        self._tracer, self._final = tracer, final
+        self.correlator = _KeptCorrelator(tracer.correlator, final)
+
+    def __getattr__(self, name):
+        return getattr(self._tracer, name)
+
+    def stats(self) -> dict:
+        stats = self._tracer.stats()
+        for i, (counters, _) in self._final.items():
+            stats["containers"][i] = {d: {**k, "in_flight": 0} for d, k in counters.items()}
+        return stats
+
+
+class _KeptCorrelator:
+    def __init__(self, correlator, final: dict[int, tuple[dict, list[list[int]]]]):
+        self._correlator, self._final = correlator, final
+
+    def __getattr__(self, name):
+        return getattr(self._correlator, name)
+
+    def histogram(self, container: int, direction: int) -> list[int]:
+        if container in self._final:
+            return self._final[container][1][direction]
+        return self._correlator.histogram(container, direction)
