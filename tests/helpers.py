@@ -132,9 +132,9 @@ def finish(proc: subprocess.Popen, timeout: float, what) -> int:
 def resolve_peer(tb) -> None:
     """Resolve the peer's address on the uplink before a test's containers start at once.
 
-    The first packets of several containers that wait behind one ARP resolution are the
-    known limit that test_first_packets_of_two_containers_behind_one_arp (xfail) covers; a
-    test about something else must not fail by it when its pings happen to coincide."""
+    The first packets of several containers that wait behind one ARP resolution are what
+    test_first_packets_of_two_containers_behind_one_arp (test_service_live) is about; a test
+    about something else does not depend on that case when its pings happen to coincide."""
     r = tb.run(tb.host_ns, ["ping", "-n", "-q", "-c", "1", "-W", "2", tb.peer_ip], timeout=10)
     assert r.returncode == 0, r.stderr
 
@@ -173,3 +173,25 @@ def with_tracefs(argv: list[str]) -> list[str]:
     the test's own would outlive a failed test.  unshare and sh exec, so the PID is argv's."""
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             'mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true; exec "$@"', "sh", *argv]
+
+
+SUMMARY_ROW = re.compile(r"^(\S.*?)\s+(egress|ingress)\s+(\d+)\s")
+
+
+def summary_rows(err: list[str]) -> list[tuple[str, str, int]]:
+    """The rows of mace trace's text summary (target, direction, count), from its stderr
+    lines; checks that the lines under the table are what they should be."""
+    heads = [i for i, line in enumerate(err) if line.startswith("target ") and " dir " in line]
+    assert len(heads) == 1, "\n".join(err)
+    rows = []
+    for line in err[heads[0] + 1:]:
+        m = SUMMARY_ROW.match(line)
+        if not m:
+            break
+        rows.append((m[1].rstrip(), m[2], int(m[3])))
+    # under the table: a line per shortfall explained and per target stopped, then the totals
+    rest = err[heads[0] + 1 + len(rows):]
+    totals = [i for i, line in enumerate(rest)
+              if re.match(r"^\d+ events in [\d.]+ s; lost \(ring full\) \d+", line)]
+    assert totals and all(":" in line for line in rest[:totals[0]]), "\n".join(err)
+    return rows

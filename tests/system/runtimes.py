@@ -473,8 +473,8 @@ def remove_peer() -> None:
 
 def resolve_peer() -> None:
     """Resolve the peer's address on the uplink before containers ping at once: the first
-    packets of several containers waiting behind one ARP resolution are a known limit that
-    another test covers (see helpers.resolve_peer)."""
+    packets of several containers waiting behind one ARP resolution are another test's
+    subject (see helpers.resolve_peer)."""
     r = run(["ping", "-n", "-q", "-c", "1", "-W", "2", PEER_IP], check=False, timeout=10)
     assert r.returncode == 0, r.stdout + r.stderr
 

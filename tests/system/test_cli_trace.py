@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from helpers import Lines, busy_cpus, finish, inode_of, ping_argv, pings, resolve_peer
+from helpers import Lines, busy_cpus, finish, inode_of, ping_argv, pings, resolve_peer, summary_rows
 from helpers import one_line_error as check_one_line_error
 from helpers import ping as _ping
 from pyroute2 import netns
@@ -40,7 +40,6 @@ INGRESS_HOPS = ("bridge", "veth", "container rx")
 HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns",
                "egress_uplink_queue_ns", "ingress_bridge_ns", "ingress_veth_ns",
                "ingress_container_rx_ns"]
-SUMMARY_ROW = re.compile(r"^(\S.*?)\s+(egress|ingress)\s+(\d+)\s")
 ECHO_LEN = 20 + 8       # IPv4 + ICMP headers: a report's len is this plus ping's -s
 
 
@@ -263,23 +262,6 @@ def check_reports(reports, label, n, window, *, size=56, inode=None, hops=False)
             else:
                 assert "hops" not in r
     assert len(mine) == 2 * n
-
-
-def summary_rows(err: list[str]) -> list[tuple[str, str, int]]:
-    heads = [i for i, line in enumerate(err) if line.startswith("target ") and " dir " in line]
-    assert len(heads) == 1, "\n".join(err)
-    rows = []
-    for line in err[heads[0] + 1:]:
-        m = SUMMARY_ROW.match(line)
-        if not m:
-            break
-        rows.append((m[1].rstrip(), m[2], int(m[3])))
-    # under the table: a line per shortfall explained and per target stopped, then the totals
-    rest = err[heads[0] + 1 + len(rows):]
-    totals = [i for i, line in enumerate(rest)
-              if re.match(r"^\d+ events in [\d.]+ s; lost \(ring full\) \d+", line)]
-    assert totals and all(":" in line for line in rest[:totals[0]]), "\n".join(err)
-    return rows
 
 
 def check_summary(err, counts: list[tuple[str, int, int]]):

@@ -5,13 +5,14 @@ container by name (or ID prefix) through the runtime's API socket."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import time
 
 import pytest
-from helpers import one_line_error
+from helpers import one_line_error, summary_rows
 from runtimes import (
     DISCOVERY,
     DOCKER_BRIDGE,
@@ -114,6 +115,105 @@ def wait_reports(t: Trace, pred, what: str, timeout: float = WAIT) -> None:
                     + "\n".join(t.outs.lines) + "\n" + t.text())
 
 
+# -- the cases of every runtime --------------------------------------------------------------
+
+def traced_by_name(rt, mace, traced: dict[str, str], untraced: tuple[str, ...] = ()) -> None:
+    """Containers traced by name at once (`traced`: name -> the bridge its veth is on) while
+    each pings the peer, and the `untraced` ones too: every report names its container, each
+    traced container has all its echo requests and replies, and no report is of another."""
+    names = [*traced, *untraced]
+    inodes = {c: rt.sandbox(c) for c in names}
+    resolve_peer()
+    t = mace(*[a for c in traced for a in ("--netns", f"{rt.name}:{c}")], *common(rt),
+             "--count", 2 * len(traced) * N, "--duration", 60, "-f", "jsonl")
+    paths = discovered(t.ready(len(traced)))
+    assert set(paths) == {inodes[c] for c in traced}, (paths, inodes)
+    for c, bridge in traced.items():
+        assert paths[inodes[c]][1:] == (bridge, UPLINK), (c, paths)
+    procs = [(c, rt.popen_ping(c, N)) for c in names]
+    for c, p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0 and f"{N} packets received" in out, (c, out)
+    # (--count ends it once the traced ones' reports are all there: the untraced pinged
+    # meanwhile, and a report of theirs would have taken one of those places)
+    assert t.finish(WAIT) == 0, t.text()
+    reports = t.reports()
+    assert len(reports) == 2 * len(traced) * N, reports
+    assert all(sum(names_container(r, c) for c in traced) == 1 for r in reports), reports
+    assert not {r["netns"] for r in reports} & {inodes[c] for c in untraced}, reports
+    for c in traced:
+        assert_complete(reports, c, inodes[c])
+
+
+def stopped_mid_trace(rt, mace, a: str, b: str) -> None:
+    """One of two traced containers (a) stops: mace says so and goes on with the other."""
+    rt.container(a)
+    rt.container(b)
+    inodes = {c: rt.sandbox(c) for c in (a, b)}
+    resolve_peer()
+    t = mace("--netns", f"{rt.name}:{a}", "--netns", f"{rt.name}:{b}", *common(rt),
+             "--count", 4 * N, "--duration", 90, "-f", "jsonl")
+    t.ready(2)
+    rt.exec_ping(a, N)
+    wait_reports(t, lambda rs: count(rs, a, "egress") == N and count(rs, a, "ingress") == N,
+                 f"reports of {a}'s pings")
+    rt("stop", "-t", "0", a)
+    t.wait_err(rf"(?i)\b{a}\b.*\bstop|\bstop.*\b{a}\b", timeout=WAIT)
+    assert t.proc.poll() is None, "mace ended when one of two containers stopped:\n" + t.text()
+    rt.exec_ping(b, N)
+    assert t.finish(WAIT) == 0, t.text()
+    reports = t.reports()
+    assert_complete(reports, a, inodes[a])
+    assert_complete(reports, b, inodes[b])
+
+
+def restart_is_followed(rt, mace, tmp_path) -> None:
+    """Traced by name, a container that restarts (a new network namespace, a new veth) is
+    followed: mace says it runs again, reports come from both incarnations, and the summary
+    (text and JSON) keeps their counts apart, `NAME` and `NAME (2)`.  Reports are told apart
+    by time, not by netns: the kernel reuses a freed namespace's inode number, and the new
+    namespace often gets it."""
+    name = "restarts"
+    rt.container(name)
+    first_pid, first_ns = rt.pid(name), rt.sandbox(name)
+    resolve_peer()
+    summary_json = tmp_path / "summary.json"
+    t = mace("--netns", f"{rt.name}:{name}", *common(rt), "--duration", 120, "-f", "jsonl",
+             "--summary-json", summary_json)
+    t.ready(1)
+    rt.exec_ping(name, N)
+    wait_reports(t, lambda rs: count(rs, name, "egress") == N and count(rs, name, "ingress") == N,
+                 "reports of the first incarnation")
+    restart = time.time()
+    rt("restart", "-t", "0", name)
+    assert rt.pid(name) != first_pid
+    second_ns = rt.sandbox(name)
+    # mace learns of the restart by its presence check, and says so once the new
+    # incarnation is traced: its pings start then (see README Limits: a runtime that gives
+    # the new veth the old one's name has the packets before that counted as the old one's)
+    (again,) = t.wait_err(r"runs again", timeout=30)
+    assert t.proc.poll() is None, "mace ended when the container restarted:\n" + t.text()
+    assert re.fullmatch(rf"mace: {name} runs again, in a new network namespace: netns {second_ns} "
+                        rf"\({rt.name} {name}, .*\): .*; traced as {re.escape(name)} \(2\)", again), again
+    rt.exec_ping(name, N)
+    wait_reports(t, lambda rs: all(count(rs, name, d, after=restart) >= N for d in ("egress", "ingress")),
+                 "reports of the second incarnation")
+    t.proc.send_signal(signal.SIGINT)
+    assert t.finish(WAIT) == 0, t.text()
+    reports = t.reports()
+    assert {r["netns"] for r in reports if r["ts"] < restart} == {first_ns}, reports
+    assert {r["netns"] for r in reports if r["ts"] > restart} == {second_ns}, reports
+    want = {name: {"egress": N, "ingress": N}, f"{name} (2)": {"egress": N, "ingress": N}}
+    for d in ("egress", "ingress"):
+        assert count(reports, name, d, before=restart) == N, (d, reports)
+        assert count(reports, name, d, after=restart) == N, (d, reports)
+    # the summary: a row per incarnation and direction, each with its own count
+    assert summary_rows(t.errs.lines) == [(n, d, k) for n, ks in want.items() for d, k in ks.items()], t.text()
+    rows = json.loads(summary_json.read_text())["containers"]
+    assert [(r["target"], r["netns"]) for r in rows] == [(name, first_ns), (f"{name} (2)", second_ns)], rows
+    assert {r["target"]: {d: r[d]["count"] for d in ("egress", "ingress")} for r in rows} == want, rows
+
+
 # -- Docker ---------------------------------------------------------------------------------
 
 def test_docker_containers_by_name_on_two_networks(docker, mace):
@@ -121,28 +221,10 @@ def test_docker_containers_by_name_on_two_networks(docker, mace):
     name at once while each pings the peer: every report names its container, and each
     container has all its echo requests and replies."""
     net = docker.network()
-    names = ["c1", "c2", "c3"]
     docker.container("c1")
     docker.container("c2")
     docker.container("c3", "--network", net)
-    inodes = {c: docker.sandbox(c) for c in names}
-    resolve_peer()
-    t = mace(*[a for c in names for a in ("--netns", f"docker:{c}")], *common(docker),
-             "--count", 2 * 3 * N, "--duration", 60, "-f", "jsonl")
-    paths = discovered(t.ready(3))
-    assert set(paths) == set(inodes.values()), (paths, inodes)
-    for c, bridge in (("c1", DOCKER_BRIDGE), ("c2", DOCKER_BRIDGE), ("c3", DOCKER_USER_BRIDGE)):
-        assert paths[inodes[c]][1:] == (bridge, UPLINK), (c, paths)
-    procs = [(c, docker.popen_ping(c, N)) for c in names]
-    for c, p in procs:
-        out, _ = p.communicate(timeout=60)
-        assert p.returncode == 0 and f"{N} packets received" in out, (c, out)
-    assert t.finish(WAIT) == 0, t.text()
-    reports = t.reports()
-    assert len(reports) == 2 * 3 * N, reports
-    assert all(sum(names_container(r, c) for c in names) == 1 for r in reports), reports
-    for c in names:
-        assert_complete(reports, c, inodes[c])
+    traced_by_name(docker, mace, {"c1": DOCKER_BRIDGE, "c2": DOCKER_BRIDGE, "c3": DOCKER_USER_BRIDGE})
 
 
 def test_docker_container_by_id_prefix(docker, mace):
@@ -161,25 +243,7 @@ def test_docker_container_by_id_prefix(docker, mace):
 
 
 def test_docker_container_stopped_mid_trace(docker, mace):
-    """One of two traced containers stops: mace says so and goes on with the other."""
-    docker.container("s1")
-    docker.container("s2")
-    inodes = {c: docker.sandbox(c) for c in ("s1", "s2")}
-    resolve_peer()
-    t = mace("--netns", "docker:s1", "--netns", "docker:s2", *common(docker),
-             "--count", 4 * N, "--duration", 90, "-f", "jsonl")
-    t.ready(2)
-    docker.exec_ping("s1", N)
-    wait_reports(t, lambda rs: count(rs, "s1", "egress") == N and count(rs, "s1", "ingress") == N,
-                 "reports of s1's pings")
-    docker("stop", "-t", "0", "s1")
-    t.wait_err(r"(?i)\bs1\b.*\bstop|\bstop.*\bs1\b", timeout=WAIT)
-    assert t.proc.poll() is None, "mace ended when one of two containers stopped:\n" + t.text()
-    docker.exec_ping("s2", N)
-    assert t.finish(WAIT) == 0, t.text()
-    reports = t.reports()
-    assert_complete(reports, "s1", inodes["s1"])
-    assert_complete(reports, "s2", inodes["s2"])
+    stopped_mid_trace(docker, mace, "s1", "s2")
 
 
 def test_docker_host_network_container_is_refused(docker):
@@ -207,60 +271,26 @@ def test_runtime_socket_missing(tmp_path, _gate_system):
     one_line_error(r, RuntimeUnavailable.exit_code, rf"\bdocker\b.*{re.escape(str(sock))}")
 
 
-def test_docker_restart_is_followed(docker, mace):
-    """Traced by name, a container that restarts (a new network namespace, a new veth) is
-    followed: reports from both incarnations.  They are told apart by time, not by netns: the
-    kernel reuses a freed namespace's inode number, and the new namespace often gets it."""
-    name = "restarts"
-    docker.container(name)
-    first_pid, first_ns = docker.pid(name), docker.sandbox(name)
-    resolve_peer()
-    t = mace("--netns", f"docker:{name}", *common(docker), "--duration", 120, "-f", "jsonl")
-    t.ready(1)
-    docker.exec_ping(name, N)
-    wait_reports(t, lambda rs: count(rs, name, "egress") == N and count(rs, name, "ingress") == N,
-                 "reports of the first incarnation")
-    restart = time.time()
-    docker("restart", "-t", "0", name)
-    assert docker.pid(name) != first_pid
-    second_ns = docker.sandbox(name)
-    # mace learns of the restart by its presence check: single pings until it reports one
-    # of the new incarnation's packets, then N that must all be there
-    deadline = time.monotonic() + 30
-    while count(t.reports(), name, "ingress", after=restart) == 0:
-        assert t.proc.poll() is None, "mace ended when the container restarted:\n" + t.text()
-        assert time.monotonic() < deadline, "no report from the restarted container:\n" + t.text()
-        docker.exec_ping(name, 1)
-        time.sleep(0.3)
-    warm = {d: count(t.reports(), name, d, after=restart) for d in ("egress", "ingress")}
-    docker.exec_ping(name, N)
-    wait_reports(t, lambda rs: all(count(rs, name, d, after=restart) >= warm[d] + N for d in warm),
-                 "reports of the second incarnation")
-    t.proc.send_signal(signal.SIGINT)
-    assert t.finish(WAIT) == 0, t.text()
-    reports = t.reports()
-    assert {r["netns"] for r in reports if r["ts"] < restart} == {first_ns}, reports
-    assert {r["netns"] for r in reports if r["ts"] > restart} == {second_ns}, reports
-    for d in ("egress", "ingress"):
-        assert count(reports, name, d, before=restart) == N, (d, reports)
-        assert count(reports, name, d, after=restart) == warm[d] + N, (d, reports)
+def test_docker_restart_is_followed(docker, mace, tmp_path):
+    restart_is_followed(docker, mace, tmp_path)
 
 
 # -- Podman ---------------------------------------------------------------------------------
 
-def test_podman_container_by_name(podman, mace):
-    podman.container("p1")
-    inode = podman.sandbox("p1")
-    resolve_peer()
-    t = mace("--netns", "podman:p1", *common(podman), "--count", 2 * N, "--duration", 60,
-             "-f", "jsonl")
-    paths = discovered(t.ready(1))
-    assert set(paths) == {inode} and paths[inode][1:] == (PODMAN_BRIDGE, UPLINK), paths
-    podman.exec_ping("p1", N)
-    assert t.finish(WAIT) == 0, t.text()
-    reports = t.reports()
-    assert len(reports) == 2 * N, reports
-    assert_complete(reports, "p1", inode)
+def test_podman_containers_by_name(podman, mace):
+    """Two containers traced by name, a third pinging beside them untraced: each traced one
+    gets exactly its own reports, the third none."""
+    for c in ("p1", "p2", "p3"):
+        podman.container(c)
+    traced_by_name(podman, mace, {"p1": PODMAN_BRIDGE, "p2": PODMAN_BRIDGE}, untraced=("p3",))
+
+
+def test_podman_container_stopped_mid_trace(podman, mace):
+    stopped_mid_trace(podman, mace, "ps1", "ps2")
+
+
+def test_podman_restart_is_followed(podman, mace, tmp_path):
+    restart_is_followed(podman, mace, tmp_path)
 
 
 def test_podman_host_network_container_is_refused(podman):
