@@ -191,10 +191,11 @@ def _hops(runs: list[dict]) -> dict:
                 for i, v in enumerate(hop_intervals(hops, lat)):
                     if v is not None and i < len(per_step):
                         per_step[i].append(v)
-        if d == "egress" and not per_step[3] and per_step[4]:
+        q, x = HOP_STEPS[d].index("uplink queue") if d == "egress" else 0, len(HOP_STEPS[d]) - 1
+        if d == "egress" and not per_step[q] and per_step[x]:
             # egress ended at the uplink's queue (the default): the last interval ends there,
             # and there is no uplink xmit step
-            per_step[3], per_step[4] = per_step[4], []
+            per_step[q], per_step[x] = per_step[x], []
         out[d] = {name: (statistics.median(v) if v else None)
                   for name, v in zip(HOP_STEPS[d], per_step, strict=True)}
         out[d]["latency"] = _q([x for r in runs for x in r[d]], 50)

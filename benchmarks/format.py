@@ -76,6 +76,7 @@ READER = textwrap.dedent("""
 
 def _reports(n: int, hops: bool, seed: int = 7) -> bytes:
     """n packed reports of two containers, alternating directions, values as a run has them."""
+    from mace.correlate._correlate import HOPS
     from mace.output.report import REPORT_FORMAT
     from mace.output.sinks import HOP_NAMES
     rec = struct.Struct(REPORT_FORMAT)
@@ -89,7 +90,7 @@ def _reports(n: int, hops: bool, seed: int = 7) -> bytes:
         t0 += rnd.randrange(2_000, 40_000)
         lat = rnd.randrange(8_000, 200_000)
         nh = len(HOP_NAMES[d]) if hops else 0
-        hop = sorted(rnd.randrange(1, lat) for _ in range(nh)) + [0] * (4 - nh)
+        hop = sorted(rnd.randrange(1, lat) for _ in range(nh)) + [0] * (HOPS - nh)
         rec.pack_into(out, i * rec.size, t0, seq[c][d], lat, 84 if d == 0 else 98, c, d, nh,
                       rnd.randrange(2), 0, *hop)
     return bytes(out)

@@ -52,14 +52,17 @@ RECV = "net:netif_receive_skb"
 RX = "net:netif_rx_entry"      # netif_rx with the protocol: the veth start must know it
 QUEUE = "net:net_dev_queue"
 FREE = "skb:kfree_skb"
+ROUTE = "fib:fib_table_lookup"
+LOOPBACK_IFINDEX = 1        # the input of every output route lookup (ip_route_output_key_hash)
 
 # Filters name veths one by one up to this many, then by a prefix they share (veth_prefixes);
 # groups are formed by their first PREFIX_KEY characters
 GLOB_FROM = 32
 PREFIX_KEY = 3
 
-EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "uplink queue")     # report hop slots
-INGRESS_HOPS = ("bridge", "veth", "container rx")
+# report hop slots (the correlator's HOP_SLOTS per direction)
+EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "route", "uplink queue")
+INGRESS_HOPS = ("route", "bridge", "veth", "container rx")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Plan:
     # more devices the containers' traffic may leave the host by (a second NIC, policy
     # routing, an overlay): each is an uplink like `uplink`, which reports name first
     extra_uplinks: tuple[str, ...] = ()
+    # the host's interface index of each uplink (uplinks order): what tells the forward
+    # route lookups of the containers' packets from the host's own (see probes)
+    uplink_indexes: tuple[int, ...] = ()
     devices: list[str | None] = field(init=False)
 
     def __post_init__(self):
@@ -146,7 +152,7 @@ class Plan:
             else:
                 slots.append(name)
         out = Plan(list(self.containers), self.uplink, self.hops, self.end_at_queue, self.start_at_veth,
-                   self.extra_uplinks)
+                   self.extra_uplinks, self.uplink_indexes)
         out.devices = slots
         return out
 
@@ -171,7 +177,32 @@ class Plan:
         ]
         if self.hops or self.start_at_veth:
             probes.append(self._probe(RX, veths + (inner if self.hops else ())))
+        if self.route:
+            probes.append(self.route_probe())
         return probes
+
+    @property
+    def route(self) -> bool:
+        """Whether the routing decision is timed (a hop of both directions): with hops."""
+        return self.hops
+
+    def route_probe(self) -> Probe:
+        """fib:fib_table_lookup for the decisions of the containers' own packets, and as few
+        others as its fields allow.  Its record has no skb and only the route's device
+        (`name`) and input (`iif`): the correlator times with it the one call chain its CPU
+        is in (see Correlator._route).
+        - egress: the forward lookup towards an uplink.  The host's own packets look up
+          the same device, but an output route's input is the loopback index, and a reply
+          to the host comes in on the uplink: their lookups stay out;
+        - ingress: a lookup whose route is a container's bridge, or its veth where there is
+          none (routed, as Calico), which replies to the host never take."""
+        ours = tuple(dict.fromkeys(c.bridge or c.veth for _, c in self.active))
+        names = " || ".join(f'name == "{u}"' for u in self.uplinks)
+        inputs = " && ".join(f"iif != {i}" for i in (LOOPBACK_IFINDEX, *self.uplink_indexes))
+        probe = self._probe(ROUTE, ours)
+        return Probe(ROUTE, devices=probe.devices, prefixes=probe.prefixes,
+                     extra_terms=(f"(({names}) && {inputs})",), extra_devices=self.uplinks,
+                     condition="err == 0")
 
     def _probe(self, tracepoint: str, devices: tuple[str, ...]) -> Probe:
         # Many veths in one filter cost every hit of the tracepoint a comparison each: past
@@ -218,19 +249,21 @@ class Plan:
             max_age_ns=max_age_ns, hops=self.hops,
             bridge=bool(self.bridges) if bridge is None else bridge,
             end_at_queue=self.end_at_queue, ncpu=ncpu, report_cap=report_cap,
-            veth_start=self.start_at_veth)
+            veth_start=self.start_at_veth, route=self.route)
 
     def samples_per_packet(self) -> dict[str, int]:
         """By direction, the events of one reported packet's chain (see the module's table):
         what mace samples per packet it reports, at the least."""
         bridge = bool(self.bridges)
         veth_start = getattr(self, "start_at_veth", False)
+        route = getattr(self, "route", False)
         egress = (0 if veth_start else 1)                   # xmit inner
         egress += 1 if self.hops or veth_start else 0       # netif_rx veth
         egress += 1 + (self.hops and bridge)                # receive veth, receive bridge
+        egress += route                                     # the routing decision
         egress += 1 + (not self.end_at_queue)               # queue uplink, xmit uplink
-        # receive uplink, xmit bridge, xmit veth, netif_rx inner, receive inner
-        ingress = 1 + (self.hops and bridge) + 1 + self.hops + 1
+        # receive uplink, route, xmit bridge, xmit veth, netif_rx inner, receive inner
+        ingress = 1 + route + (self.hops and bridge) + 1 + self.hops + 1
         return {"egress": int(egress), "ingress": int(ingress)}
 
 
@@ -271,7 +304,7 @@ def _free_condition(formats: dict | None) -> str | None:
 
 def tracepoints(hops: bool) -> list[str]:
     """Every tracepoint a plan may open."""
-    return [XMIT, RECV, QUEUE, FREE, RX]
+    return [XMIT, RECV, QUEUE, FREE, RX, *((ROUTE,) if hops else ())]
 
 
 def _unique(names) -> tuple[str, ...]:

@@ -35,10 +35,10 @@ MACE_PARSE = re.compile(r"^(?:(?P<target>\S+) )?\[(?P<ts>\d+\.\d{6})\] \((?P<seq
 JSONL_KEYS = {"ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"}
 CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
               "len", "cpu"]
-EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "uplink queue")
-INGRESS_HOPS = ("bridge", "veth", "container rx")
-HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns",
-               "egress_uplink_queue_ns", "ingress_bridge_ns", "ingress_veth_ns",
+EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "route", "uplink queue")
+INGRESS_HOPS = ("route", "bridge", "veth", "container rx")
+HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns", "egress_route_ns",
+               "egress_uplink_queue_ns", "ingress_route_ns", "ingress_bridge_ns", "ingress_veth_ns",
                "ingress_container_rx_ns"]
 ECHO_LEN = 20 + 8       # IPv4 + ICMP headers: a report's len is this plus ping's -s
 
@@ -226,7 +226,7 @@ def parse(fmt: str, lines: list[str], labels: list[str], *, hops=False) -> list[
                  "len": int(cell["len"]), "cpu": int(cell["cpu"])}
             if hops:
                 first = len(CSV_HEADER)
-                eg, ing = row[first:first + 4], row[first + 4:]
+                eg, ing = row[first:first + len(EGRESS_HOPS)], row[first + len(EGRESS_HOPS):]
                 mine, other = (eg, ing) if r["dir"] == "egress" else (ing, eg)
                 assert other == [""] * len(other), row        # the other direction's columns
                 r["hops"] = [int(h) if h else None for h in mine]
@@ -253,9 +253,10 @@ def check_reports(reports, label, n, window, *, size=56, inode=None, hops=False)
                 assert 0 <= r["cpu"] < os.cpu_count(), r
             if hops:
                 # by default egress runs from the veth to the uplink's queue: neither the
-                # first hop (inner xmit -> veth) nor the uplink queue hop is timed
-                timed = r["hops"][1:3] if r["dir"] == "egress" else r["hops"]
-                assert r["dir"] == "ingress" or r["hops"][0] is r["hops"][3] is None, r
+                # first hop (inner xmit -> veth) nor the uplink queue hop is timed; the
+                # routing decision is, both ways
+                timed = r["hops"][1:4] if r["dir"] == "egress" else r["hops"]
+                assert r["dir"] == "ingress" or r["hops"][0] is r["hops"][4] is None, r
                 assert None not in timed, r
                 assert timed == sorted(timed), r
                 assert all(0 < h <= r["latency"] for h in timed), r

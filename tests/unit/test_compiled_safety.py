@@ -106,7 +106,7 @@ def test_a_huge_stage_is_a_memory_error_not_a_crash():
         Rings(cpus=[0], ring_pages=1, reorder_ns=0, stage_cap=1 << 52)
 
 
-@pytest.mark.parametrize("report_cap", [1 << 60, (1 << 64) // 48 + 1])
+@pytest.mark.parametrize("report_cap", [1 << 60, (1 << 64) // 56 + 1])
 def test_a_report_buffer_size_that_overflows_is_refused(report_cap):
     with pytest.raises((OverflowError, MemoryError)):
         _correlate.Correlator([1], [1], [-1], [0], table_size=64, ncpu=4, report_cap=report_cap)
@@ -223,14 +223,14 @@ def test_translate_fallback_keeps_operation_and_errno():
 
 def test_report_record_layout():
     fmt = struct.Struct(_correlate.REPORT_FORMAT)
-    assert fmt.size == REPORT_SIZE == _correlate.REPORT_SIZE == 48
+    assert fmt.size == REPORT_SIZE == _correlate.REPORT_SIZE == 56
     assert report.REPORT_FORMAT == _correlate.REPORT_FORMAT
     r = Report(513, 1, (1 << 40) + 7, 123456789012, 4000, 84, 3, (11, None, 33))
     raw = report.pack(r)
-    assert len(raw) == 48
+    assert len(raw) == 56
     t0, seq, lat, length, cont, d, nhops, cpu, pad, *hops = fmt.unpack(raw)
     assert (t0, seq, lat, length, cont, d, nhops, cpu, pad) == (123456789012, (1 << 40) + 7, 4000, 84, 513, 1, 3, 3, 0)
-    assert hops == [11, 0, 33, 0]
+    assert hops == [11, 0, 33, 0, 0, 0]
     assert list(unpack(raw)) == [r]
     assert raw[16:16 + 4] == struct.pack("=I", 4000)      # natural alignment: no hidden padding
     assert struct.unpack_from("=H", raw, 24)[0] == 513
@@ -264,13 +264,13 @@ def test_sequence_numbers_continue_past_32_bits():
 
 
 def test_reference_takes_its_constants_from_the_compiled_module():
-    for name in ("PQ", "CTX_BITS", "SYNC_MAX_NS", "ETH_HLEN", "ARP_L3"):
+    for name in ("PQ", "CTX_BITS", "SYNC_MAX_NS", "ETH_HLEN", "ARP_L3", "HOPS"):
         assert getattr(reference, name) == getattr(_correlate, name), name
     assert reference.DEV_NONE == _ring.DEV_NONE and reference.DEV_OTHER == _ring.DEV_OTHER
     assert {"net:net_dev_start_xmit": reference.T_XMIT, "net:netif_receive_skb": reference.T_RECV,
             "net:netif_rx": reference.T_RX, "net:netif_rx_entry": reference.T_RX,
             "net:net_dev_queue": reference.T_QUEUE,
-            "skb:kfree_skb": reference.T_FREE} == _correlate.TYPES
+            "skb:kfree_skb": reference.T_FREE, "fib:fib_table_lookup": reference.T_ROUTE} == _correlate.TYPES
     assert {"inner": reference.C_INNER, "veth": reference.C_VETH, "bridge": reference.C_BRIDGE,
             "uplink": reference.C_UPLINK} == _correlate.CLASSES
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mace.correlate._correlate import HOP_SLOTS, HOPS
 from mace.output import _format, clock, report, sinks
 from mace.output.report import REPORT_FORMAT, REPORT_SIZE, Report, pack, unpack
 from mace.plan import EGRESS_HOPS, INGRESS_HOPS
@@ -23,6 +24,12 @@ FORMATS = ("mace", "jsonl", "csv")
 RECORD = struct.Struct(REPORT_FORMAT)
 U16, U32, U64 = 2**16 - 1, 2**32 - 1, 2**64 - 1
 NOW = 1_795_692_291_089_446_123 - 5_000_000_000        # a wall-clock offset of today's kind
+EG, ING = HOP_SLOTS         # hop slots of an egress and an ingress report
+
+
+def rec(t0, seq, lat, length, container, d, nhops, cpu, *hops) -> bytes:
+    """One packed report; the hop slots not given are 0."""
+    return RECORD.pack(t0, seq, lat, length, container, d, nhops, cpu, 0, *hops, *[0] * (HOPS - len(hops)))
 
 SETTINGS = settings(max_examples=250, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -52,15 +59,15 @@ offset = st.one_of(st.just(NOW), st.just(0), st.integers(-(2**63), 2**63 - 1),
 
 @st.composite
 def records(draw, ntargets: int, max_size: int = 40) -> bytes:
-    """Packed reports as the correlator writes them (egress 4 hop slots, ingress 3)."""
+    """Packed reports as the correlator writes them (HOP_SLOTS: egress 5, ingress 4)."""
     out = []
     for _ in range(draw(st.integers(0, max_size))):
         d = draw(st.integers(0, 1))
         out.append(RECORD.pack(
             draw(t0), draw(st.one_of(st.integers(1, 100), st.integers(0, U64))),
             draw(st.one_of(st.integers(0, 10**6), st.integers(0, U32))), draw(st.integers(0, U32)),
-            draw(st.integers(0, ntargets - 1)), d, 4 if d == 0 else 3, draw(st.integers(0, U16)), 0,
-            *draw(st.lists(hop, min_size=4, max_size=4))))
+            draw(st.integers(0, ntargets - 1)), d, HOP_SLOTS[d], draw(st.integers(0, U16)), 0,
+            *draw(st.lists(hop, min_size=HOPS, max_size=HOPS))))
     return b"".join(out)
 
 
@@ -115,7 +122,7 @@ def test_targets_added_later_are_the_references_too(data, fmt, hops, first, late
 @given(st.sampled_from(FORMATS), st.booleans(), t0, offset)
 def test_ts_is_clock_wall_exactly_wherever_the_sum_falls(fmt, hops, t, off):
     # the sum may be negative or beyond 64 bits (Python's integers then, as clock.wall's)
-    raw = RECORD.pack(t, 1, 2, 3, 0, 0, 4, 0, 0, 0, 0, 0, 0)
+    raw = rec(t, 1, 2, 3, 0, 0, EG, 0)
     text = same(fmt, [("web", 1, None)], [raw], hops, off)
     digits = 6 if fmt == "mace" else 9
     assert clock.wall(t + off, digits) in text
@@ -129,7 +136,7 @@ def test_ts_is_clock_wall_exactly_wherever_the_sum_falls(fmt, hops, t, off):
 def test_ts_at_the_edges_of_digits_and_rounding(fmt, wall_ns):
     # 1 to 11 digits of seconds (the reference's slice cuts the 11-digit ones), the carry of
     # the microsecond rounding into the seconds, and the rounding at the top of 64 bits
-    record = RECORD.pack(wall_ns, 1, 2, 3, 0, 1, 3, 0, 0, 0, 0, 0, 0)
+    record = rec(wall_ns, 1, 2, 3, 0, 1, ING, 0)
     same(fmt, [("web", 1, None)], [record], offset=0)
     # the same instants below zero and beyond 64 bits: Python's integers
     same(fmt, [("web", 1, None)], [record], offset=-(wall_ns % 2**63) - 1)
@@ -139,9 +146,9 @@ def test_ts_at_the_edges_of_digits_and_rounding(fmt, wall_ns):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("hops", [False, True])
 def test_extremes_of_every_field(fmt, hops):
-    rows = [RECORD.pack(U64 - NOW, U64, U32, U32, 1, 0, 4, U16, 0, U32, 0, U32, 1),
-            RECORD.pack(0, 0, 0, 0, 0, 1, 3, 0, 0, 0, 0, 0, 0),
-            RECORD.pack(1, 1, 1, 1, 1, 1, 3, 1, 0, 1, 10, 100, 0)]
+    rows = [rec(U64 - NOW, U64, U32, U32, 1, 0, EG, U16, U32, 0, U32, 1, U32),
+            rec(0, 0, 0, 0, 0, 1, ING, 0),
+            rec(1, 1, 1, 1, 1, 1, ING, 1, 1, 10, 100, 0)]
     text = same(fmt, [("a", 0, None), ("b", U64, {"container": "c"})], [b"".join(rows)], hops)
     assert str(U64) in text and str(U32) in text
 
@@ -153,19 +160,19 @@ def test_names_that_need_escaping_and_quoting(fmt, hops):
              "", " spaced ", "\x00\x1f", "\udcff"]        # the last: an undecodable byte of argv
     targets = [(n, i, {"container": n, "pod": n[::-1], "k8s_namespace": "ns," + n})
                for i, n in enumerate(names)] + [(n, 100 + i, None) for i, n in enumerate(names)]
-    raw = b"".join(RECORD.pack(NOW + i, i + 1, 1000 + i, 84, i, i % 2, 4 - i % 2, i, 0, 1, 0, 3, 4)
+    raw = b"".join(rec(NOW + i, i + 1, 1000 + i, 84, i, i % 2, HOP_SLOTS[i % 2], i, 1, 0, 3, 4)
                    for i in range(len(targets)))
     same(fmt, targets, [raw], hops)
 
 
 def test_one_target_mace_lines_ignore_the_index_as_the_reference_does():
     # the reference never looks a single target's label up: any index is written
-    raw = RECORD.pack(NOW, 1, 2, 3, 7, 0, 4, 0, 0, 0, 0, 0, 0)
+    raw = rec(NOW, 1, 2, 3, 7, 0, EG, 0)
     assert same("mace", [("web", 1, None)], [raw]).startswith("[")
 
 
 def test_several_targets_prefix_mace_lines_with_the_label():
-    raw = b"".join(RECORD.pack(NOW, 1, 2, 3, c, 0, 4, 0, 0, 0, 0, 0, 0) for c in (1, 0))
+    raw = b"".join(rec(NOW, 1, 2, 3, c, 0, EG, 0) for c in (1, 0))
     text = same("mace", [("web", 1, None), ("db", 2, None)], [raw])
     assert [line.split(" [")[0] for line in text.splitlines()] == ["db", "web"]
 
@@ -175,18 +182,17 @@ def test_several_targets_prefix_mace_lines_with_the_label():
 BAD = [
     ("a direction that is neither", {"d": 2}, False),
     ("a container no target has", {"container": 5}, False),
-    ("an egress report with 3 hops", {"nhops": 3}, True),
-    ("an ingress report with 4 hops", {"d": 1, "nhops": 4}, True),
+    (f"an egress report with {EG - 1} hops", {"nhops": EG - 1}, True),
+    (f"an ingress report with {ING + 1} hops", {"d": 1, "nhops": ING + 1}, True),
 ]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("what, fields, hops", BAD, ids=[b[0] for b in BAD])
 def test_a_record_the_reference_cannot_write_is_refused_whole(fmt, what, fields, hops):
-    f = {"t0": NOW, "seq": 1, "lat": 2, "len": 3, "container": 0, "d": 0, "nhops": 4} | fields
-    bad = RECORD.pack(f["t0"], f["seq"], f["lat"], f["len"], f["container"], f["d"], f["nhops"],
-                      0, 0, 1, 2, 3, 4)
-    good = RECORD.pack(NOW, 1, 2, 3, 0, 0, 4, 0, 0, 0, 0, 0, 0)
+    f = {"t0": NOW, "seq": 1, "lat": 2, "len": 3, "container": 0, "d": 0, "nhops": EG} | fields
+    bad = rec(f["t0"], f["seq"], f["lat"], f["len"], f["container"], f["d"], f["nhops"], 0, 1, 2, 3, 4, 5)
+    good = rec(NOW, 1, 2, 3, 0, 0, EG, 0)
     targets = [("web", 1, None), ("db", 2, None)]
     (new, out), (ref, ref_out) = both(fmt, targets, hops)
     try:
@@ -197,15 +203,16 @@ def test_a_record_the_reference_cannot_write_is_refused_whole(fmt, what, fields,
             new.write_packed(good + bad)
         assert out.getvalue() == header and new.written == 0      # nothing of the batch written
         return
-    # MACE lines show no hops; CSV has room for 3 egress hops
+    # MACE lines show no hops; CSV has room for the ingress report's extra hop (the columns
+    # of both directions follow its own)
     assert (fmt, hops) in (("mace", True), ("csv", True)), what
     new.write_packed(good + bad)
     assert out.getvalue() == ref_out.getvalue()
 
 
 def test_csv_ingress_may_carry_fewer_hops_json_lines_may_not():
-    raw = RECORD.pack(NOW, 1, 2, 3, 0, 1, 2, 0, 0, 5, 6, 0, 0)
-    assert same("csv", [("web", 1, None)], [raw], hops=True).splitlines()[1].endswith(",5,6,")
+    raw = rec(NOW, 1, 2, 3, 0, 1, 2, 0, 5, 6)
+    assert same("csv", [("web", 1, None)], [raw], hops=True).splitlines()[1].endswith(",5,6" + "," * (ING - 2))
     with pytest.raises(ValueError, match="carries 2 hops"):
         sinks.make_sink("jsonl", io.StringIO(), ["web"], [1], hops=True).write_packed(raw)
 
@@ -225,7 +232,7 @@ def formatter(fmt="jsonl", hops=False, targets=(("web", 1, None),)):
 
 
 def test_format_appends_and_counts():
-    raw = pack(Report(0, 0, 1, 5, 6, 7, 0, (1, 2, 3, 4))) * 3
+    raw = pack(Report(0, 0, 1, 5, 6, 7, 0, (1, 2, 3, 4, 5))) * 3
     out = bytearray(b"before\n")
     assert formatter().format(raw, out) == 3
     assert out.startswith(b"before\n") and out.count(b"\n") == 4
@@ -233,7 +240,7 @@ def test_format_appends_and_counts():
 
 
 def test_format_takes_any_buffer_at_any_alignment():
-    raw = pack(Report(0, 1, 9, 5, 6, 7, 0, (1, 2, 3))) * 5
+    raw = pack(Report(0, 1, 9, 5, 6, 7, 0, (1, 2, 3, 4))) * 5
     want = bytearray()
     formatter().format(raw, want)
     for data in (bytearray(raw), memoryview(raw), memoryview(b"x" + raw)[1:], memoryview(b"xyz" + raw)[3:]):
@@ -251,7 +258,7 @@ def test_format_refuses_partial_records_and_unknown_targets():
     with pytest.raises(ValueError, match="unknown format"):
         _format.Formatter("xml", 0)
     with pytest.raises(ValueError, match="hop_names"):
-        _format.Formatter("csv", 0, hop_names=((b"a",) * 5, ()))
+        _format.Formatter("csv", 0, hop_names=((b"a",) * (HOPS + 1), ()))
     with pytest.raises(TypeError):
         f.format(b"", b"not a bytearray")
 
@@ -259,7 +266,7 @@ def test_format_refuses_partial_records_and_unknown_targets():
 def test_a_forced_target_writes_every_report_as_its_own():
     # the service: one namespace's queue, whatever index the tracer gave its reports
     ident = {"container": "web", "runtime": "docker"}
-    reports = [Report(c, c % 2, c + 1, NOW + c, 1000, 84, 0, (1, None, 3, 4)[:4 - c % 2])
+    reports = [Report(c, c % 2, c + 1, NOW + c, 1000, 84, 0, (1, None, 3, 4, 5)[:HOP_SLOTS[c % 2]])
                for c in range(6)]
     out = bytearray()
     f = sinks.formatter("jsonl", NOW, True, [("netns:42", 42, ident)])
@@ -271,14 +278,14 @@ def test_a_forced_target_writes_every_report_as_its_own():
 
 def test_large_batches_and_long_prefixes_fit_their_room():
     label = "x" * 5000
-    raw = b"".join(RECORD.pack(NOW + i, U64 - i, U32, U32, i % 2, i % 2, 4 - i % 2, U16, 0,
-                               U32, U32, U32, U32) for i in range(4000))
+    raw = b"".join(rec(NOW + i, U64 - i, U32, U32, i % 2, i % 2, HOP_SLOTS[i % 2], U16, *[U32] * HOPS)
+                   for i in range(4000))
     for fmt in FORMATS:
         same(fmt, [(label, U64, {"container": label}), ("y", 0, None)], [raw], hops=True)
 
 
 def test_the_constants_are_the_correlators():
-    assert _format.REPORT_SIZE == REPORT_SIZE == 48
+    assert _format.REPORT_SIZE == REPORT_SIZE == 56
     assert _format.DIRECTIONS == report.DIRECTIONS
     assert set(_format.FORMATS) == set(FORMATS)
     assert sinks.HOP_NAMES == (EGRESS_HOPS, INGRESS_HOPS)
@@ -305,7 +312,7 @@ def test_the_services_lines_are_the_old_ones(hops, dropped):
     ident = {"container": 'we"b', "runtime": "podman"}
     ns = types.SimpleNamespace(label="podman:we\"b", inode=4026532281, identity=ident)
     service = types.SimpleNamespace(wall_offset=NOW, opts=types.SimpleNamespace(hops=hops))
-    reports = [Report(3, i % 2, i + 1, 10**9 * i, 1000 + i, 84, i % 2, (0, 20, 30, 40)[:4 - i % 2])
+    reports = [Report(3, i % 2, i + 1, 10**9 * i, 1000 + i, 84, i % 2, (0, 20, 30, 40, 50)[:HOP_SLOTS[i % 2]])
                for i in range(50)]
     raw = b"".join(map(pack, reports))
     w = Writer()

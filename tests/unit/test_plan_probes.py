@@ -12,7 +12,7 @@ import pytest
 
 from mace.capture.tracefs import parse_format
 from mace.correlate import _correlate
-from mace.plan import FREE, QUEUE, RECV, RX, XMIT, ContainerPath, Plan, tracepoints
+from mace.plan import FREE, QUEUE, RECV, ROUTE, RX, XMIT, ContainerPath, Plan, tracepoints
 
 FORMATS_DIR = resources.files("mace.testing").joinpath("formats")
 
@@ -22,7 +22,7 @@ def captured(qualified: str):
     return parse_format(FORMATS_DIR.joinpath(f"{system}_{name}.format").read_text(), system)
 
 
-FORMATS = {tp: captured(tp) for tp in (XMIT, RECV, QUEUE, FREE, RX)}
+FORMATS = {tp: captured(tp) for tp in (XMIT, RECV, QUEUE, FREE, RX, ROUTE)}
 NO_SOCKET = FORMATS[FREE].symbol("reason", "NO_SOCKET")
 
 
@@ -63,8 +63,9 @@ def test_one_container_behind_a_bridge():
 def test_probes_come_in_kind_order():
     assert [p.tracepoint for p in Inner([WEB], "up0").probes(FORMATS)] == [XMIT, RECV, QUEUE, FREE]
     assert [p.tracepoint for p in Inner([WEB], "up0", hops=True).probes(FORMATS)] == \
-        [XMIT, RECV, QUEUE, FREE, RX]
-    assert tracepoints(False) == tracepoints(True) == [XMIT, RECV, QUEUE, FREE, RX]
+        [XMIT, RECV, QUEUE, FREE, RX, ROUTE]
+    assert tracepoints(False) == [XMIT, RECV, QUEUE, FREE, RX]
+    assert tracepoints(True) == [XMIT, RECV, QUEUE, FREE, RX, ROUTE]
 
 
 def test_hops_add_the_bridge_and_the_backlog():
@@ -74,7 +75,17 @@ def test_hops_add_the_bridge_and_the_backlog():
         QUEUE: names("up0"),
         FREE: f"reason != {NO_SOCKET}",
         RX: names("veth1a", "eth0"),
+        # the forward lookup to the uplink (not an output one: input loopback), a route to the bridge
+        ROUTE: '(((name == "up0") && iif != 1) || name == "br0") && (err == 0)',
     }
+
+
+def test_the_route_filter_leaves_the_hosts_own_lookups_out_by_their_input():
+    plan = Plan([WEB, SOLO], "up0", hops=True, extra_uplinks=("wg0",), uplink_indexes=(7, 9))
+    assert filters(plan)[ROUTE] == ('(((name == "up0" || name == "wg0") && iif != 1 && iif != 7 && iif != 9)'
+                                    ' || name == "br0" || name == "vsolo") && (err == 0)')
+    assert plan.rebased(plan).uplink_indexes == (7, 9)
+    assert ROUTE not in filters(Plan([WEB], "up0"))
 
 
 def test_end_at_queue_leaves_the_uplink_out_of_xmit():
@@ -143,6 +154,7 @@ def test_every_filtered_field_is_in_the_captured_format():
         if p.devices:
             assert "name" in FORMATS[p.tracepoint].fields, p.tracepoint
     assert "reason" in FORMATS[FREE].fields
+    assert {"iif", "err", "name"} <= set(FORMATS[ROUTE].fields)
 
 
 @pytest.mark.parametrize("bad", [
@@ -245,7 +257,7 @@ def test_500_docker_containers_are_filtered_by_their_veth_prefix(hops, start_at_
     plan = Plan(docker(500), "ens5", hops=hops, start_at_veth=start_at_veth)
     known = [d for d in plan.devices if d]
     for p in plan.probes(FORMATS):
-        others = [d for d in known if d not in p.devices]
+        others = [d for d in known if d not in p.devices and d not in p.extra_devices]
         texts = check_events(p, others)
         if any(d.startswith("veth") for d in p.devices):
             assert p.prefixes == ("veth",) and len(texts) == 1, (p.tracepoint, texts)
@@ -262,14 +274,14 @@ def test_500_containers_without_a_shared_prefix_are_split_over_events():
     known = [d for d in plan.devices if d]
     for p in plan.probes(FORMATS):
         assert p.prefixes == ()
-        texts = check_events(p, [d for d in known if d not in p.devices])
+        texts = check_events(p, [d for d in known if d not in p.devices and d not in p.extra_devices])
         if len(p.devices) >= 500:
             # a page holds 160 names of 11 characters: 500 veths and a few more need 4 events
             assert len(texts) == 4, (p.tracepoint, [len(t) for t in texts])
             assert all(len(t) > FILTER_MAX - 30 for t in texts[:-1])     # each filled up first
     xmit = next(p for p in plan.probes(FORMATS) if p.tracepoint == XMIT)
     assert Capture(plan.probes(FORMATS), plan.devices, cpus=[0, 1]).events_per_cpu == \
-        sum(len(p.filters()) for p in plan.probes(FORMATS)) == 4 * 3 + 2
+        sum(len(p.filters()) for p in plan.probes(FORMATS)) == 4 * 3 + 2 + 1     # the route: one event
     # in the plan's order: each event a run of consecutive names
     joined = " || ".join(xmit.filters())
     assert joined == xmit.filter_text()

@@ -72,7 +72,7 @@ _R = struct.Struct(_correlate.REPORT_FORMAT)
 
 def recs(*seqs) -> bytes:
     """Packed reports (egress, container 3) with these sequence numbers."""
-    return b"".join(_R.pack(1000 * q, q, 500 + q, 84, 3, 0, 4, 0, 0, 0, 0, 0, 0) for q in seqs)
+    return b"".join(_R.pack(1000 * q, q, 500 + q, 84, 3, 0, 5, 0, 0, *[0] * _correlate.HOPS) for q in seqs)
 
 
 def seqs(raw: bytes) -> list[int]:

@@ -17,8 +17,8 @@ from mace.plan import EGRESS_HOPS, INGRESS_HOPS
 T0 = 5_000_000_000                      # CLOCK_MONOTONIC ns of a report
 WALL = 1_552_589_043_315_681_234        # what the wall clock said at T0
 OFFSET = WALL - T0
-HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns",
-               "egress_uplink_queue_ns", "ingress_bridge_ns", "ingress_veth_ns",
+HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns", "egress_route_ns",
+               "egress_uplink_queue_ns", "ingress_route_ns", "ingress_bridge_ns", "ingress_veth_ns",
                "ingress_container_rx_ns"]
 CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
               "len", "cpu"]
@@ -105,16 +105,16 @@ def test_jsonl_ts_keeps_every_nanosecond(wall_ns, shown):
 
 
 def test_jsonl_has_no_hops_without_the_option():
-    obj = json.loads(write("jsonl", [report(hops=(10, 20, 30, 40))]))
+    obj = json.loads(write("jsonl", [report(hops=(10, 20, 30, 40, 50))]))
     assert "hops" not in obj
 
 
 def test_jsonl_hops_are_named_per_direction_and_none_is_null():
-    text = write("jsonl", [report(hops=(10, None, 30, 40)), report(d=1, hops=(5, 6, None))],
+    text = write("jsonl", [report(hops=(10, None, 30, 35, 40)), report(d=1, hops=(4, 5, 6, None))],
                  hops=True)
     eg, ing = map(json.loads, text.splitlines())
-    assert list(eg["hops"].items()) == list(zip(EGRESS_HOPS, [10, None, 30, 40], strict=True))
-    assert list(ing["hops"].items()) == list(zip(INGRESS_HOPS, [5, 6, None], strict=True))
+    assert list(eg["hops"].items()) == list(zip(EGRESS_HOPS, [10, None, 30, 35, 40], strict=True))
+    assert list(ing["hops"].items()) == list(zip(INGRESS_HOPS, [4, 5, 6, None], strict=True))
     assert '"veth backlog":null' in text.splitlines()[0]
 
 
@@ -143,16 +143,16 @@ def test_csv_header_only_when_nothing_was_written():
 
 
 def test_csv_hop_columns_each_direction_in_its_own_and_none_empty():
-    got = rows(write("csv", [report(hops=(1, 2, None, 4)), report(d=1, hops=(7, None, 9))],
+    got = rows(write("csv", [report(hops=(1, 2, None, 3, 4)), report(d=1, hops=(6, 7, None, 9))],
                      hops=True))
     assert got[0] == CSV_HEADER + HOP_COLUMNS
-    assert got[1][len(CSV_HEADER):] == ["1", "2", "", "4", "", "", ""]
-    assert got[2][len(CSV_HEADER):] == ["", "", "", "", "7", "", "9"]
+    assert got[1][len(CSV_HEADER):] == ["1", "2", "", "3", "4", "", "", "", ""]
+    assert got[2][len(CSV_HEADER):] == ["", "", "", "", "", "6", "7", "", "9"]
     assert all(len(r) == len(got[0]) for r in got)
 
 
 def test_csv_without_hops_ignores_them():
-    got = rows(write("csv", [report(hops=(1, 2, 3, 4))]))
+    got = rows(write("csv", [report(hops=(1, 2, 3, 4, 5))]))
     assert len(got[1]) == len(CSV_HEADER)
 
 
@@ -165,6 +165,6 @@ def test_csv_ts_is_nine_digits():
 
 @pytest.mark.parametrize("fmt", ["mace", "jsonl", "csv"])
 def test_each_format_writes_one_line_per_report(fmt):
-    reports = [report(seq=i, d=i % 2, hops=(1, 2, 3, 4)[:4 - i % 2]) for i in range(1, 6)]
+    reports = [report(seq=i, d=i % 2, hops=(1, 2, 3, 4, 5)[:5 - i % 2]) for i in range(1, 6)]
     text = write(fmt, reports, hops=True)
     assert text.count("\n") == len(reports) + (fmt == "csv")

@@ -237,15 +237,16 @@ def test_the_summary_counts_what_was_written_and_says_what_count_left_out():
 
 
 def test_hop_medians_of_several_containers_ending_at_the_driver():
-    # egress has 5 intervals then (the queue is a step of its own), ingress 4: rows must not mix
+    # egress has 6 intervals then (the queue is a step of its own), ingress 5: rows must not mix
     from mace.output.summary import Tally
     t = Tally(2, hops=True, end_at_queue=False)
-    t.add([report(1, 0, 10_000, (None, 2_000, 5_000, 8_000)), report(1, 1, 6_000, (1_000, 3_000, 4_000))])
+    t.add([report(1, 0, 10_000, (None, 2_000, 5_000, 6_000, 8_000)),
+           report(1, 1, 6_000, (500, 1_000, 3_000, 4_000))])
     eg, ing = t.hop_medians(1, 0), t.hop_medians(1, 1)
-    assert list(eg) == ["veth backlog", "bridge", "uplink queue", "uplink xmit"]
+    assert list(eg) == ["veth backlog", "bridge", "route", "uplink queue", "uplink xmit"]
     assert eg["uplink xmit"] == bucket_middle(2_000) and ing["container receive"] == bucket_middle(2_000)
     t.grow()
-    t.add([report(2, 0, 10_000, (None, 2_000, 5_000, 8_000))])
+    t.add([report(2, 0, 10_000, (None, 2_000, 5_000, None, 8_000))])
     assert list(t.hop_medians(2, 0))[-1] == "uplink xmit"
 
 
@@ -253,15 +254,15 @@ def test_hop_medians_per_step_in_the_json_and_the_text():
     from mace.output.summary import Tally
     t = Tally(2, hops=True, end_at_queue=True)
     # egress from the veth start: no inner xmit slot, no uplink queue slot (the queue is the end)
-    t.add([report(0, 0, 10_000, (None, 2_000, 5_000, None)),
-           report(0, 0, 12_000, (None, 2_000, 6_000, None)),
-           report(0, 1, 6_000, (1_000, 3_000, 4_000))])
+    t.add([report(0, 0, 10_000, (None, 2_000, 5_000, 7_000, None)),
+           report(0, 0, 12_000, (None, 2_000, 6_000, 8_000, None)),
+           report(0, 1, 6_000, (500, 1_000, 3_000, 4_000))])
     s = build(make_tracer(), ["web", "db"], [11, 22], tally=t)
     eg = s["containers"][0]["egress"]["hop_p50_ns"]
-    assert list(eg) == ["veth backlog", "bridge", "uplink queue"]
-    assert eg["veth backlog"] == bucket_middle(2_000) and eg["uplink queue"] == bucket_middle(5_000)
+    assert list(eg) == ["veth backlog", "bridge", "route", "uplink queue"]
+    assert eg["veth backlog"] == bucket_middle(2_000) and eg["uplink queue"] == bucket_middle(3_000)
     ing = s["containers"][0]["ingress"]["hop_p50_ns"]
-    assert list(ing) == ["bridge", "veth", "container rx", "container receive"]
+    assert list(ing) == ["route", "bridge", "veth", "container rx", "container receive"]
     assert ing["container receive"] == bucket_middle(2_000)
     assert "hop_p50_ns" not in s["containers"][1]["egress"] or not s["containers"][1]["egress"]["hop_p50_ns"]
     text = format_text(s)

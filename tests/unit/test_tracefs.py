@@ -62,6 +62,9 @@ EXPECTED = {
         "reason": (36, 4, False, False)}, 40),
     "skb_skb_copy_datagram_iovec.format": ("skb", "skb_copy_datagram_iovec", 2308, {
         "skbaddr": (8, 8, False, False), "len": (16, 4, True, False)}, 20),
+    "fib_fib_table_lookup.format": ("fib", "fib_table_lookup", 2264, {
+        "tb_id": (8, 4, False, False), "err": (12, 4, True, False), "oif": (16, 4, True, False),
+        "iif": (20, 4, True, False), "name": (60, 16, False, False)}, 76),
 }
 
 
@@ -104,6 +107,9 @@ def test_name_field_is_a_data_loc_string(fname):
         assert "name" not in fmt.fields
         return
     name = fmt.fields["name"]
+    if fname.startswith("fib_"):       # the one exception: the route's device, in place
+        assert not name.data_loc and name.ctype == "char" and name.size == 16
+        return
     assert name.data_loc and name.is_string
     assert name.ctype == "char[]"
     assert name.size == 4 and not name.signed
@@ -204,6 +210,11 @@ LAYOUTS = {
     "skb:consume_skb": dict(tp_id=2309, skb_off=8, len_off=-1, name_off=-1, proto_off=-1, min_raw=24),
     "skb:skb_copy_datagram_iovec": dict(tp_id=2308, skb_off=8, len_off=16, name_off=-1, proto_off=-1, min_raw=20),
 }
+for _layout in LAYOUTS.values():
+    _layout["name_size"] = 0
+# the routing decision: no skb, the route's device a char array in place
+LAYOUTS["fib:fib_table_lookup"] = dict(tp_id=2264, skb_off=-1, len_off=-1, name_off=60, proto_off=-1,
+                                       min_raw=76, name_size=16)
 
 
 def test_layouts_cover_every_captured_format():
@@ -253,7 +264,8 @@ def test_field_lookup_of_missing_field_raises_tracepoint_missing():
 
 def test_optional_fields_may_be_missing():
     fmt = _fmt("field:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;")
-    assert kind_layout(fmt) == dict(tp_id=99, skb_off=8, len_off=-1, name_off=-1, proto_off=-1, min_raw=16)
+    assert kind_layout(fmt) == dict(tp_id=99, skb_off=8, len_off=-1, name_off=-1, proto_off=-1, min_raw=16,
+                                    name_size=0)
 
 
 @pytest.mark.parametrize("fields", [

@@ -8,7 +8,8 @@ cdef struct kind_t:
     uint16_t tp_id      # common_type the kernel writes into every record of this tracepoint
     int32_t skb_off     # skbaddr (u64), or -1
     int32_t len_off     # len (u32), or -1
-    int32_t name_off    # device name (__data_loc char[]), or -1
+    int32_t name_off    # device name (__data_loc char[], or char[name_size] in place), or -1
+    uint32_t name_size  # 0: name_off holds a __data_loc; else the size of the char array there
     int32_t proto_off   # protocol (u16), or -1
     uint32_t min_raw    # raw records shorter than this cannot hold the fields above
 

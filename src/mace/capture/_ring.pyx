@@ -223,8 +223,10 @@ cdef class Rings:
     # -- configuration ---------------------------------------------------------------------
 
     def add_kind(self, int tp_id, int skb_off, int len_off, int name_off, int proto_off,
-                 int min_raw):
-        """Register a tracepoint by its id and field offsets (-1: absent); returns its kind."""
+                 int min_raw, int name_size=0):
+        """Register a tracepoint by its id and field offsets (-1: absent); returns its kind.
+        The name is a __data_loc string, or with `name_size` a char array of that size in
+        place (fib:fib_table_lookup's)."""
         if self.nkinds >= 255:
             raise ValueError("too many tracepoints (255 at most)")
         if not 0 <= tp_id < 65536:
@@ -233,7 +235,9 @@ cdef class Rings:
             raise ValueError(f"tracepoint id {tp_id} added twice")
         # the decoder reads fields without checking each one against the record: min_raw
         # must cover them all
-        for off, size in ((skb_off, 8), (len_off, 4), (name_off, 4), (proto_off, 2)):
+        if not 0 <= name_size <= 64:
+            raise ValueError(f"tracepoint {tp_id}: a name of {name_size} bytes")
+        for off, size in ((skb_off, 8), (len_off, 4), (name_off, name_size or 4), (proto_off, 2)):
             if off >= 0 and off + size > min_raw:
                 raise ValueError(f"tracepoint {tp_id}: field at {off} lies outside min_raw {min_raw}")
             if off < -1:
@@ -243,6 +247,7 @@ cdef class Rings:
         k.skb_off = skb_off
         k.len_off = len_off
         k.name_off = name_off
+        k.name_size = name_size
         k.proto_off = proto_off
         k.min_raw = max(min_raw, 8)
         self.kind_of_tp[tp_id] = self.nkinds + 1
@@ -688,7 +693,8 @@ cdef class Rings:
         MACE_ASSERT(SAMPLE_RAW_AT + raw_size <= size, "raw block inside the record")
         MACE_ASSERT(k.skb_off < 0 or <uint32_t>k.skb_off + 8 <= raw_size, "skbaddr inside the raw block")
         MACE_ASSERT(k.len_off < 0 or <uint32_t>k.len_off + 4 <= raw_size, "len inside the raw block")
-        MACE_ASSERT(k.name_off < 0 or <uint32_t>k.name_off + 4 <= raw_size, "name inside the raw block")
+        MACE_ASSERT(k.name_off < 0 or <uint32_t>k.name_off + (k.name_size or 4) <= raw_size,
+                    "name inside the raw block")
         MACE_ASSERT(k.proto_off < 0 or <uint32_t>k.proto_off + 2 <= raw_size, "protocol inside the raw block")
         ev.tid = mace_load_u32(raw + COMMON_PID_AT)
         ev.ts = mace_load_u64(rec + SAMPLE_TIME_AT)
@@ -698,7 +704,9 @@ cdef class Rings:
         ev.skb = mace_load_u64(raw + k.skb_off) if k.skb_off >= 0 else 0
         ev.len = mace_load_u32(raw + k.len_off) if k.len_off >= 0 else 0
         ev.proto = mace_load_u16(raw + k.proto_off) if k.proto_off >= 0 else 0
-        if k.name_off >= 0:
+        if k.name_off >= 0 and k.name_size:
+            ev.dev = self._lookup_dev(raw + k.name_off, k.name_size)
+        elif k.name_off >= 0:
             loc = mace_load_u32(raw + k.name_off)
             noff = loc & 0xffff
             nlen = loc >> 16

@@ -69,6 +69,11 @@ class Probe:
     # that share the prefix and are not in `devices` (they decode as DEV_OTHER).  No prefix
     # may start another: the filters stay disjoint.
     prefixes: tuple[str, ...] = ()
+    # More predicates ORed with the device ones, each whole and parenthesized where it
+    # combines several (fib:fib_table_lookup's forward lookups: a device and the input),
+    # and the devices they may pass (what `passes` knows of them)
+    extra_terms: tuple[str, ...] = ()
+    extra_devices: tuple[str, ...] = ()
 
     def __post_init__(self):
         for p in self.prefixes:
@@ -81,11 +86,17 @@ class Probe:
     def terms(self) -> list[str]:
         """The predicates ORed together: a glob per prefix, then each device that no prefix
         covers (each is a separate comparison for every hit of the tracepoint)."""
-        return ([f'name ~ "{p}*"' for p in self.prefixes]
+        return ([*self.extra_terms] + [f'name ~ "{p}*"' for p in self.prefixes]
                 + [f'name == "{d}"' for d in dict.fromkeys(self.devices) if not self.covered(d)])
 
     def covered(self, device: str) -> bool:
         return any(device.startswith(p) for p in self.prefixes)
+
+    def passes(self, device: str) -> bool:
+        """Whether the filter may let a hit on `device` through (without one, every hit)."""
+        if not self.terms():
+            return True
+        return device in self.devices or device in self.extra_devices or self.covered(device)
 
     def filter_text(self) -> str | None:
         """The whole filter as one expression (what ftrace's `filter` file would take),
@@ -157,6 +168,10 @@ def online_cpus() -> list[int]:
     return cpus
 
 
+INLINE_NAMES = {"fib:fib_table_lookup"}       # their `name` is a char array in the record
+KEYLESS_SYSTEMS = {"fib", "syscalls", "raw_syscalls"}      # tracepoints without an skb
+
+
 def kind_layout(fmt: EventFormat) -> dict:
     """Offsets `Rings.add_kind` needs, checked against what the decoder reads."""
     def off(name: str, size: int, required: bool = True) -> int:
@@ -171,15 +186,22 @@ def kind_layout(fmt: EventFormat) -> dict:
                 hint="this kernel's tracepoint layout is not supported; please report it")
         return f.offset
 
-    if "name" in fmt.fields and not fmt.fields["name"].data_loc:
-        raise TracepointMissing(f"field name of {fmt.qualified} is not a __data_loc string",
-                                hint="this kernel's tracepoint layout is not supported; please report it")
-    skb = off("skbaddr", 8)
+    # a device name is a __data_loc string, except in fib:fib_table_lookup (the route's
+    # device, a char array in place)
+    name_field = fmt.fields.get("name")
+    name_size = 0
+    if name_field is not None and not name_field.data_loc:
+        if fmt.qualified not in INLINE_NAMES or "char" not in name_field.ctype or not 0 < name_field.size <= 64:
+            raise TracepointMissing(f"field name of {fmt.qualified} is not a __data_loc string",
+                                    hint="this kernel's tracepoint layout is not supported; please report it")
+        name_size = name_field.size
+    # packet events are keyed by skb; a routing decision or a system call times a call chain
+    skb = off("skbaddr", 8, required=fmt.system not in KEYLESS_SYSTEMS)
     length = off("len", 4, required=False)
-    name = off("name", 4, required=False)
+    name = off("name", name_size or 4, required=False)
     proto = off("protocol", 2, required=False)
     return dict(tp_id=fmt.id, skb_off=skb, len_off=length, name_off=name, proto_off=proto,
-                min_raw=fmt.size)
+                min_raw=fmt.size, name_size=name_size)
 
 
 def _translate(err: OSError, what: str) -> MaceError:

@@ -8,14 +8,26 @@ from mace.capture._ring cimport EventSink
 # One step of a direction's path: which event on which kind of device, and how it may
 # follow the previous steps.
 cdef struct step_t:
-    uint8_t type        # T_XMIT, T_RECV, T_RX, T_QUEUE
+    uint8_t type        # T_XMIT, T_RECV, T_RX, T_QUEUE, T_ROUTE
     uint8_t cls         # device class bit: C_INNER, C_VETH, C_BRIDGE, C_UPLINK
-    uint8_t prev        # bitmask of the steps this one may directly follow
+    uint16_t prev       # bitmask of the steps this one may directly follow
     bint sync           # must run in the same call chain as the previous step
     bint traced         # its tracepoint/device is opened in this plan
     bint attr           # the step that names the container (its veth)
     bint end            # the step that completes the report
     int hop             # slot in the report's hop array, -1 for none
+
+
+# What a CPU did last, to tell a batch of receives (a NIC's GRO list) from one packet's call
+# chain: see Correlator._note.
+cdef struct cpu_note_t:
+    uint64_t skb        # the packet of its last packet event (0: none yet)
+    uint32_t tid
+    uint8_t type
+    uint8_t cls
+    uint8_t ctx
+    uint8_t routed      # a routing decision came after that event
+    uint8_t batch       # its pending chains are a batch: their decisions are not timed
 
 
 cdef class Correlator(EventSink):
@@ -25,7 +37,7 @@ cdef class Correlator(EventSink):
     cdef uint32_t probe_limit
     cdef uint64_t used              # occupied slots
     cdef uint64_t sweep_at          # next slot the incremental expiry sweep looks at
-    cdef step_t steps[2][8]
+    cdef step_t steps[2][10]
     cdef int nsteps[2]
     cdef int boundary[2]            # the step whose event counts a crossing
     cdef bint veth_start            # egress starts at netif_rx_entry on the host-side veth
@@ -53,6 +65,7 @@ cdef class Correlator(EventSink):
     cdef uint64_t *pq_skb           # per CPU, oldest first: skbs whose synchronous step may
     cdef uint64_t *pq_ts            #   come next (a batch of receives), and when each moved
     cdef int *pq_n
+    cdef cpu_note_t *notes          # per CPU: its last packet event (see _note)
     cdef bint adjacent              # the current event continues a pending call chain
     cdef bint front                 # ... and its entry goes back to the head of the queue
     cdef int ncpu
@@ -74,7 +87,8 @@ cdef class Correlator(EventSink):
     cdef uint16_t fl_cpu[2]
     cdef uint8_t fl_ctx[2]
 
-    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start) except -1
+    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start,
+                   bint route) except -1
     cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1
     cdef void _zero(self, int cd) noexcept
     cdef void _pm_count(self, const mace_entry *e, uint64_t lat, int cd) noexcept nogil
@@ -103,4 +117,6 @@ cdef class Correlator(EventSink):
     cdef void _delete(self, uint64_t slot) noexcept nogil
     cdef bint _expired(self, const mace_entry *e) noexcept nogil
     cdef void _sweep(self, uint64_t n) noexcept nogil
+    cdef void _route(self, const mace_event *ev, uint8_t cls) noexcept nogil
+    cdef void _note(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil

@@ -24,7 +24,11 @@ CTX_BITS: int
 PQ: int
 REPORT_CAP: int
 REPORT_FORMAT: str
-"""struct layout of one packed report: t0 seq latency len container dir nhops cpu pad hop[4]."""
+"""struct layout of one packed report: t0 seq latency len container dir nhops cpu pad hop[HOPS]."""
+HOPS: int
+"""hop slots in a report."""
+HOP_SLOTS: tuple[int, int]
+"""hop slots an egress and an ingress report use."""
 REPORT_SIZE: int
 ENTRY_SIZE: int
 BUCKETS: int

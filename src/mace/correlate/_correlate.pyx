@@ -44,6 +44,7 @@ cdef enum:
     T_RX = 3        # net:netif_rx
     T_QUEUE = 4     # net:net_dev_queue
     T_FREE = 5      # skb:kfree_skb
+    T_ROUTE = 6     # fib:fib_table_lookup: a routing decision, no skb (see _route)
 
     C_INNER = 1     # a container's own device (ambiguous name: every container has eth0)
     C_VETH = 2      # host-side veth of a monitored container (unique name)
@@ -54,7 +55,7 @@ cdef enum:
     INGRESS = 1
 
     NB = 1792       # histogram buckets, see _bucket
-    PMR = 6         # rows of caller-given buckets: the latency, MACE_HOPS hop slots, the end
+    PMR = MACE_HOPS + 2     # rows of caller-given buckets: the latency, MACE_HOPS hop slots, the end
 
     # per container and direction
     CC_CROSSED = 0
@@ -81,7 +82,8 @@ cdef enum:
     G_MAXPROBE = 10
     G_PARKED = 11
     G_PQ_OVERFLOW = 12
-    NG = 13
+    G_ROUTE_UNCLAIMED = 13
+    NG = 14
 
     F_ACCOUNTED = 1     # entry flag: _conflict accounted for the event itself
     F_PARKED = 2        # entry flag: waiting for neighbour resolution (ARP, ND)
@@ -102,17 +104,19 @@ cpdef enum:
 
 TYPES = {"net:net_dev_start_xmit": T_XMIT, "net:netif_receive_skb": T_RECV,
          "net:netif_rx": T_RX, "net:netif_rx_entry": T_RX, "net:net_dev_queue": T_QUEUE,
-         "skb:kfree_skb": T_FREE}
+         "skb:kfree_skb": T_FREE, "fib:fib_table_lookup": T_ROUTE}
 CLASSES = {"inner": C_INNER, "veth": C_VETH, "bridge": C_BRIDGE, "uplink": C_UPLINK}
 CONTAINER_COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired",
                       "evicted", "rejected")
 GLOBAL_COUNTERS = ("events", "frees", "unclaimed", "foreign", "stale", "evicted",
                    "nonip", "superseded", "inserts", "ignored", "max_probe", "parked",
-                   "pending_overflow")
+                   "pending_overflow", "route_unclaimed")
 SYNC_MAX_NS = SYNC_MAX
 REPORT_CAP = 65536
 DIRECTIONS = ("egress", "ingress")
-REPORT_FORMAT = "=QQIIHBBHH4I"     # mace_report (t0 seq latency len container dir nhops cpu pad hop[4])
+REPORT_FORMAT = f"=QQIIHBBHH{MACE_HOPS}I"     # mace_report (t0 seq latency len container dir nhops cpu pad hop[])
+HOPS = MACE_HOPS
+HOP_SLOTS = (5, 4)      # hop slots each direction's reports carry (see _plan)
 REPORT_SIZE = sizeof(mace_report)
 ENTRY_SIZE = sizeof(mace_entry)
 BUCKETS = NB
@@ -208,6 +212,7 @@ cdef class Correlator(EventSink):
         self.pq_skb = NULL
         self.pq_ts = NULL
         self.pq_n = NULL
+        self.notes = NULL
         self.reports = NULL
         self.ghost = NULL
         self.spill = bytearray()
@@ -215,7 +220,7 @@ cdef class Correlator(EventSink):
     def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
                  uint64_t table_size=65536, uint64_t max_age_ns=1_000_000_000, bint hops=False,
                  bint bridge=True, bint end_at_queue=False, int ncpu=256, size_t report_cap=REPORT_CAP,
-                 int probe_limit=32, bint veth_start=False):
+                 int probe_limit=32, bint veth_start=False, bint route=False):
         cdef int i
         if table_size < 2 or table_size & (table_size - 1):
             raise ValueError(f"table size must be a power of two >= 2, not {table_size}")
@@ -224,7 +229,7 @@ cdef class Correlator(EventSink):
         if probe_limit < 1 or ncpu < 1:
             raise ValueError("probe_limit and ncpu must be at least 1")
         for t in kind_types:
-            if not 0 <= t <= T_FREE:
+            if not 0 <= t <= T_ROUTE:
                 raise ValueError(f"unknown event type {t}")
         if report_cap < 1:
             raise ValueError("report_cap must be at least 1")
@@ -244,17 +249,18 @@ cdef class Correlator(EventSink):
         self.pq_skb = <uint64_t *>calloc(ncpu * PQ, sizeof(uint64_t))
         self.pq_ts = <uint64_t *>calloc(ncpu * PQ, sizeof(uint64_t))
         self.pq_n = <int *>calloc(ncpu, sizeof(int))
+        self.notes = <cpu_note_t *>calloc(ncpu, sizeof(cpu_note_t))
         self.reports = <mace_report *>malloc(self.report_cap * sizeof(mace_report))
         self.ghost_mask = max(64, self.cap // 4) - 1
         self.ghost = <uint64_t *>calloc(self.ghost_mask + 1, sizeof(uint64_t))
         if (self.table == NULL or self.kind_type == NULL or self.gcount == NULL
-                or self.pq_skb == NULL or self.pq_ts == NULL or self.pq_n == NULL
+                or self.pq_skb == NULL or self.pq_ts == NULL or self.pq_n == NULL or self.notes == NULL
                 or self.reports == NULL or self.ghost == NULL):
             raise MemoryError()
         for i, t in enumerate(kind_types):
             self.kind_type[i] = t
         self._configure(dev_classes, dev_containers, inner_slots)
-        self._plan(hops, bridge, end_at_queue, veth_start)
+        self._plan(hops, bridge, end_at_queue, veth_start, route)
 
     def reconfigure(self, dev_classes, dev_containers, inner_slots, reset=()):
         """Change the devices and containers between two events (no thread may be feeding).
@@ -399,28 +405,35 @@ cdef class Correlator(EventSink):
         free(self.pq_skb)
         free(self.pq_ts)
         free(self.pq_n)
+        free(self.notes)
         free(self.reports)
         free(self.ghost)
 
-    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start) except -1:
+    cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start,
+                   bint route) except -1:
         memset(self.steps, 0, sizeof(self.steps))
         self.veth_start = veth_start
+        # A T_ROUTE step is never an entry's step: it only times the routing decision inside
+        # the synchronous chain between its neighbours (see _route), so no other step lists
+        # it among its previous ones and the chain rules are those of the path without it.
         eg = [
             # type,   class,    prev steps,   sync,  traced,                attr,  end,          hop
             (T_XMIT,  C_INNER,  0,             False, not veth_start,        False, False,        -1),  # E0
             (T_RX,    C_VETH,   1 << 0,        True,  hops or veth_start,    True,  False,         0),  # E1
             (T_RECV,  C_VETH,   1 << 0 | 1 << 1, False, True,                True,  False,         1),  # E2
             (T_RECV,  C_BRIDGE, 1 << 2,        True,  hops and bridge,       False, False,         2),  # E3
+            (T_ROUTE, C_UPLINK, 1 << 2 | 1 << 3, True, route,                False, False,         3),  # E4
             (T_QUEUE, C_UPLINK, 1 << 2 | 1 << 3, True, True,                 False, end_at_queue,
-             -1 if end_at_queue else 3),                                                              # E4
-            (T_XMIT,  C_UPLINK, 1 << 4,        False, not end_at_queue,      False, True,         -1),  # E5
+             -1 if end_at_queue else 4),                                                              # E5
+            (T_XMIT,  C_UPLINK, 1 << 5,        False, not end_at_queue,      False, True,         -1),  # E6
         ]
         ing = [
             (T_RECV,  C_UPLINK, 0,             False, True,                  False, False,        -1),  # I0
-            (T_XMIT,  C_BRIDGE, 1 << 0,        True,  hops and bridge,       False, False,         0),  # I1
-            (T_XMIT,  C_VETH,   1 << 0 | 1 << 1, True, True,                 True,  False,         1),  # I2
-            (T_RX,    C_INNER,  1 << 2,        True,  hops,                  False, False,         2),  # I3
-            (T_RECV,  C_INNER,  1 << 2 | 1 << 3, False, True,                False, True,         -1),  # I4
+            (T_ROUTE, C_BRIDGE | C_VETH, 1 << 0, True, route,                False, False,         0),  # I1
+            (T_XMIT,  C_BRIDGE, 1 << 0,        True,  hops and bridge,       False, False,         1),  # I2
+            (T_XMIT,  C_VETH,   1 << 0 | 1 << 2, True, True,                 True,  False,         2),  # I3
+            (T_RX,    C_INNER,  1 << 3,        True,  hops,                  False, False,         3),  # I4
+            (T_RECV,  C_INNER,  1 << 3 | 1 << 4, False, True,                False, True,         -1),  # I5
         ]
         for d, path in enumerate((eg, ing)):
             self.nsteps[d] = len(path)
@@ -435,7 +448,7 @@ cdef class Correlator(EventSink):
                 self.steps[d][i].hop = hop
         # the crossing of a container's boundary is counted at its first veth event
         self.boundary[EGRESS] = 1 if hops or veth_start else 2
-        self.boundary[INGRESS] = 2
+        self.boundary[INGRESS] = 3
         return 0
 
     # -- table ------------------------------------------------------------------------------
@@ -552,7 +565,7 @@ cdef class Correlator(EventSink):
         cdef const step_t *st
         for j in range(e.step + 1, self.nsteps[e.dir]):
             st = &self.steps[e.dir][j]
-            if st.traced and st.sync and (st.prev >> e.step) & 1:
+            if st.traced and st.sync and st.type != T_ROUTE and (st.prev >> e.step) & 1:
                 return True
         return False
 
@@ -636,6 +649,58 @@ cdef class Correlator(EventSink):
         if ev.cpu < self.ncpu and self._sync_wait(e):
             self._pq_push(ev.cpu, ev.skb, ev.ts, front)
 
+    cdef void _route(self, const mace_event *ev, uint8_t cls) noexcept nogil:
+        # A routing decision (fib_table_lookup) carries no skb: it is timed for the one call
+        # chain its CPU is in, if that is unambiguous.  The chain is the CPU's only pending
+        # entry, from the same thread and interrupt context, waiting for a synchronous step
+        # of a path whose route step takes this device's class (the lookup's result: the
+        # uplink on egress, the bridge or a veth on ingress).  A batch of receives (see
+        # _note), known to the table or not, gets none.  The first such lookup of a packet
+        # counts (later ones: policy rules, source validation).  The entry's step and chain
+        # are left as they were: the decision is a hop, never a link of the chain.
+        cdef int cpu = ev.cpu, j
+        cdef int64_t s
+        cdef mace_entry *e
+        cdef const step_t *st
+        if cpu < self.ncpu:
+            self.notes[cpu].routed = 1
+        if cpu < self.ncpu and self.pq_n[cpu] == 1 and not self.notes[cpu].batch:
+            s = self._lookup(self.pq_skb[cpu * PQ])
+            if s >= 0:
+                e = &self.table[s]
+                if (e.cpu == cpu and e.tid == ev.tid and e.ctx == (ev.flags & CTX_BITS)
+                        and not e.flags & F_PARKED and ev.ts >= e.t0 + e.tlast
+                        and ev.ts - (e.t0 + e.tlast) <= SYNC_MAX):
+                    for j in range(e.step + 1, self.nsteps[e.dir]):
+                        st = &self.steps[e.dir][j]
+                        if (st.type == T_ROUTE and st.traced and (st.prev >> e.step) & 1
+                                and st.cls & cls):
+                            MACE_ASSERT(0 <= st.hop < MACE_HOPS, "route hop within the report")
+                            if e.hop[st.hop] == 0:
+                                e.hop[st.hop] = <uint32_t>max(ev.ts - e.t0, 1)
+                            return
+        self.gcount[G_ROUTE_UNCLAIMED] += 1
+
+    cdef void _note(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
+        # Two events of one kind and device class in a row on a CPU, of two packets, in one
+        # thread and context, with no routing decision between them, are a batch (a NIC's GRO
+        # list: all receive, then each is routed, some not at all (early demux), then each
+        # is forwarded).  Whose decision is whose is then not known, whatever the table
+        # holds: none is timed until the CPU's pending chains are over (_route).
+        cdef cpu_note_t *k
+        if ev.cpu >= self.ncpu:
+            return
+        k = &self.notes[ev.cpu]
+        if (k.skb and k.skb != ev.skb and k.type == t and k.cls == cls and k.tid == ev.tid
+                and k.ctx == (ev.flags & CTX_BITS) and not k.routed):
+            k.batch = 1
+        k.skb = ev.skb
+        k.tid = ev.tid
+        k.type = t
+        k.cls = cls
+        k.ctx = ev.flags & CTX_BITS
+        k.routed = 0
+
     cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil:
         cdef int cd = e.container * 2 + e.dir
         cdef uint64_t lat = ev.ts - e.t0
@@ -663,7 +728,7 @@ cdef class Correlator(EventSink):
         r.seq = self.seq[cd]
         r.container = <uint16_t>e.container
         r.dir = e.dir
-        r.nhops = 4 if e.dir == EGRESS else 3
+        r.nhops = 5 if e.dir == EGRESS else 4       # HOP_SLOTS
         r.cpu = ev.cpu
         memcpy(r.hop, e.hop, sizeof(r.hop))
 
@@ -743,6 +808,8 @@ cdef class Correlator(EventSink):
             memmove(q, q + k, n * sizeof(uint64_t))
             memmove(qt, qt + k, n * sizeof(uint64_t))
         self.pq_n[cpu] = n if n > 0 else 0
+        if n <= 0:
+            self.notes[cpu].batch = 0
 
     cdef void _pq_push(self, int cpu, uint64_t skb, uint64_t ts, bint front) noexcept nogil:
         cdef uint64_t *q = &self.pq_skb[cpu * PQ]
@@ -804,6 +871,7 @@ cdef class Correlator(EventSink):
             for i in range(n):
                 self._resolve(cpu, self.pq_skb[cpu * PQ + i], self.pq_ts[cpu * PQ + i], ev, t, cls)
             self.pq_n[cpu] = 0
+            self.notes[cpu].batch = 0
 
     cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
         # (net_dev_queue carries no protocol: the length and the packet's family tell)
@@ -950,6 +1018,9 @@ cdef class Correlator(EventSink):
         self.gcount[G_EVENTS] += 1
         if ev.ts > self.now:
             self.now = ev.ts
+        if t == T_ROUTE:
+            self._route(ev, cls)
+            return 0
         if ev.skb == 0:
             self.gcount[G_IGNORED] += 1     # (not a network event: no chain ends for it)
             return 0
@@ -966,8 +1037,10 @@ cdef class Correlator(EventSink):
             # nothing mace follows: conservatively, whatever was pending on this CPU ended
             self.gcount[G_IGNORED] += 1
             self._pq_settle(ev, t, cls)
+            self._note(ev, t, cls)
             return 0
         self._pq_settle(ev, t, cls)
+        self._note(ev, t, cls)
         if self.nq_open[0] or self.nq_open[1]:
             self._answer(ev, t, cls)
         s = self._lookup(ev.skb)
@@ -1086,8 +1159,8 @@ cdef class Correlator(EventSink):
 
     def buckets(self, int container, int direction):
         """(counts, sums) since enable_buckets(): counts[row][bucket] (not cumulative) and
-        sums[row] in ns; row 0 is the latency, rows 1..4 the intervals ending at each hop
-        slot and row 5 the one ending at the end (all zero without hops)."""
+        sums[row] in ns; row 0 is the latency, rows 1..HOPS the intervals ending at each hop
+        slot and row HOPS + 1 the one ending at the end (all zero without hops)."""
         cdef int r, b, nb = self.pm_nb + 1
         if self.pm == NULL:
             raise RuntimeError("buckets are not enabled")

@@ -11,7 +11,7 @@ cdef extern from "mace_corr.h" nogil:
     ctypedef struct mace_entry:
         uint64_t skb
         uint64_t t0
-        uint32_t hop[4]
+        uint32_t hop[6]
         uint32_t tlast
         uint32_t l3
         uint32_t tid
@@ -33,4 +33,4 @@ cdef extern from "mace_corr.h" nogil:
         uint8_t dir
         uint8_t nhops
         uint16_t cpu
-        uint32_t hop[4]
+        uint32_t hop[6]

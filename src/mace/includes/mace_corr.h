@@ -6,7 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MACE_HOPS 4    /* intermediate timestamps a report carries (egress uses 4, ingress 3) */
+#define MACE_HOPS 6    /* intermediate timestamps a report carries (egress uses 5, ingress 4) */
 
 /* 64 bytes: one cache line per packet in flight. */
 typedef struct mace_entry {
@@ -24,11 +24,10 @@ typedef struct mace_entry {
     uint8_t step;             /* last matched step of that direction's path */
     uint8_t flags;
     uint8_t ctx;              /* hardirq/softirq/NMI bits of the last matched event */
-    uint8_t pad[4];
 } mace_entry;
 _Static_assert(sizeof(mace_entry) == 64, "a table entry is one cache line");
 
-/* 48 bytes, every field naturally aligned: the layout is REPORT_FORMAT, shared with Python
+/* 56 bytes, every field naturally aligned: the layout is REPORT_FORMAT, shared with Python
  * (mace.output.report) and with saved service state.  seq is 64 bits: at a million
  * packets a second a 32-bit counter wraps in 72 minutes, and a reader takes a wrap for
  * lost reports. */
@@ -44,7 +43,7 @@ typedef struct mace_report {
     uint16_t pad;
     uint32_t hop[MACE_HOPS];  /* as in mace_entry */
 } mace_report;
-_Static_assert(sizeof(mace_report) == 48, "report layout is part of the Python API");
+_Static_assert(sizeof(mace_report) == 56, "report layout is part of the Python API");
 _Static_assert(offsetof(mace_report, seq) == 8 && offsetof(mace_report, container) == 24
                && offsetof(mace_report, hop) == 32, "REPORT_FORMAT offsets");
 

@@ -2,7 +2,7 @@
 """Report lines (MACE, JSON lines, CSV) straight from packed reports, without a Python
 object per report.
 
-The correlator hands reports on as packed records (REPORT_FORMAT, 48 bytes each: see
+The correlator hands reports on as packed records (REPORT_FORMAT, 56 bytes each: see
 includes/mace_corr.h).  Everything a line owes to its target (the label, the namespace,
 the runtime's names: JSON-escaped for JSON lines, quoted as Python's csv module quotes them
 for CSV) is made once per target in Python (mace.output.sinks.target_prefix) and copied
@@ -51,7 +51,7 @@ REPORT_SIZE = sizeof(mace_report)
 DEBUG = bool(MACE_DEBUG_ON)
 
 # What a record that no line can be made of looks like to the error message.
-_RECORD = _struct.Struct("=QQIIHBBHH4I")
+_RECORD = _struct.Struct(f"=QQIIHBBHH{MACE_HOPS}I")
 assert _RECORD.size == REPORT_SIZE
 
 cdef const char *DIR_NAME[2]
@@ -166,7 +166,7 @@ cdef struct conf_t:
     int64_t offset
     text_t *targets
     Py_ssize_t ntargets
-    text_t keys[2][4]       # per direction, the text before each hop's value (JSON: its key)
+    text_t keys[2][MACE_HOPS]   # per direction, the text before each hop's value (JSON: its key)
     int nkeys[2]
 
 

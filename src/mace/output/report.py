@@ -46,7 +46,7 @@ def unpack(raw: bytes) -> Iterator[Report]:
 
 def pack(r: Report) -> bytes:
     """The packed record of a report, as the correlator writes it (tests, saved state)."""
-    hops = [h or 0 for h in r.hops] + [0] * (4 - len(r.hops))
+    hops = [h or 0 for h in r.hops] + [0] * (_correlate.HOPS - len(r.hops))
     return _REPORT.pack(r.t0, r.seq, r.latency, r.len, r.container, r.dir, len(r.hops), r.cpu, 0, *hops)
 
 

@@ -15,7 +15,7 @@ from mace.defaults import (
 )
 from mace.output.clock import us as _us
 from mace.output.report import Histogram, coverage
-from mace.plan import EGRESS_HOPS, INGRESS_HOPS, QUEUE, RECV, RX, XMIT
+from mace.plan import EGRESS_HOPS, INGRESS_HOPS, QUEUE, RECV, ROUTE, RX, XMIT
 
 COUNTERS = ("crossed", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")
 PERCENTILES = (50, 90, 99)
@@ -75,8 +75,8 @@ HOP_STEPS = {"egress": (*EGRESS_HOPS, "uplink xmit"), "ingress": (*INGRESS_HOPS,
 def hop_steps(end_at_queue: bool) -> dict[str, tuple[str, ...]]:
     if not end_at_queue:
         return HOP_STEPS
-    # ending at the uplink's queue, the queue is the end: no slot of its own
-    return {"egress": HOP_STEPS["egress"][:3] + ("uplink queue",), "ingress": HOP_STEPS["ingress"]}
+    # ending at the uplink's queue, the queue is the end: its slot (the last) stays empty
+    return {"egress": EGRESS_HOPS[:-1] + ("uplink queue",), "ingress": HOP_STEPS["ingress"]}
 
 
 def _nbuckets() -> int:
@@ -150,14 +150,17 @@ def path_steps(plan) -> dict[str, list[tuple[str, str]]]:
     them or not (see mace.plan).  With containers of both kinds, a bridged one's path."""
     c = next((c for _, c in plan.active if c.bridge), plan.active[0][1])
     bridge = [c.bridge] if c.bridge else []
+    # fib_table_lookup names the route's device: the uplink going out, the bridge (else the
+    # veth) coming in
     egress = [(XMIT, c.inner), (RX, c.veth), (RECV, c.veth), *((RECV, b) for b in bridge),
-              (QUEUE, plan.uplink)]
+              (ROUTE, plan.uplink), (QUEUE, plan.uplink)]
     if not plan.end_at_queue:
         egress.append((XMIT, plan.uplink))
     if getattr(plan, "start_at_veth", False):
         egress = egress[1:]
     # dev_queue_xmit runs trace_net_dev_queue on every device a packet is sent on
-    ingress = [(RECV, plan.uplink), *(s for b in bridge for s in ((QUEUE, b), (XMIT, b))),
+    ingress = [(RECV, plan.uplink), (ROUTE, c.bridge or c.veth),
+               *(s for b in bridge for s in ((QUEUE, b), (XMIT, b))),
                (QUEUE, c.veth), (XMIT, c.veth), (RX, c.inner), (RECV, c.inner)]
     return {"egress": egress, "ingress": ingress}
 
@@ -165,8 +168,8 @@ def path_steps(plan) -> dict[str, list[tuple[str, str]]]:
 def filtered_hits(plan, probes) -> dict[str, int]:
     """By direction, the hits inside a segment of tracepoints that `probes` enable but whose
     device filter rejects the packet: each costs the record the kernel builds before filtering."""
-    filters = {p.tracepoint: p.devices for p in probes}
-    return {d: sum(1 for tp, dev in steps if filters.get(tp) and dev not in filters[tp])
+    by_tp = {p.tracepoint: p for p in probes}
+    return {d: sum(1 for tp, dev in steps if tp in by_tp and not by_tp[tp].passes(dev))
             for d, steps in path_steps(plan).items()}
 
 

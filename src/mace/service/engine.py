@@ -15,6 +15,7 @@ import concurrent.futures
 import functools
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -312,8 +313,14 @@ class Engine(threading.Thread):
         return "|".join(self.uplinks) or None
 
     def _plan(self, containers: list, uplinks: tuple[str, ...]) -> Plan:
+        # the veths' peers are in the service's own namespace, so are the uplinks
+        try:
+            indexes = tuple(socket.if_nametoindex(u) for u in uplinks)
+        except OSError:     # gone meanwhile: the route filter then passes more lookups
+            indexes = ()
         return Plan(containers, uplinks[0], hops=self.opts.hops, end_at_queue=self.opts.end_at_queue,
-                    start_at_veth=self.opts.start_at_veth, extra_uplinks=uplinks[1:])
+                    start_at_veth=self.opts.start_at_veth, extra_uplinks=uplinks[1:],
+                    uplink_indexes=indexes)
 
     def _add(self, new: list[Namespace], host: tuple[str, int], uplinks: tuple[str, ...]) -> None:
         # free indexes first, then new ones; one plan for all

@@ -31,6 +31,7 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from mace import __version__
+from mace.correlate._correlate import HOPS
 from mace.defaults import DIRECTIONS
 from mace.errors import ResourceError, UsageError
 from mace.output.summary import hop_steps
@@ -44,7 +45,7 @@ BOUNDS_S = [b / 1e9 for b in BOUNDS_NS]
 OUTCOMES = {"reported": "reports", "orphan": "orphans", "expired": "expired", "evicted": "evicted",
             "rejected": "rejected", "local": "local", "dropped": "dropped"}
 LABELS = ("container", "pod", "namespace")
-HOP_ROWS = 6          # Correlator.buckets(): the latency, 4 hop slots, the end
+HOP_ROWS = HOPS + 2   # Correlator.buckets(): the latency, each hop slot, the end
 
 # How long a gone container's frozen series stay (s), at least: served by every scraper
 # before they leave.  Prometheus scrapes every 1 min unless told (its global default), the

@@ -107,6 +107,8 @@ class Topology:
     # devices the host routes some traffic by that are not traced (named when packets
     # reach no traced uplink)
     other_routes: tuple[str, ...] = ()
+    # interface index of each uplink (uplinks order), in the host namespace
+    uplink_indexes: tuple[int, ...] = ()
 
     @property
     def uplinks(self) -> tuple[str, ...]:
@@ -116,7 +118,8 @@ class Topology:
              start_at_veth: bool = True) -> Plan:
         return Plan([ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
                      for c in self.containers], self.uplink, hops=hops, end_at_queue=end_at_queue,
-                    start_at_veth=start_at_veth, extra_uplinks=self.extra_uplinks)
+                    start_at_veth=start_at_veth, extra_uplinks=self.extra_uplinks,
+                    uplink_indexes=self.uplink_indexes)
 
     def describe(self) -> list[str]:
         out = []
@@ -345,7 +348,7 @@ def discover(targets: list[Target], uplink: str | Sequence[str] | None = None) -
     others = tuple(dict.fromkeys(names[oif] for _, _, oif, _ in every
                                  if oif in names and names[oif] not in traced))
     return Topology(containers, host_path, host_inode, uplinks[0], by_name[uplinks[0]], notes,
-                    tuple(uplinks[1:]), others)
+                    tuple(uplinks[1:]), others, tuple(by_name[u] for u in uplinks))
 
 
 MAIN_TABLE = 254

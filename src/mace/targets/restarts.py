@@ -100,7 +100,8 @@ class Restarts:
             None if i in self.over else ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
             for i, c in enumerate(self.topo.containers)]
         return Plan(paths, self.topo.uplink, hops=hops, end_at_queue=end_at_queue,
-                    start_at_veth=start_at_veth, extra_uplinks=self.topo.extra_uplinks)
+                    start_at_veth=start_at_veth, extra_uplinks=self.topo.extra_uplinks,
+                    uplink_indexes=self.topo.uplink_indexes)
 
     def label(self, i: int) -> str:
         """How the summary names index i: `web`, then `web (2)` for its next incarnation."""

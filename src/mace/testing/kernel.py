@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from mace.capture._ring import DEV_NONE
 from mace.capture.perf import Event
-from mace.plan import FREE, QUEUE, RECV, RX, XMIT, ContainerPath, Plan
+from mace.plan import FREE, QUEUE, RECV, ROUTE, RX, XMIT, ContainerPath, Plan
 from mace.testing.synthetic import NetEvent, builtin_format
 
 # -- shared ------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ ETH_HLEN = 14
 IP, IP6, ARP = 0x0800, 0x86DD, 0x0806     # the tracepoints store ntohs(skb->protocol)
 ARP_L3 = 28
 EGRESS, INGRESS = 0, 1
-TP = {"xmit": XMIT, "recv": RECV, "rx": RX, "queue": QUEUE, "free": FREE}
+TP = {"xmit": XMIT, "recv": RECV, "rx": RX, "queue": QUEUE, "free": FREE, "route": ROUTE}
 F_SOFTIRQ = 0x10                # common_flags of a sample taken in softirq context
 
 
@@ -66,17 +66,19 @@ class Kernel:
         self.kind = {p.tracepoint: i for i, p in enumerate(self.probes)}
         self.slot = {n: i for i, n in enumerate(plan.devices)}
 
-    def visible(self, tp: str, dev: str | None) -> bool:
+    def visible(self, tp: str, dev: str | None, role: str | None = None) -> bool:
         k = self.kind.get(tp)
         if k is None:
             return False
+        if tp == ROUTE:     # the plan's route filter: a forward lookup to an uplink, or a route
+            return dev in self.probes[k].devices or (role == "fwd" and dev in self.plan.uplinks)
         devices = self.probes[k].devices
         return not devices or dev in devices
 
-    def event(self, tp, dev, skb, length, proto, ts, cpu, tid, flags=0) -> Event | None:
+    def event(self, tp, dev, skb, length, proto, ts, cpu, tid, flags=0, role=None) -> Event | None:
         """The decoded event, or None when the kernel's filter drops it.  Fields the
         tracepoint does not have read as 0 (as `Rings` decodes them)."""
-        if not self.visible(tp, dev):
+        if not self.visible(tp, dev, role):
             return None
         f = builtin_format(tp).fields
         return Event(ts=ts, skb=skb, len=length if "len" in f else 0, tid=tid, cpu=cpu,
@@ -123,7 +125,8 @@ class Act(NamedTuple):
     len: int
     proto: int = 0
     role: str | None = None     # "start", "vstart" (egress start at the veth), "end" (ingress
-                                # end, egress xmit uplink), "endq"
+                                # end, egress xmit uplink), "endq"; a route lookup: "fwd" (from
+                                # a container's side to an uplink), "out" (the host's own)
 
 
 @dataclass
@@ -136,19 +139,24 @@ class Story:
 
 
 def egress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
-    """xmit inner -> netif_rx veth || receive veth -> receive bridge -> queue uplink || xmit uplink"""
+    """xmit inner -> netif_rx veth || receive veth -> receive bridge -> route -> queue uplink
+    || xmit uplink (an ARP frame is not routed)"""
     a = [Act("xmit", box.inner, skb, L + ETH_HLEN, proto, "start"),
          Act("rx", box.veth, skb, L, proto, "vstart")]
     b = [Act("recv", box.veth, skb, L)]
     if box.bridge:
         b.append(Act("recv", box.bridge, skb, L))
+    if proto != ARP:
+        b.append(Act("route", UPLINK, 0, 0, 0, "fwd"))
     b.append(Act("queue", UPLINK, skb, L + ETH_HLEN, 0, "endq"))
     return [a, b, [Act("xmit", UPLINK, skb, L + ETH_HLEN, proto, "end")]]
 
 
 def ingress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
-    """receive uplink -> xmit bridge -> xmit veth -> netif_rx inner || receive inner"""
+    """receive uplink -> route -> xmit bridge -> xmit veth -> netif_rx inner || receive inner"""
     a = [Act("recv", UPLINK, skb, L, 0, "start")]
+    if proto != ARP:
+        a.append(Act("route", box.bridge or box.veth, 0, 0))
     if box.bridge:
         a.append(Act("xmit", box.bridge, skb, L + ETH_HLEN, proto))
     a += [Act("xmit", box.veth, skb, L + ETH_HLEN, proto), Act("rx", box.inner, skb, L, proto)]
@@ -263,9 +271,10 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
             arp = skbs[1]
             req = ([Act("xmit", box.bridge, arp, ARP_L3 + ETH_HLEN, ARP)] if box.bridge else []) + [
                 Act("xmit", box.veth, arp, ARP_L3 + ETH_HLEN, ARP), Act("rx", box.inner, arp, ARP_L3, ARP)]
-            segs = [a[:1] + req, a[1:], e]
+            cut = 2 if a[1].tp == "route" else 1      # the lookup comes before the request
+            segs = [a[:cut] + req, a[cut:], e]
             if rnd.random() < 0.2:
-                segs = [a[:1] + req, [Act("free", None, skb, 0, IP)]]
+                segs = [a[:cut] + req, [Act("free", None, skb, 0, IP)]]
             story = Story("ingress-parked", segs, tuple(skbs), truth, frozenset({1}))
         story = story or Story(f"ingress-{how}", segs, tuple(skbs), truth)
     elif kind == "host_in":      # the host itself sends into a container: starts at the veth
@@ -273,13 +282,15 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
         segs = ingress_chains(box, skb, L, proto)
         segs[0] = segs[0][1:]
         story = Story("host-in", segs, tuple(skbs))
-    elif kind == "host_out":
-        segs = [[Act("queue", UPLINK, skb, L + ETH_HLEN), Act("xmit", UPLINK, skb, L + ETH_HLEN, IP)]]
+    elif kind == "host_out":        # its route lookup is an output one (input: loopback)
+        segs = [[Act("route", UPLINK, 0, 0, 0, "out"), Act("queue", UPLINK, skb, L + ETH_HLEN),
+                 Act("xmit", UPLINK, skb, L + ETH_HLEN, IP)]]
         if rnd.random() < 0.5:
             segs = [segs[0][:1], segs[0][1:]]
         story = Story("host-out", segs, tuple(skbs))
-    elif kind == "host_bound":
-        story = Story("host-bound", [[Act("recv", UPLINK, skb, rnd.choice([L, ARP_L3]))]], tuple(skbs))
+    elif kind == "host_bound":      # routed to the host itself: its route is the uplink's
+        story = Story("host-bound", [[Act("recv", UPLINK, skb, rnd.choice([L, ARP_L3])),
+                                      Act("route", UPLINK, 0, 0)]], tuple(skbs))
     elif kind == "noise":
         dev, other = rnd.sample(NOISE_DEVICES, 2)
         story = Story("noise", [[Act("recv", dev, skb, L), Act("queue", other, skb, L + ETH_HLEN),
@@ -322,7 +333,9 @@ class Stream:
             if story.truth is None:
                 continue
             c, d, L = story.truth
-            mine = [(em, ts) for em, ts in by_story.get(i, []) if em.act.skb == story.skbs[0]]
+            # the packet's events, and its route lookups (no skb: the story's own)
+            mine = [(em, ts) for em, ts in by_story.get(i, [])
+                    if em.act.skb == story.skbs[0] or em.act.tp == "route"]
             end_role = "endq" if d == EGRESS and eaq else "end"
             start_role = "vstart" if d == EGRESS and self.world.plan.start_at_veth else "start"
             starts = {ts for em, ts in mine if em.act.role == start_role}
@@ -422,7 +435,7 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
             t += rnd.randint(1, 300) if r < 0.6 else rnd.randint(1, 5000)
         ts.append(t)
         a = em.act
-        ev = k.event(TP[a.tp], a.dev, a.skb, a.len, a.proto, t, em.cpu, em.tid, em.flags)
+        ev = k.event(TP[a.tp], a.dev, a.skb, a.len, a.proto, t, em.cpu, em.tid, em.flags, a.role)
         if ev is not None:
             events.append(ev)
     return Stream(w, events, stories, emitted, ts, realistic=not vanish)

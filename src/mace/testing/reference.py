@@ -17,6 +17,7 @@ from mace.correlate._correlate import (
     CLASSES,
     CTX_BITS,
     ETH_HLEN,
+    HOPS,
     NA_L3,
     ND_L3,
     PQ,
@@ -123,7 +124,9 @@ class ReferenceDecoder:
             return struct.unpack_from("<" + code, raw, off)[0] if off >= 0 else 0
 
         dev = DEV_NONE
-        if k["name_off"] >= 0:
+        if k["name_off"] >= 0 and k.get("name_size"):
+            dev = self.device(raw[k["name_off"]:k["name_off"] + k["name_size"]])
+        elif k["name_off"] >= 0:
             loc = field_at(k["name_off"], "I")
             noff, nlen = loc & 0xFFFF, loc >> 16
             if noff + nlen > raw_size:
@@ -150,8 +153,9 @@ def merge(per_ring: list[list[Event]], horizon: int | None = None) -> tuple[list
 # The constants come from the compiled correlator, so the two cannot drift apart; the rules
 # that use them are written out again below, which is the point of a reference.
 T_NONE = 0
-T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE = (TYPES[t] for t in (
-    "net:net_dev_start_xmit", "net:netif_receive_skb", "net:netif_rx", "net:net_dev_queue", "skb:kfree_skb"))
+T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE, T_ROUTE = (TYPES[t] for t in (
+    "net:net_dev_start_xmit", "net:netif_receive_skb", "net:netif_rx", "net:net_dev_queue", "skb:kfree_skb",
+    "fib:fib_table_lookup"))
 C_INNER, C_VETH, C_BRIDGE, C_UPLINK = (CLASSES[c] for c in ("inner", "veth", "bridge", "uplink"))
 EGRESS, INGRESS = 0, 1
 COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired", "evicted", "rejected")
@@ -170,23 +174,26 @@ class Step:
 
 
 def paths(hops: bool, bridge: bool, end_at_queue: bool,
-          veth_start: bool = False) -> tuple[list[Step], list[Step]]:
-    """The two paths, as in Correlator._plan."""
+          veth_start: bool = False, route: bool = False) -> tuple[list[Step], list[Step]]:
+    """The two paths, as in Correlator._plan.  A route step only times the routing decision
+    of the chain it lies in (see ReferenceCorrelator._route): no step follows it."""
     egress = [
         Step(T_XMIT, C_INNER, frozenset(), False, not veth_start),
         Step(T_RX, C_VETH, frozenset({0}), True, hops or veth_start, attr=True, hop=0),
         Step(T_RECV, C_VETH, frozenset({0, 1}), False, True, attr=True, hop=1),
         Step(T_RECV, C_BRIDGE, frozenset({2}), True, hops and bridge, hop=2),
+        Step(T_ROUTE, C_UPLINK, frozenset({2, 3}), True, route, hop=3),
         Step(T_QUEUE, C_UPLINK, frozenset({2, 3}), True, True, end=end_at_queue,
-             hop=-1 if end_at_queue else 3),
-        Step(T_XMIT, C_UPLINK, frozenset({4}), False, not end_at_queue, end=True),
+             hop=-1 if end_at_queue else 4),
+        Step(T_XMIT, C_UPLINK, frozenset({5}), False, not end_at_queue, end=True),
     ]
     ingress = [
         Step(T_RECV, C_UPLINK, frozenset(), False, True),
-        Step(T_XMIT, C_BRIDGE, frozenset({0}), True, hops and bridge, hop=0),
-        Step(T_XMIT, C_VETH, frozenset({0, 1}), True, True, attr=True, hop=1),
-        Step(T_RX, C_INNER, frozenset({2}), True, hops, hop=2),
-        Step(T_RECV, C_INNER, frozenset({2, 3}), False, True, end=True),
+        Step(T_ROUTE, C_BRIDGE | C_VETH, frozenset({0}), True, route, hop=0),
+        Step(T_XMIT, C_BRIDGE, frozenset({0}), True, hops and bridge, hop=1),
+        Step(T_XMIT, C_VETH, frozenset({0, 2}), True, True, attr=True, hop=2),
+        Step(T_RX, C_INNER, frozenset({3}), True, hops, hop=3),
+        Step(T_RECV, C_INNER, frozenset({3, 4}), False, True, end=True),
     ]
     return egress, ingress
 
@@ -206,7 +213,7 @@ class Entry:
     ctx: int = 0             # interrupt context of the last matched event
     parked: bool = False     # waiting in a neighbour queue (ARP, ND)
     queued: bool = False     # ... behind another packet, which asked the neighbour
-    hops: list = field(default_factory=lambda: [0, 0, 0, 0])
+    hops: list = field(default_factory=lambda: [0] * HOPS)
 
 
 @dataclass
@@ -230,19 +237,22 @@ class ReferenceCorrelator:
 
     def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
                  max_age_ns=1_000_000_000, hops=False, bridge=True, end_at_queue=False,
-                 veth_start=False, explain=None):
+                 veth_start=False, route=False, explain=None):
         self.kind_types = list(kind_types)
         self.dev_classes = list(dev_classes)
         self.dev_containers = list(dev_containers)
         self.inner_of = list(inner_slots)
         self.max_age = max_age_ns
-        self.paths = paths(hops, bridge, end_at_queue, veth_start)
+        self.paths = paths(hops, bridge, end_at_queue, veth_start, route)
         self.veth_start = veth_start
-        self.boundary = (1 if hops or veth_start else 2, 2)
+        self.boundary = (1 if hops or veth_start else 2, 3)
         self.table: dict[int, Entry] = {}
         # cpu -> [(skb, ts of its entry's last move)], oldest first: call chains awaiting
         # their next synchronous step (several when a batch of receives precedes forwarding)
         self.pending: dict[int, list[tuple[int, int]]] = {}
+        # cpu -> its last packet event (skb, type, class, tid, ctx), whether a routing
+        # decision came since, whether its pending chains are a batch
+        self.notes: dict[int, dict] = {}
         self.count = [[dict.fromkeys(COUNTERS, 0) for _ in range(2)] for _ in self.inner_of]
         self.glob: dict[str, int] = {}
         self.seq = [[0, 0] for _ in self.inner_of]
@@ -276,8 +286,25 @@ class ReferenceCorrelator:
         return self.now > e.t0 + self.max_age
 
     def _sync_wait(self, e: Entry) -> bool:
-        return any(st.traced and st.sync and e.step in st.prev
+        return any(st.traced and st.sync and st.type != T_ROUTE and e.step in st.prev
                    for st in self.paths[e.dir][e.step + 1:])
+
+    def _route(self, ev, cls: int) -> None:
+        """A routing decision times the CPU's one pending call chain, if it is that chain's
+        (same thread and context, not parked, in time) and its path has a route step for
+        this device's class next; the first one counts.  A batch (several pending) gets none."""
+        note = self.notes.setdefault(ev.cpu, {})
+        note["routed"] = True
+        q = self.pending.get(ev.cpu, [])
+        e = self.table.get(q[0][0]) if len(q) == 1 and not note.get("batch") else None
+        if (e is not None and e.cpu == ev.cpu and e.tid == ev.tid and e.ctx == ev.flags & CTX_BITS
+                and not e.parked and 0 <= ev.ts - (e.t0 + e.tlast) <= SYNC_MAX_NS):
+            for st in self.paths[e.dir][e.step + 1:]:
+                if st.type == T_ROUTE and st.traced and e.step in st.prev and st.cls & cls:
+                    if not e.hops[st.hop]:
+                        e.hops[st.hop] = max(ev.ts - e.t0, 1)
+                    return
+        self._g("route_unclaimed")
 
     def _match(self, e: Entry, ev, t: int, cls: int, adjacent: bool) -> int:
         adjacent = (adjacent and e.cpu == ev.cpu and e.tid == ev.tid
@@ -353,6 +380,9 @@ class ReferenceCorrelator:
         cls = self.dev_classes[ev.dev] if 0 <= ev.dev < len(self.dev_classes) else 0
         self._g("events")
         self.now = max(self.now, ev.ts)
+        if t == T_ROUTE:
+            self._route(ev, cls)
+            return
         if ev.skb == 0:
             self._g("ignored")
             return
@@ -366,8 +396,10 @@ class ReferenceCorrelator:
         if t == T_NONE or cls == 0:
             self._g("ignored")
             self._settle(ev, t, cls)
+            self._note(ev, t, cls)
             return
         adjacent, front = self._settle(ev, t, cls)
+        self._note(ev, t, cls)
         self._answer(ev, t, cls)
         e = self.table.get(ev.skb)
         if e is not None and self._expired(e):
@@ -394,12 +426,24 @@ class ReferenceCorrelator:
             for skb, ts in q[:pos]:
                 self._resolve(ev.cpu, skb, ts, ev, t, cls)
             del q[:pos + 1]
+            if not q:
+                self.notes.setdefault(ev.cpu, {})["batch"] = False
             return True, True
         if q and not self._sibling(q[-1][0], ev, t, cls):
             for skb, ts in q:
                 self._resolve(ev.cpu, skb, ts, ev, t, cls)
             q.clear()
+            self.notes.setdefault(ev.cpu, {})["batch"] = False
         return False, False
+
+    def _note(self, ev, t: int, cls: int) -> None:
+        """Two packets' events of one kind and class in a row on a CPU, in one thread and
+        context, with no routing decision between: a batch, whose decisions are not timed."""
+        note = self.notes.setdefault(ev.cpu, {})
+        me = (t, cls, ev.tid, ev.flags & CTX_BITS)
+        if note.get("skb") and note["skb"] != ev.skb and note["what"] == me and not note["routed"]:
+            note["batch"] = True
+        note.update(skb=ev.skb, what=me, routed=False)
 
     def _sibling(self, skb: int, ev, t: int, cls: int) -> bool:
         e = self.table.get(skb)

@@ -49,6 +49,9 @@ def raw_record(fmt: EventFormat, values: dict, *, flags: int = 0, pid: int = 0) 
             data = value.encode() + b"\0" if isinstance(value, str) else bytes(value)
             struct.pack_into("<I", fixed, f.offset, (len(data) << 16) | (len(fixed) + len(tail)))
             tail += data
+        elif isinstance(value, (str, bytes)):       # a char array in place
+            data = value.encode() if isinstance(value, str) else value
+            fixed[f.offset:f.offset + f.size] = data[:f.size].ljust(f.size, b"\0")
         else:
             code = {1: "B", 2: "H", 4: "I", 8: "Q"}[f.size]
             if f.signed:
