@@ -43,7 +43,7 @@ TOPOLOGIES = {
 TOPOLOGY_LOADS = {"shaped+nat": (0, 2)}
 EXTRA = {"shaped+nat": ("xmit",)}       # xmit: the default plan with --end-at-xmit
 LOADS = (0, 1, 2, 4)
-COUNT, INTERVAL_S, ROUNDS = 200, 0.004, 16
+COUNT, INTERVAL_S, ROUNDS = 200, 0.004, 24
 QUICK = {"topologies": ("bridge+nat",), "loads": (0, 1), "rounds": 2, "count": 40}
 CONFIDENCE = 0.95
 TARGET_MEDIAN_US = 2.0
@@ -57,7 +57,13 @@ PROBES_FILE = "accuracy-probes.json.gz"
 # per round, median over its probes; then median over rounds with a confidence interval
 STATS = ("raw_bias", "corrected_bias", "raw_bias_p99", "corrected_bias_p99", "untraced_added",
          "expense", "expense_vs_untraced", "hops_raw_bias", "hops_corrected_bias",
-         "xmit_raw_bias", "xmit_corrected_bias")
+         "xmit_raw_bias", "xmit_corrected_bias",
+         # the mechanism: what tracing does to the host's own ping (the reference), the
+         # corrected RTT against the host's RTT when nothing traces, and the host's IP layer
+         # inside the segments (hops: egress from the routing decision to its end, ingress
+         # from its start to the decision)
+         "reference_perturbation", "corrected_vs_untraced_native", "hops_host_ip",
+         "hops_corrected_keeping_host_ip_bias")
 PLAN_KW = {"hops": {"hops": True}, "xmit": {"end_at_queue": False}}
 
 
@@ -99,6 +105,18 @@ def hop_intervals(hops, latency: int) -> list[int | None]:
             out.append(point - prev)
             prev = point
     return out
+
+
+def host_ip_shares(cols: dict) -> list[int]:
+    """Per matched probe of a hops run with both routing decisions timed: the host's IP
+    layer inside its segments (egress: decision -> end, ingress: start -> decision)."""
+    from mace.plan import EGRESS_HOPS, INGRESS_HOPS
+    e_at, i_at = EGRESS_HOPS.index("route"), INGRESS_HOPS.index("route")
+    out = []
+    for eh, el, ih in zip(cols["egress_hops"], cols["egress"], cols["ingress_hops"], strict=True):
+        if len(eh) > e_at and len(ih) > i_at and eh[e_at] and ih[i_at]:
+            out.append(el - eh[e_at] + ih[i_at])
+    return out if len(out) == len(cols["egress"]) else []
 
 
 # -- one round ------------------------------------------------------------------------------
@@ -158,11 +176,19 @@ def _round_stats(tr: dict | None, un: dict | None, hp: dict | None, xm: dict | N
         s["expense"] = _q([e + i for e, i in zip(tr["egress"], tr["ingress"], strict=True)], 50)
     if un and un["native"]:
         s["untraced_added"] = _diff(_q(un["raw"], 50), _q(un["native"], 50))
+        if tr and tr["native"]:
+            s["reference_perturbation"] = _diff(_q(tr["native"], 50), _q(un["native"], 50))
+            s["corrected_vs_untraced_native"] = _diff(_q(tr["corrected"], 50), _q(un["native"], 50))
     s["expense_vs_untraced"] = _diff(s["expense"], s["untraced_added"])
     if hp and hp["native"]:
         nat = _q(hp["native"], 50)
         s["hops_raw_bias"] = _diff(_q(hp["raw"], 50), nat)
         s["hops_corrected_bias"] = _diff(_q(hp["corrected"], 50), nat)
+        shares = host_ip_shares(hp)
+        if shares:
+            s["hops_host_ip"] = _q(shares, 50)
+            kept = [c + h for c, h in zip(hp["corrected"], shares, strict=True)]
+            s["hops_corrected_keeping_host_ip_bias"] = _diff(_q(kept, 50), nat)
     if xm and xm["native"]:
         nat = _q(xm["native"], 50)
         s["xmit_raw_bias"] = _diff(_q(xm["raw"], 50), nat)
@@ -446,6 +472,15 @@ def summary(result: dict) -> list[dict]:
         rows.append({"metric": f"{at}: untraced added / expense vs untraced added",
                      "value": f"{_ci_us(st['untraced_added'])} / {_ci_us(st['expense_vs_untraced'])}",
                      "target": "", "met": None})
+        rows.append({"metric": f"{at}: host's ping traced - untraced (reference perturbation) / "
+                               "corrected - untraced host RTT",
+                     "value": f"{_ci_us(st['reference_perturbation'])} / "
+                              f"{_ci_us(st['corrected_vs_untraced_native'])}",
+                     "target": "", "met": None})
+        rows.append({"metric": f"{at}: hops plan: host IP layer inside the segments / corrected bias "
+                               "keeping it",
+                     "value": f"{_ci_us(st['hops_host_ip'])} / {_ci_us(st['hops_corrected_keeping_host_ip_bias'])}",
+                     "target": "", "met": None})
         if st["xmit_corrected_bias"] is not None:
             rows.append({"metric": f"{at}: ending at the uplink's driver (--end-at-xmit): corrected bias",
                          "value": _ci_us(st["xmit_corrected_bias"]), "target": "", "met": None})
@@ -495,6 +530,13 @@ def notes(result: dict) -> list[str]:
         "runs from the previous traced step (t0 first) to the named one, medians over all its matched "
         "probes; the CPU shares are of the reports' end events. Hops add samples, so the bias and "
         "coverage targets are of the default plan's run only.",
+        "Mechanism rows: reference perturbation = median host RTT traced - median host RTT "
+        "untraced in the same round (mace samples the host's own packets on the uplink: its "
+        "queue and receive events); corrected - untraced host RTT compares with a reference "
+        "nothing perturbs; host IP layer = per probe of the hops run, egress from the routing "
+        "decision (fib:fib_table_lookup) to its end plus ingress from its start to the decision "
+        "(the host's netfilter, NAT, forwarding and output on the uplink's side), and the bias "
+        "of a correction that keeps it.",
         "shaped+nat (loads 0 and 2 only): the uplink is limited to 4 Mbit/s, which the floods fill, "
         "so every packet leaving the host, the host's own pings included, waits in its qdisc; a "
         "fourth measurement per round ends egress at the uplink's driver (--end-at-xmit, MACE's "
