@@ -99,7 +99,7 @@ def synthetic(quick: bool) -> dict:
     from mace.correlate import _correlate
     from mace.output.report import unpack
     from mace.testing.kernel import build_images, model_plan
-    from mace.testing.reference import ReferenceCorrelator, ReferenceDecoder, merge
+    from mace.testing.reference import COUNTERS, ReferenceCorrelator, ReferenceDecoder, merge
     from mace.testing.synthetic import builtin_layout
     from mace.tracer import DEFAULT_MAX_AGE_NS, DEFAULT_TABLE_SIZE
 
@@ -187,7 +187,7 @@ def synthetic(quick: bool) -> dict:
         ref = ReferenceCorrelator(kinds, classes, owner, plan.inner_slots(),
                                   max_age_ns=DEFAULT_MAX_AGE_NS, hops=plan.hops,
                                   bridge=bool(plan.bridges), end_at_queue=plan.end_at_queue,
-                                  veth_start=plan.start_at_veth)
+                                  veth_start=plan.start_at_veth, route=plan.route, socket=plan.socket)
         ref.feed(released)
         ref.finish()
         ref_times.append(time.perf_counter() - t0)
@@ -198,8 +198,7 @@ def synthetic(quick: bool) -> dict:
     ref_counts = [{d: dict(ref.count[c][i]) for i, d in enumerate(DIRECTIONS)}
                   for c in range(len(plan.containers))]
     cy_counts = [{d: {k: v for k, v in cy_counters["containers"][c][d].items()
-                      if k in ("crossed", "reports", "local", "dropped", "orphans", "expired",
-                               "evicted", "rejected")}
+                      if k in COUNTERS}
                   for d in DIRECTIONS} for c in range(len(plan.containers))]
 
     full_med = statistics.median(full_times)
