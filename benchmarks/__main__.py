@@ -27,6 +27,7 @@ SUITE = {
     "scale": "benchmarks.scale",
     "metrics": "benchmarks.metrics",
     "format": "benchmarks.format",
+    "socket": "benchmarks.socket",
 }
 
 

@@ -1,5 +1,5 @@
-"""Helpers the system tests share: pings from a testbed's containers, output read as it
-comes from a running command, busy CPUs, and the one-line error check.  Plain functions, imported
+"""Helpers the system tests share: pings from a testbed's containers, a trace while they run,
+output read as it comes from a running command, busy CPUs, and the one-line error check.  Plain functions, imported
 as `from helpers import ...` (tests/ is on sys.path through tests/conftest.py)."""
 
 from __future__ import annotations
@@ -195,3 +195,24 @@ def summary_rows(err: list[str]) -> list[tuple[str, str, int]]:
               if re.match(r"^\d+ events in [\d.]+ s; lost \(ring full\) \d+", line)]
     assert totals and all(":" in line for line in rest[:totals[0]]), "\n".join(err)
     return rows
+
+
+def trace_while(plan, start, *, settle: float = 0.02, **kw):
+    """Trace `plan` while the processes `start()` returns run (each must exit 0); returns
+    (reports, stats, procs), stats with the samples read per tracepoint ("samples")."""
+    from mace.tracer import Tracer
+    reports = []
+    with Tracer(plan, **kw) as tr:
+        tr.start()
+        procs = start()
+        deadline = time.monotonic() + 120
+        tr.run(until=lambda: all(p.poll() is not None for p in procs) or time.monotonic() > deadline,
+               on_reports=reports.extend)
+        time.sleep(settle)          # the last replies' backlog processing
+        reports += tr.stop()
+        stats = tr.stats()
+        stats["samples"] = {p.tracepoint: n for p, (_, n) in
+                            zip(tr.capture.probes, tr.capture.rings.kind_counts(), strict=True)}
+    for p in procs:
+        assert p.wait(timeout=5) == 0, p.args
+    return reports, stats, procs

@@ -29,7 +29,7 @@ from mace._version import __version__
 _ERRORS = ("MaceError", "UsageError", "PermissionProblem", "TracefsError", "TracepointMissing",
            "TargetNotFound", "TopologyError", "UplinkMissing", "ResourceError",
            "ServiceUnreachable", "ServiceRefused", "RuntimeUnavailable", "ContainerNotFound",
-           "ContainerNotRunning", "NoContainerNetwork")
+           "ContainerNotRunning", "NoContainerNetwork", "NoOwnCgroup")
 
 # name -> the module that defines it
 _FACE = {

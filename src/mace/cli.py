@@ -25,6 +25,7 @@ from mace.defaults import (
     DIRECTIONS,
     FORMATS,
     PRESENCE_EVERY,
+    SEGMENTS,
     SOCKET_ENV,
 )
 from mace.errors import MaceError, PermissionProblem, UsageError, exit_status_text
@@ -77,7 +78,9 @@ with crictl), else on its usual socket (/run/docker.sock, /run/podman/podman.soc
 Each report is the time one packet spent between the container's device and the host's
 uplink: egress from netif_rx on the container's host-side veth to net_dev_queue on the
 uplink (where the host's own traffic joins it), ingress from netif_receive_skb on the
-uplink to netif_receive_skb on the container's device.
+uplink to netif_receive_skb on the container's device.  With --segment socket, MACE's
+segment: egress from the send call of a container's process to the uplink's driver,
+ingress from the uplink to the receive call that takes the datagram (UDP, ICMP, raw).
 
 examples:
   mace trace --netns docker:web                       live view of one Docker container
@@ -86,11 +89,12 @@ examples:
   mace trace --netns pod:shop/web-7d9 --hops          a Kubernetes pod, and where the time goes
   mace trace --netns docker:web --uplink eth1 --summary-json sum.json -q
   mace trace --netns /run/netns/c1 --end-at-xmit        to the uplink's driver (MACE's end)
+  mace trace --netns docker:web --segment socket      from the send call to the wire and back
 
 """ + exit_status_text(["UsageError", "PermissionProblem", "TracefsError", "TracepointMissing",
                         "TargetNotFound", "TopologyError", "UplinkMissing", "ResourceError",
                         "RuntimeUnavailable", "ContainerNotFound", "ContainerNotRunning",
-                        "NoContainerNetwork"])
+                        "NoContainerNetwork", "NoOwnCgroup"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds between pings (default 0.02)")
     dm.add_argument("--co-located", type=int, default=0, metavar="K", dest="colocated",
                     help="containers flooding the same target meanwhile (default 0)")
+    dm.add_argument("--segment", choices=SEGMENTS, default="device",
+                    help="device (default): correct to the host's native RTT; socket: MACE's, "
+                         "correct to the RTT on the wire, which a capture on the uplink gives "
+                         "(needs tcpdump)")
     dm.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("events", help="print decoded tracepoint events (the capture engine, raw)",
@@ -211,13 +219,19 @@ def _tracer_options(p: argparse.ArgumentParser) -> None:
                    help="give up on a packet not through after MS milliseconds (default 1000, at most 4000)")
     p.add_argument("--hops", action="store_true",
                    help="also trace the bridge and the veth backlog, and report each hop")
+    p.add_argument("--segment", choices=SEGMENTS, default="device",
+                   help="what is measured: device (default) the container's added path, its veth to "
+                        "the uplink and back (corrected RTT ~ the host's); socket, MACE's, its "
+                        "process's send call to the uplink's transmit and the uplink to its receive "
+                        "call (corrected RTT ~ the wire's; needs the container's own cgroup)")
     end = p.add_mutually_exclusive_group()
-    end.add_argument("--end-at-queue", dest="end_at_queue", action="store_true", default=True,
+    end.add_argument("--end-at-queue", dest="end_at_queue", action="store_true", default=None,
                      help="end egress where the packet enters the uplink's qdisc (net_dev_queue), "
-                          "which native traffic waits in too (the default)")
+                          "which native traffic waits in too (the device segment's default)")
     end.add_argument("--end-at-xmit", dest="end_at_queue", action="store_false",
                      help="end egress at the uplink driver (net_dev_start_xmit), MACE's end: the "
-                          "uplink's qdisc wait is then part of the expense")
+                          "uplink's qdisc wait is then part of the expense (the socket segment's "
+                          "default: where a capture on the uplink sees the packet)")
     p.add_argument("--start-at-inner", action="store_true",
                    help="start egress at the container's own device, not at its host-side veth "
                         "(veths with XDP or GRO skip netif_rx; costs a sample per transmit of "
@@ -269,6 +283,12 @@ class _Stop:
 
 
 def _check_tracer_options(args) -> None:
+    if args.end_at_queue is None:       # each segment's own end (see --end-at-xmit)
+        args.end_at_queue = args.segment != "socket"
+    if args.segment == "socket" and args.start_at_inner:
+        raise UsageError("--start-at-inner and --segment socket: the socket segment starts at the "
+                         "container's send call, and finds its packets at the host-side veth",
+                         hint="leave --start-at-inner out")
     _check_power_of_two("--table-size", args.table_size, 2, 1 << 26)
     if args.ring_pages is not None:
         _check_power_of_two("--ring-pages", args.ring_pages, 1, 65536)
@@ -300,7 +320,7 @@ def cmd_serve(args) -> int:
     from mace.targets.netns import resolve
     targets = tuple(resolve(spec, args.runtime_socket) for spec in args.netns)
     opts = Options(uplinks=tuple(args.uplink or ()), hops=args.hops, end_at_queue=args.end_at_queue,
-                   start_at_veth=not args.start_at_inner,
+                   start_at_veth=not args.start_at_inner, segment=args.segment,
                    table_size=args.table_size, max_age_ns=int(args.max_age * 1e6),
                    ring_pages=args.ring_pages, queue_size=args.queue,
                    max_namespaces=args.max_namespaces, max_clients=args.max_clients, mode=mode,
@@ -383,7 +403,7 @@ def cmd_trace(args) -> int:
     targets = [resolve(spec, args.runtime_socket) for spec in args.netns]
     topo = discover(targets, args.uplink)
     plan = topo.plan(hops=args.hops, end_at_queue=args.end_at_queue,
-                     start_at_veth=not args.start_at_inner)
+                     start_at_veth=not args.start_at_inner, segment=args.segment)
     labels = [t.label for t in targets]
     inodes = [t.inode for t in targets]
     out = sys.stdout
@@ -408,7 +428,7 @@ def cmd_trace(args) -> int:
                 f.seek(0)               # the tracer is ready: now the old contents go
                 f.truncate()
         sink = make_sink(args.format or "mace", out, labels, inodes, hops=args.hops,
-                         containers=[t.identity() for t in targets])
+                         containers=[t.identity() for t in targets], segment=plan.segment)
         live = None
         if use_tui:
             from mace.output.live import LiveView
@@ -426,10 +446,11 @@ def cmd_trace(args) -> int:
         deadline = time.monotonic() + args.duration if args.duration else None
         taken = 0
         # what was written differs from what was made only with --count; hops need the tally
-        tally = Tally(len(labels), args.hops, plan.end_at_queue) if args.hops or args.count else None
+        tally = (Tally(len(labels), args.hops, plan.end_at_queue, plan.segment)
+                 if args.hops or args.count else None)
         stopped: dict[int, float] = {}
         # the live view keeps a fixed set of rows: there, a restarted target is not followed
-        restarts = Restarts(topo) if live is None else None
+        restarts = Restarts(topo, plan) if live is None else None
 
         def emit(chunks) -> bool:
             """Hand packed reports on (the sink formats them in compiled code); True once
@@ -513,7 +534,7 @@ def cmd_trace(args) -> int:
                 if tally is not None:
                     tally.grow()
             plan = restarts.plan(hops=args.hops, end_at_queue=args.end_at_queue,
-                                 start_at_veth=not args.start_at_inner)
+                                 start_at_veth=not args.start_at_inner, segment=args.segment)
             # the incarnations gone keep their counters for the summary: their indexes reset
             if emit(tracer.update(plan, raw=True, on_reset=lambda gone: restarts.keep_counters(
                     tracer.correlator, gone))):
@@ -588,7 +609,7 @@ def cmd_demo(args) -> int:
     if args.colocated > 64:
         raise UsageError("--co-located is limited to 64 containers")
     _check_privileges()
-    return demo.main(args.count, args.interval, args.colocated)
+    return demo.main(args.count, args.interval, args.colocated, segment=args.segment)
 
 
 def cmd_events(args) -> int:

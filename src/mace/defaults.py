@@ -9,6 +9,7 @@ from __future__ import annotations
 
 DIRECTIONS = ("egress", "ingress")      # by a report's `dir`, as the correlator numbers them
 FORMATS = ("mace", "jsonl", "csv")      # `mace trace --format`
+SEGMENTS = ("device", "socket")         # `--segment`: what a report's latency measures
 
 DEFAULT_TABLE_SIZE = 1 << 16            # correlation table entries, 64 bytes each
 DEFAULT_MAX_AGE_NS = 1_000_000_000      # a packet not through after this long is given up

@@ -13,6 +13,7 @@ should equal the host's native RTT.  The same measurement drives benchmarks/accu
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -27,7 +28,7 @@ from mace.errors import MaceError, ResourceError
 from mace.output.clock import wall_offset_ns
 from mace.output.report import Report
 from mace.targets.netns import discover, resolve
-from mace.testing.testbed import Testbed
+from mace.testing.testbed import Testbed, interrupt
 from mace.tracer import Tracer
 
 PING_LINE = re.compile(r"^\[(\d+\.\d+)\] .*icmp_seq=(\d+) .*time=([\d.]+) ms")
@@ -45,6 +46,13 @@ class Probe:
     ingress_hops: tuple | None = None
     egress_cpu: int | None = None
     ingress_cpu: int | None = None
+    wire_ns: int | None = None          # the same probe's RTT on the uplink (a capture)
+    # CLOCK_MONOTONIC ns where the matched egress report ended and the ingress one began;
+    # the capture's stamps of the request and the reply (CLOCK_REALTIME ns)
+    egress_end: int | None = None
+    ingress_start: int | None = None
+    wire_out: int | None = None
+    wire_in: int | None = None
 
     @property
     def corrected_ns(self) -> int | None:
@@ -62,6 +70,7 @@ class Run:
     counters: dict = field(default_factory=dict)
     colocated: int = 0
     other_tracers: list = field(default_factory=list)   # on mace's tracepoints (capture.others)
+    segment: str = "device"
 
     @property
     def matched(self) -> list[Probe]:
@@ -103,6 +112,7 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
             used_i.add(best)
             r = ing[best][1]
             p.ingress_ns, p.ingress_hops, p.ingress_cpu = r.latency, r.hops, r.cpu
+            p.ingress_start = r.t0
         best = None
         for i, (t, _) in enumerate(eg):
             if i in used_e or not sent - slack <= t < recv:
@@ -113,6 +123,7 @@ def match(probes: list[Probe], reports: list[Report], wall_offset_ns: int) -> No
             used_e.add(best)
             r = eg[best][1]
             p.egress_ns, p.egress_hops, p.egress_cpu = r.latency, r.hops, r.cpu
+            p.egress_end = r.t0 + r.latency
 
 
 def need_ping() -> None:
@@ -122,23 +133,37 @@ def need_ping() -> None:
 
 def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
             trace: bool = True, tracer_kw: dict | None = None, plan_kw: dict | None = None,
-            warn: Callable[[str], None] | None = None) -> Run:
+            warn: Callable[[str], None] | None = None, segment: str = "device",
+            wire: str | None = None) -> Run:
     """Ping the peer from container 0 and from the host namespace at the same time, with
     containers 1..colocated flooding the peer, tracing container 0 unless `trace` is off.
     `plan_kw` goes to the plan (e.g. {"hops": True}), `tracer_kw` to the Tracer.
-    `warn` hears of other tracers of mace's tracepoints, a line each, before the pings."""
+    `warn` hears of other tracers of mace's tracepoints, a line each, before the pings.
+
+    The socket segment (the testbed's containers have cgroups) ends where the receive call
+    returns, so the pings time from user space to user space (`ping -U`, not the kernel's
+    receive stamp).  With `wire` (a file), tcpdump captures the uplink meanwhile and each
+    probe gets its RTT on the wire (Probe.wire_ns)."""
     c = tb.containers[0]
     floods = []
     deadline = int(count * interval + 10)
-    ping = ["ping", "-n", "-D", "-c", str(count), "-i", str(interval), tb.peer_ip]
+    socket_segment = segment == "socket"
+    ping = ["ping", "-n", "-D", *(["-U"] if socket_segment else []), "-c", str(count),
+            "-i", str(interval), tb.peer_ip]
     tracer = None
     if trace:
         topo = discover([resolve(tb.ns_path(c.ns))])
-        tracer = Tracer(topo.plan(**(plan_kw or {})), **(tracer_kw or {})).open()
+        kw = dict(plan_kw or {}, segment=segment)
+        if socket_segment:
+            kw.update(end_at_queue=False, cgroups=[c.cgroup])
+        tracer = Tracer(topo.plan(**kw), **(tracer_kw or {})).open()
         for line in others.warn_lines(tracer.other_tracers) if warn is not None else ():
             warn(line)
     reports: list[Report] = []
+    capture = None
     try:
+        if wire is not None:
+            capture = start_capture(tb, tb.uplink, wire)
         for other in tb.containers[1:1 + colocated]:
             floods.append(tb.popen(other.ns, ["ping", "-n", "-q", "-f", "-w", str(deadline),
                                               tb.peer_ip], stdout=subprocess.DEVNULL,
@@ -146,11 +171,13 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
         if tracer is not None:
             tracer.start()
         offset = wall_offset_ns()
-        box = tb.popen(c.ns, ping, stdout=subprocess.PIPE, text=True)
+        # each its own ICMP identifier, to tell them apart on the uplink
+        box = tb.popen(c.ns, [*ping[:1], "-e", str(BOX_ID), *ping[1:]], stdout=subprocess.PIPE, text=True)
         # half an interval apart: interleaved, so both see the same conditions, but never
         # in flight at the same moment, where one would queue behind the other
         time.sleep(interval / 2)
-        host = tb.popen(tb.host_ns, ping, stdout=subprocess.PIPE, text=True)
+        host = tb.popen(tb.host_ns, [*ping[:1], "-e", str(HOST_ID), *ping[1:]], stdout=subprocess.PIPE,
+                        text=True)
         limit = time.monotonic() + deadline + 5
 
         def done() -> bool:
@@ -173,12 +200,56 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
             f.kill()
         if tracer is not None:
             tracer.close()
+        if capture is not None:
+            stop_capture(capture)
     probes = [Probe(seq, recv, rtt) for seq, recv, rtt in parse_ping(box_out)]
     if not probes:
         raise MaceError("the container's ping got no replies", hint="is the testbed working? (nft, ip_forward)")
     match(probes, reports, offset)
+    if wire is not None:
+        wire_rtts(probes, wire)
     return Run(probes, [rtt for _, _, rtt in parse_ping(host_out)], counters, colocated,
-               tracer.other_tracers if tracer is not None else [])
+               tracer.other_tracers if tracer is not None else [], segment)
+
+
+BOX_ID, HOST_ID = 0x4D41, 0x4D42       # the pings' ICMP identifiers ("MA", "MB")
+
+
+def start_capture(tb: Testbed, dev: str, path: str) -> subprocess.Popen:
+    """tcpdump on `dev` of the testbed's host: the probes' ICMP echoes (the floods' are left
+    out in the kernel, or tcpdump drops some under load), nanosecond stamps, into `path`;
+    ready when it says it listens.  In immediate mode: otherwise the kernel hands packets
+    over a block at a time, and the last block of a short, quiet run is lost at the stop."""
+    if shutil.which("tcpdump") is None:
+        raise ResourceError("tcpdump is not installed (the wire RTT comes from a capture)",
+                            hint="apt-get install tcpdump")
+    echoes = (f"(icmp[icmptype] == icmp-echo or icmp[icmptype] == icmp-echoreply) "
+              f"and (icmp[4:2] == {BOX_ID} or icmp[4:2] == {HOST_ID})")
+    p = tb.popen(tb.host_ns, ["tcpdump", "-i", dev, "-n", "-U", "--immediate-mode",
+                              "--time-stamp-precision=nano", "-w", path, echoes],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "listening on" in line:
+            return p
+    p.wait(timeout=5)
+    raise ResourceError(f"tcpdump did not start on {dev}", hint="see `tcpdump -i DEV` by hand")
+
+
+def stop_capture(p: subprocess.Popen) -> None:
+    interrupt(p)            # tcpdump writes out what it holds on SIGINT
+
+
+def wire_rtts(probes: list[Probe], path: str) -> None:
+    """Each probe's RTT on the uplink: its request's capture stamp to its reply's (the
+    capture's taps sit next to the uplink's transmit and receive; the container's probes
+    are told from the host's by their ICMP identifier, which the NAT keeps here)."""
+    from mace.testing import pcap
+    found = [e for e in pcap.echoes(path) if e.id == BOX_ID]
+    req, rep = pcap.by_seq(found, pcap.ECHO_REQUEST), pcap.by_seq(found, pcap.ECHO_REPLY)
+    for p in probes:
+        if p.seq in req and p.seq in rep and rep[p.seq].ts > req[p.seq].ts:
+            p.wire_out, p.wire_in = req[p.seq].ts, rep[p.seq].ts
+            p.wire_ns = p.wire_in - p.wire_out
 
 
 def quantiles(values: list[float]) -> dict:
@@ -189,8 +260,10 @@ def quantiles(values: list[float]) -> dict:
 
 
 def summarize(run: Run) -> dict:
-    """Median and p99 of each quantity; bias is compared quantile by quantile."""
+    """Median and p99 of each quantity; bias is compared quantile by quantile, with the
+    host's native RTT (the device segment) or the RTT on the wire (the socket segment)."""
     m = run.matched
+    socket_segment = run.segment == "socket"
     rows = {
         "container RTT (raw)": quantiles([p.rtt_ns for p in run.probes]),
         "mace egress expense": quantiles([p.egress_ns for p in m]),
@@ -198,18 +271,23 @@ def summarize(run: Run) -> dict:
         "corrected RTT": quantiles([p.corrected_ns for p in m]),
         "native RTT (host)": quantiles(run.native_ns),
     }
-    native = rows["native RTT (host)"]
+    ref = rows["native RTT (host)"]
+    if socket_segment:
+        rows["wire RTT (uplink capture)"] = quantiles([p.wire_ns for p in m if p.wire_ns is not None])
+        ref = rows["wire RTT (uplink capture)"]
     for name, q in (("raw bias", rows["container RTT (raw)"]), ("remaining bias", rows["corrected RTT"])):
-        rows[name] = {k: (q[k] - native[k]) if q[k] is not None and native[k] is not None else None
+        rows[name] = {k: (q[k] - ref[k]) if q[k] is not None and ref[k] is not None else None
                       for k in ("median", "p99")}
-    return {"rows": rows, "probes": len(run.probes), "matched": len(m), "colocated": run.colocated}
+    return {"rows": rows, "probes": len(run.probes), "matched": len(m), "colocated": run.colocated,
+            "segment": run.segment}
 
 
 def render(summary: dict, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"mace demo: {summary['probes']} pings from a container, "
-                    f"{summary['colocated']} co-located flooding container(s)",
+    socket_segment = summary.get("segment") == "socket"
+    t = Table(title=f"mace demo ({summary.get('segment', 'device')} segment): {summary['probes']} "
+                    f"pings from a container, {summary['colocated']} co-located flooding container(s)",
               title_justify="left")
     t.add_column("")
     t.add_column("median µs", justify="right")
@@ -220,21 +298,29 @@ def render(summary: dict, console) -> None:
         style = "bold" if name in ("corrected RTT", "remaining bias") else None
         t.add_row(name, fmt(q["median"]), fmt(q["p99"]), style=style)
     console.print(t)
+    versus = "the RTT on the wire (the same probes on the uplink)" if socket_segment else "native"
     console.print(f"{summary['matched']} of {summary['probes']} probes matched with an egress and "
                   "an ingress report. corrected = container RTT - egress - ingress, per probe; "
-                  "bias = corrected (or raw) minus native, quantile by quantile.")
+                  f"bias = corrected (or raw) minus {versus}, quantile by quantile."
+                  + (" The pings time from user space to user space (ping -U): the socket "
+                     "segment ends when the receive call returns." if socket_segment else ""))
 
 
-def main(count: int, interval: float, colocated: int, console=None) -> int:
+def main(count: int, interval: float, colocated: int, console=None, segment: str = "device") -> int:
+    import tempfile
+
     from rich.console import Console
 
     console = console or Console()
     need_ping()
-    with Testbed(containers_n=1 + colocated, masquerade=True) as tb:
+    socket_segment = segment == "socket"
+    with Testbed(containers_n=1 + colocated, masquerade=True, cgroups=socket_segment) as tb, \
+            tempfile.TemporaryDirectory(prefix="mace-demo-") as tmp:
         # one ping first: ARP and the first packet's connection tracking are not the topic
         tb.run(tb.containers[0].ns, ["ping", "-n", "-c", "2", "-i", "0.2", tb.peer_ip], timeout=10)
         tb.run(tb.host_ns, ["ping", "-n", "-c", "2", "-i", "0.2", tb.peer_ip], timeout=10)
-        run = measure(tb, count=count, interval=interval, colocated=colocated,
+        run = measure(tb, count=count, interval=interval, colocated=colocated, segment=segment,
+                      wire=os.path.join(tmp, "uplink.pcap") if socket_segment else None,
                       warn=lambda line: print(line, file=sys.stderr, flush=True))
     render(summarize(run), console)
     return 0

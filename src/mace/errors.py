@@ -94,11 +94,16 @@ class NoContainerNetwork(MaceError):
     exit_code = 15
 
 
+class NoOwnCgroup(MaceError):
+    """No cgroup of its own: the socket segment follows a container's processes by it."""
+    exit_code = 16
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in
               (MaceError, UsageError, PermissionProblem, TracefsError, TracepointMissing,
                TargetNotFound, TopologyError, UplinkMissing, ResourceError, ServiceUnreachable,
                ServiceRefused, RuntimeUnavailable, ContainerNotFound, ContainerNotRunning,
-               NoContainerNetwork)}
+               NoContainerNetwork, NoOwnCgroup)}
 
 
 def meaning(name: str) -> str:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from mace.capture.perf import GLOB_CHARS, Probe
 from mace.correlate import _correlate
+from mace.defaults import SEGMENTS
 
 XMIT = "net:net_dev_start_xmit"
 RECV = "net:netif_receive_skb"
@@ -53,6 +54,10 @@ RX = "net:netif_rx_entry"      # netif_rx with the protocol: the veth start must
 QUEUE = "net:net_dev_queue"
 FREE = "skb:kfree_skb"
 ROUTE = "fib:fib_table_lookup"
+READY = "sock:sk_data_ready"
+RECEIVED = "sock:sock_recv_length"
+AF_INET, AF_INET6 = 2, 10
+STREAMS = (6, 132, 262)        # TCP, SCTP, MPTCP: their receives take bytes, not packets
 LOOPBACK_IFINDEX = 1        # the input of every output route lookup (ip_route_output_key_hash)
 
 # Filters name veths one by one up to this many, then by a prefix they share (veth_prefixes);
@@ -63,6 +68,14 @@ PREFIX_KEY = 3
 # report hop slots (the correlator's HOP_SLOTS per direction)
 EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "route", "uplink queue")
 INGRESS_HOPS = ("route", "bridge", "veth", "container rx")
+# the socket segment: egress's first slot is the container's own stack (the send call to
+# its veth); ingress goes on past the container's device to its socket
+SOCKET_INGRESS_HOPS = (*INGRESS_HOPS, "container receive")
+
+
+def hop_names(segment: str = "device") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The hop slots of each direction's reports."""
+    return EGRESS_HOPS, SOCKET_INGRESS_HOPS if segment == "socket" else INGRESS_HOPS
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,7 @@ class ContainerPath:
     inner: str               # its device inside the container, e.g. eth0
     veth: str                # the host-side peer of that device (unique on the host)
     bridge: str | None = None
+    cgroup: str | None = None  # its processes' cgroup (v2 directory): the socket segment's
 
 
 @dataclass
@@ -94,11 +108,22 @@ class Plan:
     # the host's interface index of each uplink (uplinks order): what tells the forward
     # route lookups of the containers' packets from the host's own (see probes)
     uplink_indexes: tuple[int, ...] = ()
+    # "device" (between the container's device and the uplink) or "socket" (MACE's: from
+    # its process's send call to the uplink's transmit, and back to its receive call)
+    segment: str = "device"
     devices: list[str | None] = field(init=False)
 
     def __post_init__(self):
         if not self.active:
             raise ValueError("a plan needs at least one container")
+        if self.segment not in SEGMENTS:
+            raise ValueError(f"segment {self.segment!r}: one of {', '.join(SEGMENTS)}")
+        if self.socket:
+            if not self.start_at_veth:
+                raise ValueError("the socket segment starts egress at the veth (start_at_veth)")
+            for _, c in self.active:
+                if not c.cgroup:
+                    raise ValueError(f"{c.label}: the socket segment needs its cgroup")
         veths = [c.veth for _, c in self.active]
         if len(set(veths)) != len(veths):
             raise ValueError("two containers share a host-side veth")
@@ -133,10 +158,19 @@ class Plan:
     def inner_names(self) -> list[str]:
         return list(dict.fromkeys(c.inner for _, c in self.active))
 
+    @property
+    def socket(self) -> bool:
+        return self.segment == "socket"
+
+    @property
+    def cgroups(self) -> tuple[str, ...]:
+        """The containers' cgroups (the socket segment's events are bound to them)."""
+        return tuple(dict.fromkeys(c.cgroup for _, c in self.active if c.cgroup))
+
     def same_shape(self, other: Plan) -> bool:
         """Whether `other` traces the same tracepoints the same way (only containers differ)."""
-        return ((self.uplinks, self.hops, self.end_at_queue, self.start_at_veth)
-                == (other.uplinks, other.hops, other.end_at_queue, other.start_at_veth))
+        return ((self.uplinks, self.hops, self.end_at_queue, self.start_at_veth, self.segment)
+                == (other.uplinks, other.hops, other.end_at_queue, other.start_at_veth, other.segment))
 
     def rebased(self, previous: Plan) -> Plan:
         """This plan with the device slots of `previous` kept where the name is still
@@ -152,7 +186,7 @@ class Plan:
             else:
                 slots.append(name)
         out = Plan(list(self.containers), self.uplink, self.hops, self.end_at_queue, self.start_at_veth,
-                   self.extra_uplinks, self.uplink_indexes)
+                   self.extra_uplinks, self.uplink_indexes, self.segment)
         out.devices = slots
         return out
 
@@ -179,7 +213,26 @@ class Plan:
             probes.append(self._probe(RX, veths + (inner if self.hops else ())))
         if self.route:
             probes.append(self.route_probe())
+        if self.socket:
+            probes += self.socket_probes()
         return probes
+
+    def socket_probes(self) -> list[Probe]:
+        """The socket segment's events: each traced container's send calls (entry and exit)
+        and receive calls, bound to its cgroup, so no other process's calls are sampled; and
+        every socket's data_ready (it runs in whatever context receives the packet, so it
+        cannot be bound: an IPv4 or IPv6 socket's)."""
+        cgroups = self.cgroups
+        calls = [Probe(f"syscalls:sys_{way}_{c}", cgroups=cgroups)
+                 for way in ("enter", "exit") for c in _correlate.SEND_CALLS]
+        # Streams are not paired (a receive takes bytes, not a packet): neither their
+        # data_ready (every TCP segment the host receives, for any socket) nor their
+        # receives are sampled, nor those of unix and netlink sockets.  A container's packet
+        # that went to a stream is unpaired when its call chain ends without a data_ready.
+        datagrams = (f"(family == {AF_INET} || family == {AF_INET6}) && "
+                     + " && ".join(f"protocol != {p}" for p in STREAMS))
+        return [*calls, Probe(READY, condition=datagrams),
+                Probe(RECEIVED, cgroups=cgroups, condition=datagrams)]
 
     @property
     def route(self) -> bool:
@@ -249,7 +302,7 @@ class Plan:
             max_age_ns=max_age_ns, hops=self.hops,
             bridge=bool(self.bridges) if bridge is None else bridge,
             end_at_queue=self.end_at_queue, ncpu=ncpu, report_cap=report_cap,
-            veth_start=self.start_at_veth, route=self.route)
+            veth_start=self.start_at_veth, route=self.route, socket=self.socket)
 
     def samples_per_packet(self) -> dict[str, int]:
         """By direction, the events of one reported packet's chain (see the module's table):
@@ -257,6 +310,7 @@ class Plan:
         bridge = bool(self.bridges)
         veth_start = getattr(self, "start_at_veth", False)
         route = getattr(self, "route", False)
+        socket = getattr(self, "socket", False)
         egress = (0 if veth_start else 1)                   # xmit inner
         egress += 1 if self.hops or veth_start else 0       # netif_rx veth
         egress += 1 + (self.hops and bridge)                # receive veth, receive bridge
@@ -264,6 +318,9 @@ class Plan:
         egress += 1 + (not self.end_at_queue)               # queue uplink, xmit uplink
         # receive uplink, route, xmit bridge, xmit veth, netif_rx inner, receive inner
         ingress = 1 + route + (self.hops and bridge) + 1 + self.hops + 1
+        # the socket segment: the send call's entry and exit; data_ready and the receive
+        egress += 2 * socket
+        ingress += 2 * socket
         return {"egress": int(egress), "ingress": int(ingress)}
 
 
@@ -302,9 +359,11 @@ def _free_condition(formats: dict | None) -> str | None:
     return None if no_socket is None else f"reason != {no_socket}"
 
 
-def tracepoints(hops: bool) -> list[str]:
+def tracepoints(hops: bool, socket: bool = False) -> list[str]:
     """Every tracepoint a plan may open."""
-    return [XMIT, RECV, QUEUE, FREE, RX, *((ROUTE,) if hops else ())]
+    calls = [f"syscalls:sys_{way}_{c}" for way in ("enter", "exit") for c in _correlate.SEND_CALLS]
+    return [XMIT, RECV, QUEUE, FREE, RX, *((ROUTE,) if hops else ()),
+            *((*calls, READY, RECEIVED) if socket else ())]
 
 
 def _unique(names) -> tuple[str, ...]:

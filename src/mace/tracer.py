@@ -62,7 +62,7 @@ class Tracer:
     def open(self, *, bridge: bool | None = None) -> Tracer:
         """Open the events (disabled), and find the other tracers of the same tracepoints
         (`other_tracers`, see mace.capture.others).  bridge: see Plan.correlator."""
-        tps = tracepoints(self.plan.hops)
+        tps = tracepoints(self.plan.hops, self.plan.socket)
         # one read of tracefs (a private mount, a child process, when it is not mounted)
         # for the layouts and for whether ftrace records the same tracepoints
         formats, enable = read_formats_with(tps, others.enable_paths(tps))

@@ -183,3 +183,15 @@ def test_format_benchmark_quick(tmp_path):
     assert live["reports"] > 100 and live["dropped"] == 0
     # the reader drained what was queued while it was away: every report, none dropped
     assert backlog["queued"] > 100 and backlog["reports"] == backlog["queued"] and backlog["dropped"] == 0
+
+
+def test_socket_benchmark_quick(tmp_path):
+    res = run_quick("socket", tmp_path)
+    assert [lv["colocated"] for lv in res["levels"]] == [0, 1]
+    for lv in res["levels"]:
+        assert lv["errors"] == [] and lv["matched"] > 0, lv
+        st = lv["stats"]
+        # every statistic has its rounds, and the capture's tap sits before mace's end
+        assert all(st[k] is not None for k in ("bias", "raw_bias", "tap", "perturbation")), st
+        assert st["tap"]["median"] > 0
+        assert all(lv["coverage"][d]["coverage"] == 1.0 for d in ("egress", "ingress")), lv["coverage"]

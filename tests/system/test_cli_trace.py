@@ -32,8 +32,8 @@ MACE_LINE = r"\[\d+\.\d{6}\] \(\d+\) (egress|ingress): \d+"
 MACE_RE = re.compile(rf"^{MACE_LINE}$")
 MACE_PARSE = re.compile(r"^(?:(?P<target>\S+) )?\[(?P<ts>\d+\.\d{6})\] \((?P<seq>\d+)\) "
                         r"(?P<dir>egress|ingress): (?P<lat>\d+)$")
-JSONL_KEYS = {"ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"}
-CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
+JSONL_KEYS = {"ts", "netns", "target", "container", "segment", "dir", "seq", "latency_ns", "len", "cpu"}
+CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "segment", "dir", "seq", "latency_ns",
               "len", "cpu"]
 EGRESS_HOPS = ("veth rx", "veth backlog", "bridge", "route", "uplink queue")
 INGRESS_HOPS = ("route", "bridge", "veth", "container rx")
@@ -204,6 +204,7 @@ def parse(fmt: str, lines: list[str], labels: list[str], *, hops=False) -> list[
             obj = json.loads(line)
             assert set(obj) == JSONL_KEYS | ({"hops"} if hops else set()), obj
             assert isinstance(obj["ts"], float) and isinstance(obj["cpu"], int), obj
+            assert obj["segment"] == "device", obj
             r = {"target": obj["target"], "ts": obj["ts"], "seq": obj["seq"], "dir": obj["dir"],
                  "latency": obj["latency_ns"], "len": obj["len"], "netns": obj["netns"],
                  "cpu": obj["cpu"]}
@@ -221,6 +222,7 @@ def parse(fmt: str, lines: list[str], labels: list[str], *, hops=False) -> list[
             cell = dict(zip(rows[0], row, strict=True))
             # a namespace, not a runtime's container (nor a pod)
             assert cell["container"] == cell["pod"] == cell["k8s_namespace"] == "", row
+            assert cell["segment"] == "device", row
             r = {"ts": float(cell["ts"]), "netns": int(cell["netns"]), "target": cell["target"],
                  "dir": cell["dir"], "seq": int(cell["seq"]), "latency": int(cell["latency_ns"]),
                  "len": int(cell["len"]), "cpu": int(cell["cpu"])}

@@ -8,7 +8,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import resolve_peer
+from helpers import resolve_peer, trace_while
 
 from mace.output.report import coverage
 from mace.plan import ContainerPath, Plan
@@ -20,23 +20,6 @@ COUNTERS = ("reports", "local", "dropped", "orphans", "expired", "evicted", "rej
 def plan_for(tb, indices=None, **kw) -> Plan:
     cs = [tb.containers[i] for i in (indices if indices is not None else range(len(tb.containers)))]
     return Plan([ContainerPath(c.ns, c.inner, c.veth, tb.bridge) for c in cs], tb.uplink, **kw)
-
-
-def trace_while(plan, start, **kw):
-    """Trace while the processes `start()` returns run; returns (reports, stats, procs)."""
-    reports = []
-    with Tracer(plan, **kw) as tr:
-        tr.start()
-        procs = start()
-        deadline = time.monotonic() + 120
-        tr.run(until=lambda: all(p.poll() is not None for p in procs) or time.monotonic() > deadline,
-               on_reports=reports.extend)
-        time.sleep(0.02)            # the last replies' backlog processing
-        reports += tr.stop()
-        stats = tr.stats()
-    for p in procs:
-        assert p.wait(timeout=5) == 0, p.args
-    return reports, stats, procs
 
 
 def rtts_by_seq(text: str) -> dict[int, float]:

@@ -21,9 +21,11 @@ from runtimes import (
     UPLINK,
     Session,
     Trace,
+    busybox_ping,
     links,
     names_container,
     resolve_peer,
+    run,
     trace_once,
 )
 
@@ -214,6 +216,31 @@ def restart_is_followed(rt, mace, tmp_path) -> None:
     assert {r["target"]: {d: r[d]["count"] for d in ("egress", "ingress")} for r in rows} == want, rows
 
 
+def socket_segment_by_name(rt, mace) -> None:
+    """--segment socket on a container named by its runtime: the runtime's own cgroup of the
+    container is found, and a ping the runtime execs in it (which joins that cgroup) gives a
+    report per echo each way, from its send call and to its receive call; a ping from the
+    host's cgroup into the same network namespace is not sampled."""
+    name = "sock"
+    rt.container(name)
+    inode = rt.sandbox(name)
+    resolve_peer()
+    rt.exec_ping(name, 1)           # the container's gateway resolved (README: Limits)
+    t = mace("--netns", f"{rt.name}:{name}", *common(rt), "--segment", "socket",
+             "--count", 2 * N, "--duration", 60, "-f", "jsonl")
+    assert set(discovered(t.ready(1))) == {inode}
+    # first a ping in its network namespace from the host's cgroup: its packets cross the
+    # veth, its calls are no container process's (had they been reported, --count would
+    # end the trace before the container's pings are all in)
+    host = run(["nsenter", "-t", str(rt.pid(name)), "-n", *busybox_ping(3, "0.05")], check=False, timeout=30)
+    assert host.returncode == 0, host.stdout + host.stderr
+    rt.exec_ping(name, N)
+    assert t.finish(WAIT) == 0, t.text()
+    reports = t.reports()
+    assert {r["segment"] for r in reports} == {"socket"}, reports
+    assert_complete(reports, name, inode)
+
+
 # -- Docker ---------------------------------------------------------------------------------
 
 def test_docker_containers_by_name_on_two_networks(docker, mace):
@@ -240,6 +267,10 @@ def test_docker_container_by_id_prefix(docker, mace):
     assert len(reports) == 2 * N and {r["netns"] for r in reports} == {inode}, reports
     # named by the container's name, not by the id prefix it was asked by
     assert all(names_container(r, "byid") for r in reports), reports
+
+
+def test_docker_container_by_name_with_the_socket_segment(docker, mace):
+    socket_segment_by_name(docker, mace)
 
 
 def test_docker_container_stopped_mid_trace(docker, mace):
@@ -283,6 +314,10 @@ def test_podman_containers_by_name(podman, mace):
     for c in ("p1", "p2", "p3"):
         podman.container(c)
     traced_by_name(podman, mace, {"p1": PODMAN_BRIDGE, "p2": PODMAN_BRIDGE}, untraced=("p3",))
+
+
+def test_podman_container_by_name_with_the_socket_segment(podman, mace):
+    socket_segment_by_name(podman, mace)
 
 
 def test_podman_container_stopped_mid_trace(podman, mace):

@@ -22,7 +22,7 @@ from pyroute2 import netns
 # a client inside a container: uid 0 (the test tree is root's), but no capability at all
 NOPRIV = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 SETTLE = 0.4            # reports go through a 2 ms reorder window and a 200 ms poll
-REPORT_KEYS = {"ts", "netns", "target", "container", "dir", "seq", "latency_ns", "len", "cpu"}
+REPORT_KEYS = {"ts", "netns", "target", "container", "segment", "dir", "seq", "latency_ns", "len", "cpu"}
 ECHO_LEN = 20 + 8 + 56  # IPv4 + ICMP headers + ping's default payload
 MACE_LINE = re.compile(r"^\[(\d+)\.(\d{6})\] \((\d+)\) (egress|ingress): (\d+)$")
 PERF = "anon_inode:[perf_event]"
@@ -314,10 +314,10 @@ def reports_of(lines) -> list[dict]:
     return [json.loads(line) for line in lines if not line.startswith('{"v":')]
 
 
-def check_reports(reports, inode, n, *, first=1, window=None, context=None):
+def check_reports(reports, inode, n, *, first=1, window=None, context=None, segment="device"):
     """Exactly n reports each way, all of namespace `inode`, seq first..first+n-1."""
     for r in reports:
-        assert set(r) == REPORT_KEYS, r
+        assert set(r) == REPORT_KEYS and r["segment"] == segment, r
         assert r["netns"] == inode and r["target"] == f"netns:{inode}", (inode, r)
         assert r["latency_ns"] > 0 and r["len"] == ECHO_LEN, r
         assert 0 <= r["cpu"] < os.cpu_count(), r
@@ -1009,3 +1009,37 @@ def test_first_packets_of_two_containers_behind_one_arp(bed, tmp_path):
             for x, inode in (("A", ia), ("B", ib))}
     assert {x: sorted(v) for x, v in got.items()} == {x: sorted(v) for x, v in want.items()}, \
         f"status counters (reports, crossed, missed): {counters}"
+
+
+def test_the_socket_segment_through_the_service(testbed_factory, tmp_path):
+    """`mace serve --segment socket`: a container measures itself from its ping's send call to
+    the uplink's driver and back to its receive call; one without a cgroup of its own is
+    refused with the reason, and nothing of it is traced."""
+    tb = testbed_factory(containers_n=2, cgroups=True)
+    warm(tb)
+    sock = run_dir(tmp_path)
+    a, b = tb.containers
+    ia = inode_of(tb, a)
+    svc = Service(tb, sock, "--segment", "socket").ready()
+    enable(tb, a, sock)
+    # b's processes (a sleep, the client) run in the host's cgroup (the test's, the
+    # service's): b has none of its own
+    in_b = ["nsenter", f"--net={tb.ns_path(b.ns)}", "--"]
+    alone = subprocess.Popen([*in_b, "sleep", "60"])
+    try:
+        r = subprocess.run([*in_b, *NOPRIV, sys.executable, "-m", "mace", "on", "--socket", sock],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        alone.kill()
+        alone.wait()
+    one_line_error(r, 7, "cgroup")
+    assert status_json(tb, a, sock)["state"] == "enabled"
+    t0 = time.time()
+    ok(tb.run(a.ns, ["ping", "-n", "-q", "-U", "-c", "10", "-i", "0.02", tb.peer_ip], timeout=30))
+    time.sleep(SETTLE)
+    rd = ok(mace_client(tb, a, sock, "read", "-f", "jsonl"))
+    check_reports([json.loads(line) for line in rd.stdout.splitlines()], ia, 10,
+                  window=(t0, time.time()), segment="socket")
+    st = status_json(tb, a, sock)
+    assert st["egress"]["reports"] == st["ingress"]["reports"] == 10, st
+    assert svc.stop() == 0, svc.text()

@@ -18,6 +18,7 @@ from helpers import Lines, finish, need_tool, ping, with_tracefs
 from mace.capture import others
 from mace.plan import tracepoints
 from mace.targets.netns import discover, resolve
+from mace.testing.testbed import interrupt
 
 N = 10                      # pings per run
 RING = ("--ring-pages", "1024")     # headroom against other tests' eth0 traffic
@@ -113,16 +114,6 @@ def test_summary_gives_the_observers_cost(testbed, run_mace, tmp_path):
                                               round(cost["ingress"] / 1000, 1))
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_a_bpftrace_script_on_a_traced_tracepoint_is_named_at_start_and_in_the_summary(
         testbed, run_mace, tmp_path):
     bpftrace = need_tool("bpftrace")
@@ -140,7 +131,7 @@ def test_a_bpftrace_script_on_a_traced_tracepoint_is_named_at_start_and_in_the_s
         m = run_mace("--netns", c.ns, "--no-tui", "--duration", 1, "--summary-json", path, *RING)
         assert m.finish() == 0, m.err.text()
     finally:
-        _stop(bt)
+        interrupt(bt, 10)
     err = m.err.lines
     who = f"PID {bt.pid} (bpftrace)"
     warned = [i for i, x in enumerate(err) if x.startswith("mace: warning: ") and who in x]

@@ -68,7 +68,8 @@ def test_live_view_shows_both_containers_and_quits_on_q(testbed_factory):
         text = ANSI.sub("", screen)
         assert ok, text[-3000:]
         # egress ends at the uplink's queue by default: its qdisc is no segment of the panel
-        assert "where the time goes" in text and "routing/NAT" in text and "uplink qdisc" not in text
+        assert "where the time goes" in text and "uplink qdisc" not in text
+        assert "prerouting, route" in text and "forward, postrouting" in text
         assert re.search(r"events [\d,]+/s · lost 0", text), text[-1500:]
         assert "100.0%" in text
         os.write(fd, b"q")

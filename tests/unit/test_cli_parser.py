@@ -76,9 +76,24 @@ def test_serve_uplink_is_repeatable_like_traces():
 def test_trace_defaults():
     a = cli.build_parser().parse_args(["trace", "--netns", "web"])
     assert a.format is None and a.output is None and a.duration is None and a.count is None
-    # egress ends where native traffic joins the path: the uplink's qdisc is not isolation
-    assert not a.hops and a.end_at_queue and a.tui is None and a.ring_pages is None
+    assert not a.hops and a.tui is None and a.ring_pages is None and a.segment == "device"
     assert a.max_age == 1000 and a.table_size >= 2 and a.table_size & (a.table_size - 1) == 0
+    # egress ends where native traffic joins the path: the uplink's qdisc is not isolation
+    cli._check_tracer_options(a)
+    assert a.end_at_queue is True
+
+
+def test_each_segment_has_its_own_end_unless_one_is_asked_for():
+    p = cli.build_parser()
+    # the socket segment compares with a capture on the uplink: MACE's end, the driver
+    for argv, end in ((["--segment", "socket"], False), (["--segment", "socket", "--end-at-queue"], True),
+                      (["--end-at-xmit"], False)):
+        a = p.parse_args(["trace", "--netns", "web", *argv])
+        cli._check_tracer_options(a)
+        assert a.end_at_queue is end, argv
+    a = p.parse_args(["trace", "--netns", "web", "--segment", "socket", "--start-at-inner"])
+    with pytest.raises(cli.UsageError, match="start-at-inner"):
+        cli._check_tracer_options(a)
 
 
 def test_end_at_queue_and_end_at_xmit_exclude_each_other(capsys):

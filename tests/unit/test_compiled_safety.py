@@ -270,7 +270,10 @@ def test_reference_takes_its_constants_from_the_compiled_module():
     assert {"net:net_dev_start_xmit": reference.T_XMIT, "net:netif_receive_skb": reference.T_RECV,
             "net:netif_rx": reference.T_RX, "net:netif_rx_entry": reference.T_RX,
             "net:net_dev_queue": reference.T_QUEUE,
-            "skb:kfree_skb": reference.T_FREE, "fib:fib_table_lookup": reference.T_ROUTE} == _correlate.TYPES
+            "skb:kfree_skb": reference.T_FREE, "fib:fib_table_lookup": reference.T_ROUTE,
+            **{f"syscalls:sys_enter_{c}": reference.T_CALL for c in _correlate.SEND_CALLS},
+            **{f"syscalls:sys_exit_{c}": reference.T_RETURN for c in _correlate.SEND_CALLS},
+            "sock:sk_data_ready": reference.T_READY, "sock:sock_recv_length": reference.T_RECEIVED} == _correlate.TYPES
     assert {"inner": reference.C_INNER, "veth": reference.C_VETH, "bridge": reference.C_BRIDGE,
             "uplink": reference.C_UPLINK} == _correlate.CLASSES
 

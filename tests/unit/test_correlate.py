@@ -69,8 +69,9 @@ def worlds(draw, max_cpus: int = 4) -> World:
         on_bridge = bridged and draw(st.integers(0, 4)) > 0
         mon = i if i < n_mon else None
         boxes.append(Box(f"m{i}v0" if mon is not None else f"u{i}v0", BRIDGE if on_bridge else None, mon))
+    veth = draw(st.booleans())
     plan = make_plan(boxes, hops=draw(st.booleans()), end_at_queue=draw(st.booleans()),
-                     start_at_veth=draw(st.booleans()))
+                     start_at_veth=veth, socket=veth and draw(st.booleans()))
     cpus = sorted(draw(st.permutations(range(NCPU)))[:draw(st.integers(1, max_cpus))])
     npool = draw(st.integers(4, 16))
     slots = random.Random(draw(st.integers(0, 2**32 - 1))).sample(range(256), npool)
@@ -142,7 +143,7 @@ def reference(plan: Plan, *, max_age: int, explain=None) -> ReferenceCorrelator:
     return ReferenceCorrelator(kinds, classes, owner, plan.inner_slots(), max_age_ns=max_age,
                                hops=plan.hops, bridge=bool(plan.bridges),
                                end_at_queue=plan.end_at_queue, veth_start=plan.start_at_veth,
-                               route=plan.route, explain=explain)
+                               route=plan.route, socket=plan.socket, explain=explain)
 
 
 def run_reference(plan: Plan, events, *, max_age: int, explain=None) -> Outcome:
@@ -150,7 +151,7 @@ def run_reference(plan: Plan, events, *, max_age: int, explain=None) -> Outcome:
     ref.feed(events)
     in_flight = ref.finish()
     reports = [Report(r.container, r.dir, r.seq, r.t0, r.latency, r.len, r.cpu,
-                      tuple(h or None for h in r.hops[:_correlate.HOP_SLOTS[r.dir]]))
+                      tuple(h or None for h in r.hops))
                for r in ref.reports]
     counts = [{DIRS[d]: dict(per[d]) for d in (0, 1)} for per in ref.count]
     return Outcome(reports, counts, in_flight, {g: ref.glob.get(g, 0) for g in GLOBALS},
@@ -1137,3 +1138,199 @@ def test_an_ipv4_sized_solicitation_does_not_park_an_ipv6_packet():
     out = correlate(s)
     assert out.reports == [] and out.glob["parked"] == 0
     assert counts(out, 0, "egress", "crossed", "local") == (1, 1)
+
+
+# -- the socket segment -----------------------------------------------------------------------
+
+SK = 0xFFFF8881_3A000800        # a socket of container 0
+SOCKET_PLAN = dict(hops=False, end_at_queue=False, start_at_veth=True, socket=True)
+
+
+def socket_egress(s: Script, skb, *, flags=0, call=True) -> tuple[int, int]:
+    t_call = s("call", "m0v0", 0, 0, cpu=0, tid=7) if call else None
+    t_rx = s("rx", "m0v0", skb, 84, cpu=0, tid=7, flags=flags)
+    if call:
+        s("return", "m0v0", 0, 0, cpu=0, tid=7)
+    s("recv", "m0v0", skb, 84, cpu=1, tid=9, flags=SOFTIRQ)
+    s("queue", UPLINK, skb, 98, cpu=1, tid=9, flags=SOFTIRQ)
+    end = s("xmit", UPLINK, skb, 98, cpu=1, tid=9, flags=SOFTIRQ)
+    return (t_call if call else t_rx), end
+
+
+def socket_ingress(s: Script, skb, *, proto=1, sk=SK, L=84, **kw) -> int:
+    t0 = s("recv", UPLINK, skb, L, cpu=1, tid=9, flags=SOFTIRQ, **kw)
+    s("xmit", "m0v0", skb, L + ETH_HLEN, cpu=1, tid=9, flags=SOFTIRQ)
+    s("recv", INNER, skb, L, cpu=1, tid=9, flags=SOFTIRQ)
+    s("ready", None, sk, 0, proto=proto, cpu=1, tid=9, flags=SOFTIRQ)
+    return t0
+
+
+def test_socket_egress_starts_at_the_send_call_of_the_thread_that_hands_it_over():
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    t0, end = socket_egress(s, A)
+    socket_egress(s, B, flags=SOFTIRQ)          # on that thread, but in a softirq: not its send
+    socket_egress(s, C, call=False)             # no send call in progress (a retransmission)
+    out = correlate(s)
+    (r,) = out.reports
+    assert (r.dir, r.t0, r.latency) == (EGRESS, t0, end - t0)
+    assert r.hops[0] == 100                     # the container's own stack: call to veth
+    assert counts(out, 0, "egress", "crossed", "reports", "unpaired") == (3, 1, 2)
+
+
+def test_socket_ingress_ends_at_the_receive_call_that_takes_the_packet():
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    t0 = socket_ingress(s, A)
+    s("recvmsg", "m0v0", SK, 84, proto=2, cpu=0, tid=7)                 # a peek: it stays queued
+    s("recvmsg", "m0v0", SK, -11 & 0xFFFFFFFF, cpu=0, tid=7)            # EAGAIN
+    end = s("recvmsg", "m0v0", SK, 84, cpu=0, tid=7)                    # raw socket: the IP packet
+    out = correlate(s)
+    (r,) = out.reports
+    assert (r.dir, r.t0, r.latency, r.cpu) == (INGRESS, t0, end - t0, 0)
+    assert r.hops[-1] == 200                    # the container's device received it
+    assert counts(out, 0, "ingress", "reports", "unpaired") == (1, 0)
+
+
+def test_socket_ingress_pairs_in_queue_order_and_by_the_payload_length():
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    socket_ingress(s, A)
+    socket_ingress(s, B)
+    socket_ingress(s, C, proto=6)                           # a stream's: not paired
+    s("recvmsg", "m0v0", SK, 64, cpu=0, tid=7)              # an ICMP socket: without the IP header
+    s("recvmsg", "m0v0", SK, 77, cpu=0, tid=7)              # no datagram of 84 bytes gives 77
+    s("recvmsg", "m0v0", SK, 64, cpu=0, tid=7)              # nothing queued any more
+    out = correlate(s)
+    assert len(out.reports) == 1
+    assert counts(out, 0, "ingress", "crossed", "reports", "unpaired") == (3, 1, 2)
+    assert out.glob["recv_unpaired"] == 1
+
+
+def test_a_packet_no_process_reads_is_unpaired_when_it_expires():
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    socket_ingress(s, A)
+    s("recv", UPLINK, B, 84, cpu=1, tid=9, flags=SOFTIRQ, dt=50_000)     # time goes on
+    out = correlate(s, max_age=20_000)
+    assert out.reports == [] and counts(out, 0, "ingress", "unpaired") == (1,)
+    assert out.glob["sock_unclaimed"] == 0
+
+
+def test_data_ready_of_a_socket_with_no_packet_of_ours_pending_is_counted():
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    s("ready", None, SK + 0x40, 0, proto=17, cpu=0, tid=3)
+    out = correlate(s)
+    assert out.glob["sock_unclaimed"] == 1 and out.reports == []
+
+
+def test_a_packet_we_cannot_tell_keeps_its_place_in_the_sockets_queue():
+    # A's entry expired on its way (so its data_ready claims nothing), B is claimed: A's
+    # receive takes A, not B, and B's the next
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    s("recv", UPLINK, A, 84, cpu=1, tid=9, flags=SOFTIRQ)
+    s("xmit", "m0v0", A, 98, cpu=1, tid=9, flags=SOFTIRQ)
+    s("recv", INNER, A, 84, cpu=1, tid=9, flags=SOFTIRQ, dt=50_000)     # A expired here
+    s("ready", None, SK, 0, proto=1, cpu=1, tid=9, flags=SOFTIRQ)
+    t0 = socket_ingress(s, B)
+    s("recvmsg", "m0v0", SK, 64, cpu=0, tid=7)                          # takes A
+    end = s("recvmsg", "m0v0", SK, 64, cpu=0, tid=7)                    # takes B
+    out = correlate(s, max_age=20_000)
+    assert [(r.t0, r.latency) for r in out.reports] == [(t0, end - t0)]
+    assert out.glob["sock_unclaimed"] == 1 and out.glob["recv_unpaired"] == 1
+    assert counts(out, 0, "ingress", "expired") == (1,)
+
+
+def test_a_packet_the_container_received_for_no_socket_is_unpaired_when_its_address_returns():
+    # no socket takes A (freed for want of one, which is not sampled); its address comes back
+    # with the next packet on the same CPU
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    s("recv", UPLINK, A, 84, cpu=1, tid=9, flags=SOFTIRQ)
+    s("xmit", "m0v0", A, 98, cpu=1, tid=9, flags=SOFTIRQ)
+    s("recv", INNER, A, 84, cpu=1, tid=9, flags=SOFTIRQ)
+    t0 = socket_ingress(s, A)
+    end = s("recvmsg", "m0v0", SK, 64, cpu=0, tid=7)
+    out = correlate(s)
+    assert [(r.t0, r.latency) for r in out.reports] == [(t0, end - t0)]
+    assert counts(out, 0, "ingress", "crossed", "reports", "unpaired", "rejected") == (2, 1, 1, 0)
+
+
+def test_a_packet_no_datagram_socket_takes_is_unpaired_when_its_chain_ends_or_expires():
+    # A (a TCP segment: its data_ready is not sampled) is followed by another event on its
+    # CPU; B's CPU goes idle after it, and B expires
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    for skb, cpu in ((A, 1), (B, 0)):
+        s("recv", UPLINK, skb, 84, cpu=cpu, tid=9, flags=SOFTIRQ)
+        s("xmit", "m0v0", skb, 98, cpu=cpu, tid=9, flags=SOFTIRQ)
+        s("recv", INNER, skb, 84, cpu=cpu, tid=9, flags=SOFTIRQ)
+    s("rx", "m0v0", C, 52, cpu=1, tid=9, flags=SOFTIRQ)             # A's chain sends its ACK
+    s("recv", UPLINK, D, 84, cpu=1, tid=9, flags=SOFTIRQ, dt=50_000)
+    out = correlate(s, max_age=20_000)
+    assert out.reports == []
+    assert counts(out, 0, "ingress", "crossed", "unpaired", "expired") == (2, 2, 0)
+
+
+def test_udp_and_ipv6_payloads_pair_by_what_follows_their_headers():
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    t = [socket_ingress(s, A, proto=17, L=128), socket_ingress(s, B, proto=58, sk=SK + 0x40, L=104),
+         socket_ingress(s, C, proto=17, sk=SK + 0x80, L=148)]
+    ends = [s("recvmsg", "m0v0", SK, 100, cpu=0, tid=7),                # UDP over IPv4: 20 + 8
+            s("recvmsg", "m0v0", SK + 0x40, 64, cpu=0, tid=7),          # ICMPv6: 40
+            s("recvmsg", "m0v0", SK + 0x80, 128, cpu=0, tid=7)]         # UDP: 20 is not 28
+    out = correlate(s)
+    assert [(r.t0, r.latency) for r in out.reports] == [(t[0], ends[0] - t[0]), (t[1], ends[1] - t[1])]
+    assert counts(out, 0, "ingress", "reports", "unpaired") == (2, 1)
+
+
+def test_a_receive_from_the_error_queue_takes_no_packet():
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    t0 = socket_ingress(s, A)
+    s("recvmsg", "m0v0", SK, 84, proto=0x2000, cpu=0, tid=7)            # MSG_ERRQUEUE: an ICMP error
+    end = s("recvmsg", "m0v0", SK, 64, cpu=0, tid=7)
+    out = correlate(s)
+    assert [(r.t0, r.latency) for r in out.reports] == [(t0, end - t0)]
+
+
+def test_two_threads_sharing_a_send_call_slot_leave_the_first_ones_packet_unpaired():
+    # the table of calls in progress is direct-mapped: thread 7 + CALLS takes thread 7's slot
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    s("call", "m0v0", 0, 0, cpu=0, tid=7)
+    t0 = s("call", "m0v0", 0, 0, cpu=1, tid=7 + _correlate.CALLS)
+    s("rx", "m0v0", A, 84, cpu=0, tid=7)
+    s("rx", "m0v0", B, 84, cpu=1, tid=7 + _correlate.CALLS)
+    for skb, cpu in ((A, 0), (B, 1)):
+        s("recv", "m0v0", skb, 84, cpu=cpu, tid=9, flags=SOFTIRQ)
+        s("queue", UPLINK, skb, 98, cpu=cpu, tid=9, flags=SOFTIRQ)
+        s("xmit", UPLINK, skb, 98, cpu=cpu, tid=9, flags=SOFTIRQ)
+    out = correlate(s)
+    assert [r.t0 for r in out.reports] == [t0]
+    assert counts(out, 0, "egress", "crossed", "reports", "unpaired") == (2, 1, 1)
+
+
+def sockets_in_one_window(n: int, table_size: int) -> list[int]:
+    """n socket addresses whose slots in the correlator's socket table start at one place."""
+    mask = max(256, table_size // 16) - 1
+    want, out, sk = None, [], SK
+    while len(out) < n:
+        i = (((sk >> 6) * 0x9E3779B97F4A7C15) % (1 << 64) >> 32) & mask
+        want = i if want is None else want
+        if i == want:
+            out.append(sk)
+        sk += 0x40
+    return out
+
+
+def test_a_socket_with_no_slot_counts_its_packet_as_evicted_until_a_slot_goes_stale():
+    # 17 sockets whose probe windows coincide: the 17th finds no slot while the others are
+    # in use; once they are older than max_age, the stalest slot is its, and the socket
+    # that had it is unknown from then on.  (The reference model never runs out of sockets:
+    # only the compiled correlator runs here.)
+    socks = sockets_in_one_window(17, BIG_TABLE)
+    s = Script(make_plan([M0], **SOCKET_PLAN))
+    skbs = [0xFFFF8881_04000000 + 0x100 * k for k in range(20)]
+    for k, sk in enumerate(socks):
+        socket_ingress(s, skbs[k], sk=sk)
+    socket_ingress(s, skbs[17], sk=socks[0], dt=50_000)         # socks[0] in use again
+    t0 = socket_ingress(s, skbs[18], sk=socks[16])              # takes socks[1]'s stale slot
+    end = s("recvmsg", "m0v0", socks[16], 64, cpu=0, tid=7)
+    s("recvmsg", "m0v0", socks[1], 64, cpu=0, tid=7)            # a socket without a slot
+    out = run_cython(s.plan, s.events, max_age=20_000)
+    assert [(r.t0, r.latency) for r in out.reports] == [(t0, end - t0)]
+    assert counts(out, 0, "ingress", "evicted") == (1,)         # the 17th socket's first packet
+    assert out.glob["recv_unpaired"] == 1 and out.identity_holds()

@@ -311,7 +311,7 @@ def test_the_services_lines_are_the_old_ones(hops, dropped):
 
     ident = {"container": 'we"b', "runtime": "podman"}
     ns = types.SimpleNamespace(label="podman:we\"b", inode=4026532281, identity=ident)
-    service = types.SimpleNamespace(wall_offset=NOW, opts=types.SimpleNamespace(hops=hops))
+    service = types.SimpleNamespace(wall_offset=NOW, opts=types.SimpleNamespace(hops=hops, segment="device"))
     reports = [Report(3, i % 2, i + 1, 10**9 * i, 1000 + i, 84, i % 2, (0, 20, 30, 40, 50)[:HOP_SLOTS[i % 2]])
                for i in range(50)]
     raw = b"".join(map(pack, reports))

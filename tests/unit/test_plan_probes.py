@@ -157,6 +157,19 @@ def test_every_filtered_field_is_in_the_captured_format():
     assert {"iif", "err", "name"} <= set(FORMATS[ROUTE].fields)
 
 
+def test_the_socket_segment_samples_datagram_receives_of_the_containers_cgroups_only():
+    web, db = (ContainerPath(c.label, c.inner, c.veth, c.bridge, f"/cg/{c.label}") for c in (WEB, DB))
+    probes = {p.tracepoint: p for p in Plan([web, db], "up0", segment="socket").probes(FORMATS)}
+    recv, ready = probes["sock:sock_recv_length"], probes["sock:sk_data_ready"]
+    assert recv.cgroups == ("/cg/web", "/cg/db") and not ready.cgroups
+    # a stream's data_ready and receives (and unix or netlink sockets') are never sampled
+    assert recv.filter_text() == ready.filter_text() == (
+        "(family == 2 || family == 10) && protocol != 6 && protocol != 132 && protocol != 262")
+    fields = {tp: set(captured(tp).fields) for tp in ("sock:sock_recv_length", "sock:sk_data_ready")}
+    assert all({"family", "protocol"} <= f for f in fields.values())
+    assert all(p.cgroups == recv.cgroups for tp, p in probes.items() if tp.startswith("syscalls:"))
+
+
 @pytest.mark.parametrize("bad", [
     dict(containers=[], uplink="up0"),
     dict(containers=[None], uplink="up0"),

@@ -20,18 +20,19 @@ OFFSET = WALL - T0
 HOP_COLUMNS = ["egress_veth_rx_ns", "egress_veth_backlog_ns", "egress_bridge_ns", "egress_route_ns",
                "egress_uplink_queue_ns", "ingress_route_ns", "ingress_bridge_ns", "ingress_veth_ns",
                "ingress_container_rx_ns"]
-CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
-              "len", "cpu"]
+CSV_HEADER = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "segment", "dir", "seq",
+              "latency_ns", "len", "cpu"]
 
 
 def report(container=0, d=0, seq=1, t0=T0, latency=80932, length=84, cpu=1, hops=()):
     return Report(container, d, seq, t0, latency, length, cpu, tuple(hops))
 
 
-def write(fmt, reports, labels=("web",), inodes=(4026532281,), hops=False, containers=None) -> str:
+def write(fmt, reports, labels=("web",), inodes=(4026532281,), hops=False, containers=None,
+          segment="device") -> str:
     out = io.StringIO()
     sink = make_sink(fmt, out, list(labels), list(inodes), hops=hops, wall_offset_ns=OFFSET,
-                     containers=containers)
+                     containers=containers, segment=segment)
     sink.write(list(reports))
     sink.flush()
     return out.getvalue()
@@ -80,7 +81,15 @@ def test_jsonl_fields_and_exact_nine_digit_ts():
     assert line.endswith("}\n") and line.count("\n") == 1
     obj = json.loads(line)
     assert obj == {"ts": obj["ts"], "netns": 4026532281, "target": "web", "container": None,
-                   "dir": "egress", "seq": 1, "latency_ns": 80932, "len": 84, "cpu": 3}
+                   "segment": "device", "dir": "egress", "seq": 1, "latency_ns": 80932, "len": 84, "cpu": 3}
+
+
+def test_lines_say_which_segment_they_measure():
+    obj = json.loads(write("jsonl", [report(d=1, hops=(1, 2, 3, 4, 5))], hops=True, segment="socket"))
+    assert obj["segment"] == "socket"
+    assert list(obj["hops"]) == ["route", "bridge", "veth", "container rx", "container receive"]
+    header, row = rows(write("csv", [report()], segment="socket"))
+    assert dict(zip(header, row, strict=True))["segment"] == "socket"
 
 
 def test_reports_name_the_runtimes_container_and_pod():
@@ -91,7 +100,8 @@ def test_reports_name_the_runtimes_container_and_pod():
     assert (obj["container"], obj["pod"], obj["k8s_namespace"]) == ("app", "web-7d9", "shop")
     assert rows(write("csv", [report()], containers=[{"container": "web"}]))[1][3:6] == ["web", "", ""]
     # CSV has the pod's columns too, as JSON lines have its fields
-    assert rows(write("csv", [report()], containers=[pod]))[1][3:7] == ["app", "web-7d9", "shop", "egress"]
+    assert rows(write("csv", [report()], containers=[pod]))[1][3:8] == ["app", "web-7d9", "shop", "device",
+                                                                        "egress"]
 
 
 @pytest.mark.parametrize("wall_ns,shown", [
@@ -134,7 +144,8 @@ def rows(text: str) -> list[list[str]]:
 def test_csv_header_and_a_row():
     got = rows(write("csv", [report(seq=2, cpu=0)]))
     assert got == [CSV_HEADER,
-                   ["1552589043.315681234", "4026532281", "web", "", "", "", "egress", "2", "80932", "84", "0"]]
+                   ["1552589043.315681234", "4026532281", "web", "", "", "", "device", "egress", "2", "80932",
+                    "84", "0"]]
 
 
 def test_csv_header_only_when_nothing_was_written():

@@ -177,8 +177,10 @@ def test_build_without_a_finished_run_has_no_duration():
 
 def test_format_text_one_line_per_target_and_direction_then_totals():
     text = format_text(build(make_tracer(), ["web", "/run/netns/db"], [11, 22]))
-    lines = text.splitlines()
-    # the table, a line per shortfall explained, the totals, the observer's cost (test_observer.py)
+    segment, *lines = text.splitlines()
+    # what is measured, then the table, a line per shortfall explained, the totals, the
+    # observer's cost (test_observer.py)
+    assert segment.startswith("segment: device (")
     assert len(lines) == 1 + 4 + 3 + 1 + 1
     head = lines[0].split()
     assert head[:9] == ["target", "dir", "count", "cover", "min", "p50", "p90", "p99", "max"]

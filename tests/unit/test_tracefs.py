@@ -65,6 +65,21 @@ EXPECTED = {
     "fib_fib_table_lookup.format": ("fib", "fib_table_lookup", 2264, {
         "tb_id": (8, 4, False, False), "err": (12, 4, True, False), "oif": (16, 4, True, False),
         "iif": (20, 4, True, False), "name": (60, 16, False, False)}, 76),
+    # the socket segment's: a socket's queue and receives, the send calls
+    "sock_sk_data_ready.format": ("sock", "sk_data_ready", 2285, {
+        "skaddr": (8, 8, False, False), "family": (16, 2, False, False), "protocol": (18, 2, False, False),
+        "ip": (24, 8, False, False)}, 32),
+    "sock_sock_recv_length.format": ("sock", "sock_recv_length", 2283, {
+        "sk": (8, 8, False, False), "family": (16, 2, False, False), "protocol": (18, 2, False, False),
+        "ret": (20, 4, True, False), "flags": (24, 4, True, False)}, 28),
+    **{f"syscalls_sys_enter_{c}.format": ("syscalls", f"sys_enter_{c}", tp, {
+        "__syscall_nr": (8, 4, True, False), "fd": (16, 8, False, False)}, size)
+       for c, tp, size in (("sendmmsg", 2212, 48), ("sendmsg", 2214, 40), ("sendto", 2224, 64),
+                           ("write", 840, 40), ("writev", 832, 40))},
+    **{f"syscalls_sys_exit_{c}.format": ("syscalls", f"sys_exit_{c}", tp, {
+        "__syscall_nr": (8, 4, True, False), "ret": (16, 8, True, False)}, 24)
+       for c, tp in (("sendmmsg", 2211), ("sendmsg", 2213), ("sendto", 2223), ("write", 839),
+                     ("writev", 831))},
 }
 
 
@@ -103,7 +118,7 @@ def test_parse_captured_format(fname):
 @pytest.mark.parametrize("fname", FORMAT_FILES)
 def test_name_field_is_a_data_loc_string(fname):
     fmt = _parse_file(fname)
-    if fname.startswith("skb_"):
+    if fname.startswith(("skb_", "sock_", "syscalls_")):
         assert "name" not in fmt.fields
         return
     name = fmt.fields["name"]
@@ -215,6 +230,19 @@ for _layout in LAYOUTS.values():
 # the routing decision: no skb, the route's device a char array in place
 LAYOUTS["fib:fib_table_lookup"] = dict(tp_id=2264, skb_off=-1, len_off=-1, name_off=60, proto_off=-1,
                                        min_raw=76, name_size=16)
+# a socket's events are keyed by it; a receive's length is what it returned, its flags (the low
+# 16 bits of an int) ride where a protocol would
+LAYOUTS["sock:sk_data_ready"] = dict(tp_id=2285, skb_off=8, len_off=-1, name_off=-1, proto_off=18,
+                                     min_raw=32, name_size=0)
+LAYOUTS["sock:sock_recv_length"] = dict(tp_id=2283, skb_off=8, len_off=20, name_off=-1, proto_off=24,
+                                        min_raw=28, name_size=0)
+# a system call: none of them (a sendto's len is its caller's buffer)
+for _sys, _tp, _size in (("enter_sendmmsg", 2212, 48), ("enter_sendmsg", 2214, 40), ("enter_sendto", 2224, 64),
+                         ("enter_write", 840, 40), ("enter_writev", 832, 40), ("exit_sendmmsg", 2211, 24),
+                         ("exit_sendmsg", 2213, 24), ("exit_sendto", 2223, 24), ("exit_write", 839, 24),
+                         ("exit_writev", 831, 24)):
+    LAYOUTS[f"syscalls:sys_{_sys}"] = dict(tp_id=_tp, skb_off=-1, len_off=-1, name_off=-1, proto_off=-1,
+                                          min_raw=_size, name_size=0)
 
 
 def test_layouts_cover_every_captured_format():

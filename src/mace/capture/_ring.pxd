@@ -89,6 +89,7 @@ cdef class Rings:
     cdef bint more              # the last drain stopped early; call again
     cdef int *fds               # every perf fd, leaders included
     cdef uint8_t *fd_kind       # kind of each fd
+    cdef uint8_t *fd_solo       # each fd: a group of its own (cgroup-bound), enabled apart
     cdef uint64_t ksamples[256] # samples decoded per kind
     cdef int nfds
     cdef int fds_cap
@@ -103,7 +104,7 @@ cdef class Rings:
     cdef bint closing           # close() was called while a thread was inside; last one out frees
     cdef int busy               # threads inside a section that released the GIL
 
-    cdef int _track(self, int fd, int kind) except -1
+    cdef int _track(self, int fd, int kind, bint solo) except -1
     cdef int _enter(self) except -1
     cdef void _leave(self) noexcept
     cdef int _enter_drain(self) except -1

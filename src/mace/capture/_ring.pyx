@@ -121,6 +121,7 @@ cdef class Rings:
         self.twin_all = NULL
         self.fds = NULL
         self.fd_kind = NULL
+        self.fd_solo = NULL
         self.leader = NULL
         self.views = NULL
         self.draining = False
@@ -182,7 +183,8 @@ cdef class Rings:
         self.fds_cap = 16
         self.fds = <int *>malloc(self.fds_cap * sizeof(int))
         self.fd_kind = <uint8_t *>malloc(self.fds_cap)
-        if self.fds == NULL or self.fd_kind == NULL:
+        self.fd_solo = <uint8_t *>malloc(self.fds_cap)
+        if self.fds == NULL or self.fd_kind == NULL or self.fd_solo == NULL:
             raise MemoryError()
         self.nfds = 0
         self.devnames = []
@@ -218,6 +220,7 @@ cdef class Rings:
         free(self.out)
         free(self.fds)
         free(self.fd_kind)
+        free(self.fd_solo)
         free(self.devs)
 
     # -- configuration ---------------------------------------------------------------------
@@ -313,9 +316,16 @@ cdef class Rings:
 
     # -- perf syscalls ---------------------------------------------------------------------
 
-    def open_event(self, int kind, int ring, filter=None, str label=""):
+    def open_event(self, int kind, int ring, filter=None, str label="", int cgroup_fd=-1):
         """Open the tracepoint of `kind` on the CPU of ring `ring`; the first event of a ring
-        owns and maps its buffer, the others are redirected into it.  Returns the fd."""
+        owns and maps its buffer, the others are redirected into it.  Returns the fd.
+
+        With `cgroup_fd` (a cgroup v2 directory) the event samples only while a process of
+        that cgroup runs on the CPU (PERF_FLAG_PID_CGROUP).  Such an event is a group of its
+        own: a cgroup-bound member of an unbound group would be scheduled with the group,
+        whatever runs.  It writes into the ring's buffer all the same (SET_OUTPUT), so its
+        ring needs its leader, an unbound event, first."""
+        cdef bint solo = cgroup_fd >= 0
         cdef perf_event_attr attr
         cdef int fd, lead, err
         cdef void *mem
@@ -326,6 +336,8 @@ cdef class Rings:
         if not 0 <= kind < self.nkinds or not 0 <= ring < self.nrings:
             raise ValueError("no such kind or ring")
         lead = self.leader[ring]
+        if solo and lead < 0:
+            raise ValueError("a cgroup-bound event needs its ring's leader (an unbound event) first")
         memset(&attr, 0, sizeof(attr))
         attr.size = sizeof(attr)
         attr.type = PERF_TYPE_TRACEPOINT
@@ -338,13 +350,17 @@ cdef class Rings:
         attr.wakeup_watermark = self.watermark
         # One group per CPU, so the leader's group enable/disable switches every event of
         # that CPU at once; members follow the leader and are therefore not disabled.
-        attr.disabled = 1 if lead < 0 else 0
-        fd = mace_perf_event_open(&attr, -1, self.rings[ring].cpu, lead, PERF_FLAG_FD_CLOEXEC)
+        attr.disabled = 1 if lead < 0 or solo else 0
+        if solo:
+            fd = mace_perf_event_open(&attr, cgroup_fd, self.rings[ring].cpu, -1,
+                                      PERF_FLAG_FD_CLOEXEC | PERF_FLAG_PID_CGROUP)
+        else:
+            fd = mace_perf_event_open(&attr, -1, self.rings[ring].cpu, lead, PERF_FLAG_FD_CLOEXEC)
         if fd < 0:
             err = errno
             raise _oserror(err, "perf_event_open",
                            f"{label or self.kinds[kind].tp_id} on cpu {self.rings[ring].cpu}")
-        self._track(fd, kind)
+        self._track(fd, kind, solo)
         if filter:
             fbytes = filter.encode()
             if ioctl(fd, PERF_EVENT_IOC_SET_FILTER, <const char *>fbytes) < 0:
@@ -368,26 +384,33 @@ cdef class Rings:
             raise _oserror(err, "SET_OUTPUT", f"{label} on cpu {self.rings[ring].cpu}")
         return fd
 
-    cdef int _track(self, int fd, int kind) except -1:
+    cdef int _track(self, int fd, int kind, bint solo) except -1:
         cdef int *grown
         cdef uint8_t *kinds
+        cdef uint8_t *solos
         if self.nfds == self.fds_cap:
             grown = <int *>malloc(2 * self.fds_cap * sizeof(int))
             kinds = <uint8_t *>malloc(2 * self.fds_cap)
-            if grown == NULL or kinds == NULL:
+            solos = <uint8_t *>malloc(2 * self.fds_cap)
+            if grown == NULL or kinds == NULL or solos == NULL:
                 free(grown)
                 free(kinds)
+                free(solos)
                 close(fd)
                 raise MemoryError()
             memcpy(grown, self.fds, self.nfds * sizeof(int))
             memcpy(kinds, self.fd_kind, self.nfds)
+            memcpy(solos, self.fd_solo, self.nfds)
             free(self.fds)
             free(self.fd_kind)
+            free(self.fd_solo)
             self.fds = grown
             self.fd_kind = kinds
+            self.fd_solo = solos
             self.fds_cap *= 2
         self.fds[self.nfds] = fd
         self.fd_kind[self.nfds] = <uint8_t>kind
+        self.fd_solo[self.nfds] = solo
         self.nfds += 1
         return 0
 
@@ -475,6 +498,10 @@ cdef class Rings:
             if self.leader[i] >= 0 and ioctl(self.leader[i], req, PERF_IOC_FLAG_GROUP) < 0:
                 err = errno
                 raise _oserror(err, what, f"cpu {self.rings[i].cpu}")
+        for i in range(self.nfds):
+            if self.fd_solo[i] and ioctl(self.fds[i], req, 0) < 0:
+                err = errno
+                raise _oserror(err, what, "a cgroup-bound event")
         return 0
 
     def close(self):
@@ -522,6 +549,9 @@ cdef class Rings:
             for i in range(self.nrings):
                 if self.leader[i] >= 0:
                     ioctl(self.leader[i], PERF_EVENT_IOC_DISABLE, PERF_IOC_FLAG_GROUP)
+            for i in range(self.nfds):
+                if self.fd_solo[i]:
+                    ioctl(self.fds[i], PERF_EVENT_IOC_DISABLE, 0)
         if self.rings != NULL:
             for i in range(self.nrings):
                 if self.rings[i].map_len:

@@ -30,7 +30,14 @@ from typing import NamedTuple
 
 from mace.capture import _ring
 from mace.capture.tracefs import EventFormat, read_formats
-from mace.errors import MaceError, PermissionProblem, ResourceError, TracepointMissing, UsageError
+from mace.errors import (
+    MaceError,
+    NoOwnCgroup,
+    PermissionProblem,
+    ResourceError,
+    TracepointMissing,
+    UsageError,
+)
 
 DEV_NONE = _ring.DEV_NONE
 DEV_OTHER = _ring.DEV_OTHER
@@ -74,6 +81,9 @@ class Probe:
     # and the devices they may pass (what `passes` knows of them)
     extra_terms: tuple[str, ...] = ()
     extra_devices: tuple[str, ...] = ()
+    # Bound to these cgroups (v2 directories): sampled only while a process of one of them
+    # runs on the CPU (perf_event_open with PERF_FLAG_PID_CGROUP), an event per cgroup
+    cgroups: tuple[str, ...] = ()
 
     def __post_init__(self):
         for p in self.prefixes:
@@ -170,17 +180,35 @@ def online_cpus() -> list[int]:
 
 INLINE_NAMES = {"fib:fib_table_lookup"}       # their `name` is a char array in the record
 KEYLESS_SYSTEMS = {"fib", "syscalls", "raw_syscalls"}      # tracepoints without an skb
+# Which fields the decoder reads as an event's key, length and protocol, where they are not
+# skbaddr, len and protocol: the socket events are keyed by their socket, a receive's
+# length is what it returned, and its flags ride in the protocol's place
+FIELD_NAMES = {
+    "sock:sk_data_ready": {"key": "skaddr"},
+    "sock:sock_recv_length": {"key": "sk", "len": "ret", "proto": "flags"},
+}
+
+
+def field_names(qualified: str) -> dict[str, str | None]:
+    """The fields an event's key, len and proto come from (see FIELD_NAMES); a system call
+    has none of them (its `len`, a sendto's, is the caller's buffer)."""
+    if qualified.partition(":")[0] in ("syscalls", "raw_syscalls"):
+        return {"key": None, "len": None, "proto": None}
+    return {"key": "skbaddr", "len": "len", "proto": "protocol", **FIELD_NAMES.get(qualified, {})}
 
 
 def kind_layout(fmt: EventFormat) -> dict:
     """Offsets `Rings.add_kind` needs, checked against what the decoder reads."""
-    def off(name: str, size: int, required: bool = True) -> int:
+    names = field_names(fmt.qualified)
+
+    def off(name: str, size: int, required: bool = True, narrow: bool = False) -> int:
         f = fmt.fields.get(name)
         if f is None:
             if required:
                 fmt.field(name)          # raises TracepointMissing naming the field
             return -1
-        if f.size != size and not (f.data_loc and size == 4):
+        # `narrow`: read the low bytes of a wider field (a receive's int flags, little-endian)
+        if f.size != size and not (f.data_loc and size == 4) and not (narrow and f.size > size):
             raise TracepointMissing(
                 f"field {name} of {fmt.qualified} is {f.size} bytes, mace reads {size}",
                 hint="this kernel's tracepoint layout is not supported; please report it")
@@ -196,10 +224,10 @@ def kind_layout(fmt: EventFormat) -> dict:
                                     hint="this kernel's tracepoint layout is not supported; please report it")
         name_size = name_field.size
     # packet events are keyed by skb; a routing decision or a system call times a call chain
-    skb = off("skbaddr", 8, required=fmt.system not in KEYLESS_SYSTEMS)
-    length = off("len", 4, required=False)
+    skb = off(names["key"], 8, required=fmt.system not in KEYLESS_SYSTEMS) if names["key"] else -1
+    length = off(names["len"], 4, required=False) if names["len"] else -1
     name = off("name", name_size or 4, required=False)
-    proto = off("protocol", 2, required=False)
+    proto = off(names["proto"], 2, required=False, narrow=names["proto"] != "protocol") if names["proto"] else -1
     return dict(tp_id=fmt.id, skb_off=skb, len_off=length, name_off=name, proto_off=proto,
                 min_raw=fmt.size, name_size=name_size)
 
@@ -227,6 +255,24 @@ def _translate(err: OSError, what: str) -> MaceError:
                                  hint="this kernel lacks the tracepoint or perf support (CONFIG_PERF_EVENTS)")
     name = errno.errorcode.get(code or 0, str(code))
     return MaceError(f"{what}: {op or 'a perf call'} failed with {name}: {err.strerror or os.strerror(code or 0)}")
+
+
+def _open_cgroups(paths) -> dict[str, int]:
+    """A directory fd of each cgroup, for perf_event_open (the caller closes them)."""
+    out: dict[str, int] = {}
+    try:
+        for cg in dict.fromkeys(paths):
+            try:
+                out[cg] = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise NoOwnCgroup(f"cannot open the container's cgroup {cg}: {e.strerror}",
+                                  hint="the socket segment follows a container's own cgroup; "
+                                       "is it still running?") from e
+    except BaseException:
+        for fd in out.values():
+            os.close(fd)
+        raise
+    return out
 
 
 def _fd_room(more: int) -> None:
@@ -310,14 +356,30 @@ class Capture:
             for p in self.probes:
                 rings.add_kind(**kind_layout(self.formats[p.tracepoint]))
             rings.set_devices(self.devices)
-            _fd_room(self.events_per_cpu * len(self.cpus))
-            for kind, p in enumerate(self.probes):
-                for text in self.filters[kind]:
-                    for ring in range(len(self.cpus)):
-                        try:
-                            rings.open_event(kind, ring, text, p.tracepoint)
-                        except OSError as e:
-                            raise _translate(e, p.tracepoint) from e
+            cgroups = _open_cgroups(c for p in self.probes for c in p.cgroups)
+            try:
+                _fd_room(self.events_per_cpu * len(self.cpus))
+                # the unbound events first: each ring's leader is one of them (cgroup-bound
+                # events only write into its buffer: they follow no group)
+                order = sorted(range(len(self.probes)), key=lambda k: bool(self.probes[k].cgroups))
+                for kind in order:
+                    p = self.probes[kind]
+                    for text in self.filters[kind]:
+                        for cg in (p.cgroups or (None,)):
+                            for ring in range(len(self.cpus)):
+                                try:
+                                    rings.open_event(kind, ring, text, p.tracepoint,
+                                                     cgroup_fd=cgroups[cg] if cg else -1)
+                                except OSError as e:
+                                    if cg and e.errno == errno.EBADF:
+                                        raise NoOwnCgroup(
+                                            f"{p.tracepoint}: perf cannot bind an event to the cgroup {cg}",
+                                            hint="it is not in the hierarchy that holds perf_event "
+                                                 "(/proc/cgroups); use the device segment") from e
+                                    raise _translate(e, p.tracepoint) from e
+            finally:        # an event keeps its cgroup; the directory fd is not needed
+                for fd in cgroups.values():
+                    os.close(fd)
         except BaseException:
             self.close()
             raise
@@ -325,8 +387,8 @@ class Capture:
 
     @property
     def events_per_cpu(self) -> int:
-        """Perf events opened on each CPU: one per filter of each probe."""
-        return sum(len(f) for f in self.filters)
+        """Perf events opened on each CPU: one per filter (and cgroup) of each probe."""
+        return sum(len(f) * max(1, len(p.cgroups)) for f, p in zip(self.filters, self.probes, strict=True))
 
     def start(self) -> None:
         try:

@@ -30,6 +30,21 @@ cdef struct cpu_note_t:
     uint8_t batch       # its pending chains are a batch: their decisions are not timed
 
 
+# The socket segment: a thread inside a send call (its start), and a socket's queue of
+# packets delivered to it, in order (where the receive calls end them).
+cdef struct send_call_t:
+    uint64_t ts         # when the call began (0: none)
+    uint32_t tid
+
+
+cdef struct sock_queue_t:
+    uint64_t sk         # the socket (0: a free slot)
+    uint64_t last       # newest event that touched it
+    uint32_t head       # sequence number of its oldest queued packet
+    uint32_t tail       # ... of the next one
+    uint32_t gen        # which of the slot's sockets: a queued packet's key has it
+
+
 cdef class Correlator(EventSink):
     cdef mace_entry *table          # open-addressed, `cap` slots
     cdef uint64_t cap
@@ -41,6 +56,13 @@ cdef class Correlator(EventSink):
     cdef int nsteps[2]
     cdef int boundary[2]            # the step whose event counts a crossing
     cdef bint veth_start            # egress starts at netif_rx_entry on the host-side veth
+    cdef bint socket                # the socket segment: from a send call, to a receive call
+    cdef uint8_t nhops[2]           # hop slots each direction's reports carry
+    cdef send_call_t *calls         # direct-mapped by thread: its send call in progress
+    cdef uint32_t calls_mask        # CALLS - 1
+    cdef sock_queue_t *socks        # open-addressed by socket: its queue of packets
+    cdef uint32_t socks_mask        # its slots - 1 (a power of two)
+    cdef uint32_t sock_gen          # sockets given a slot so far (each its own keys)
     cdef uint8_t *kind_type         # kind -> T_*
     cdef int nkinds
     cdef uint8_t *dev_class         # device slot -> class bits
@@ -88,7 +110,7 @@ cdef class Correlator(EventSink):
     cdef uint8_t fl_ctx[2]
 
     cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start,
-                   bint route) except -1
+                   bint route, bint socket) except -1
     cdef int _configure(self, dev_classes, dev_containers, inner_slots) except -1
     cdef void _zero(self, int cd) noexcept
     cdef void _pm_count(self, const mace_entry *e, uint64_t lat, int cd) noexcept nogil
@@ -119,4 +141,13 @@ cdef class Correlator(EventSink):
     cdef void _sweep(self, uint64_t n) noexcept nogil
     cdef void _route(self, const mace_event *ev, uint8_t cls) noexcept nogil
     cdef void _note(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _call(self, const mace_event *ev, bint enter) noexcept nogil
+    cdef void _ready(self, const mace_event *ev) noexcept nogil
+    cdef void _received(self, const mace_event *ev) noexcept nogil
+    cdef sock_queue_t *_sock(self, uint64_t sk, bint make) noexcept nogil
+    cdef sock_queue_t *_sock_take(self, sock_queue_t *q, uint64_t sk) noexcept nogil
+    cdef bint _queued(self, const mace_entry *e) noexcept nogil
+    cdef bint _awaits_socket(self, const mace_entry *e) noexcept nogil
+    cdef void _unclaimed(self, const mace_event *ev) noexcept nogil
+    cdef int64_t _rekey(self, uint64_t slot, uint64_t key) noexcept nogil
     cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil

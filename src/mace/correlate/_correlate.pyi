@@ -22,11 +22,15 @@ ND_L3: int
 NA_L3: int
 CTX_BITS: int
 PQ: int
+CALLS: int
+"""send calls in progress the correlator holds at once, direct-mapped by thread."""
 REPORT_CAP: int
 REPORT_FORMAT: str
 """struct layout of one packed report: t0 seq latency len container dir nhops cpu pad hop[HOPS]."""
 HOPS: int
 """hop slots in a report."""
+SEND_CALLS: tuple[str, ...]
+"""the system calls a socket segment's egress starts in."""
 HOP_SLOTS: tuple[int, int]
 """hop slots an egress and an ingress report use."""
 REPORT_SIZE: int

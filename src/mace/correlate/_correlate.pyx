@@ -30,7 +30,7 @@ Anything else ends the entry and is counted.  Every report therefore has a consi
 event chain from start to end.
 """
 
-from libc.stdint cimport INT16_MAX, SIZE_MAX, UINT64_MAX, int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT16_MAX, SIZE_MAX, UINT64_MAX, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset
 
@@ -45,6 +45,10 @@ cdef enum:
     T_QUEUE = 4     # net:net_dev_queue
     T_FREE = 5      # skb:kfree_skb
     T_ROUTE = 6     # fib:fib_table_lookup: a routing decision, no skb (see _route)
+    T_CALL = 7      # syscalls:sys_enter_<send call>: a thread begins sending (socket segment)
+    T_RETURN = 8    # syscalls:sys_exit_<send call>: ... and is done
+    T_READY = 9     # sock:sk_data_ready: a packet joins a socket's queue (key: the socket)
+    T_RECEIVED = 10 # sock:sock_recv_length: a receive call (read, recv*) took one (key: the socket)
 
     C_INNER = 1     # a container's own device (ambiguous name: every container has eth0)
     C_VETH = 2      # host-side veth of a monitored container (unique name)
@@ -66,7 +70,8 @@ cdef enum:
     CC_EXPIRED = 5
     CC_EVICTED = 6
     CC_REJECTED = 7
-    NCC = 8
+    CC_UNPAIRED = 8     # socket segment: no send or receive call of the container's took it
+    NCC = 9
 
     # global
     G_EVENTS = 0
@@ -83,11 +88,14 @@ cdef enum:
     G_PARKED = 11
     G_PQ_OVERFLOW = 12
     G_ROUTE_UNCLAIMED = 13
-    NG = 14
+    G_SOCK_UNCLAIMED = 14   # a socket's data_ready with no packet of ours pending there
+    G_RECV_UNPAIRED = 15    # a receive call with no packet of ours queued for it
+    NG = 16
 
     F_ACCOUNTED = 1     # entry flag: _conflict accounted for the event itself
     F_PARKED = 2        # entry flag: waiting for neighbour resolution (ARP, ND)
     F_QUEUED = 4        # ... behind another packet that asked for it
+    F_IPV6 = 8          # queued in a socket: an IPv6 packet (its header is not the IPv4 one)
     ETH_P_ARP = 0x0806
     ETH_P_IPV6 = 0x86DD
     SYNC_MAX = 20000000 # ns: a call chain longer than this is not one (a parked packet may wait)
@@ -101,16 +109,30 @@ cpdef enum:
     NA_L3 = 64          # an IPv6 neighbour advertisement without one (an answer to a unicast probe)
     CTX_BITS = 0x58     # common_flags: NMI 0x40, softirq 0x10, hardirq 0x08
     PQ = 64             # a CPU's pending call chains: NAPI handles up to 64 packets a batch
+    CALLS = 4096        # threads in a send call at once, direct-mapped (a collision: unpaired)
 
+cdef enum:
+    SOCKS_MIN = 256     # sockets with packets queued at once (see _sock)
+    SOCK_PROBES = 16
+    MSG_PEEK = 2        # a receive that leaves the packet queued
+    MSG_ERRQUEUE = 0x2000   # a receive from the socket's error queue, not its packets
+    IPPROTO_TCP = 6     # a stream: its receives take bytes, not packets
+    IPPROTO_UDP = 17    # its datagram's payload follows an 8-byte header
+
+# The system calls a socket segment's egress starts in: every call that sends on a socket
+SEND_CALLS = ("sendto", "sendmsg", "sendmmsg", "write", "writev")
 TYPES = {"net:net_dev_start_xmit": T_XMIT, "net:netif_receive_skb": T_RECV,
          "net:netif_rx": T_RX, "net:netif_rx_entry": T_RX, "net:net_dev_queue": T_QUEUE,
-         "skb:kfree_skb": T_FREE, "fib:fib_table_lookup": T_ROUTE}
+         "skb:kfree_skb": T_FREE, "fib:fib_table_lookup": T_ROUTE,
+         **{f"syscalls:sys_enter_{c}": T_CALL for c in SEND_CALLS},
+         **{f"syscalls:sys_exit_{c}": T_RETURN for c in SEND_CALLS},
+         "sock:sk_data_ready": T_READY, "sock:sock_recv_length": T_RECEIVED}
 CLASSES = {"inner": C_INNER, "veth": C_VETH, "bridge": C_BRIDGE, "uplink": C_UPLINK}
 CONTAINER_COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired",
-                      "evicted", "rejected")
+                      "evicted", "rejected", "unpaired")
 GLOBAL_COUNTERS = ("events", "frees", "unclaimed", "foreign", "stale", "evicted",
                    "nonip", "superseded", "inserts", "ignored", "max_probe", "parked",
-                   "pending_overflow", "route_unclaimed")
+                   "pending_overflow", "route_unclaimed", "sock_unclaimed", "recv_unpaired")
 SYNC_MAX_NS = SYNC_MAX
 REPORT_CAP = 65536
 DIRECTIONS = ("egress", "ingress")
@@ -165,6 +187,36 @@ cdef void *_grow(void *p, size_t old, size_t n, size_t size) except NULL:
     return q
 
 
+cdef inline uint64_t _queued_key(uint64_t sk, uint32_t gen, uint32_t seq) noexcept nogil:
+    # A packet in a socket's queue: its key mixes the socket, which of the slot's sockets it
+    # is (a socket that lost its slot and came back numbers its packets from 0 again) and
+    # its place there, and is odd, which no skb address is
+    cdef uint64_t x = sk ^ ((<uint64_t>gen << 32 | seq) * 0x9E3779B97F4A7C15ULL)
+    x ^= x >> 31
+    x *= 0xBF58476D1CE4E5B9ULL
+    x ^= x >> 29
+    return x | 1
+
+
+cdef inline bint _payload_fits(uint32_t ret, uint32_t l3, uint16_t proto, bint ipv6) noexcept nogil:
+    # What a receive returns of a datagram of l3 bytes: all of it (a raw IPv4 socket), or
+    # what follows the IP header (IPv4: 20..60 bytes in steps of 4; IPv6: 40 and extension
+    # headers in steps of 8) and, for UDP, its 8-byte header
+    cdef uint32_t h
+    if ret > l3:
+        return False
+    h = l3 - ret
+    if proto == IPPROTO_UDP:
+        if h < 8:
+            return False
+        h -= 8
+    elif h == 0 and not ipv6:
+        return True
+    if ipv6:
+        return 40 <= h <= 512 and h % 8 == 0
+    return 20 <= h <= 60 and h % 4 == 0
+
+
 def bucket_of(v):
     """Histogram bucket of a latency in ns."""
     return _bucket(v)
@@ -213,6 +265,8 @@ cdef class Correlator(EventSink):
         self.pq_ts = NULL
         self.pq_n = NULL
         self.notes = NULL
+        self.calls = NULL
+        self.socks = NULL
         self.reports = NULL
         self.ghost = NULL
         self.spill = bytearray()
@@ -220,7 +274,7 @@ cdef class Correlator(EventSink):
     def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
                  uint64_t table_size=65536, uint64_t max_age_ns=1_000_000_000, bint hops=False,
                  bint bridge=True, bint end_at_queue=False, int ncpu=256, size_t report_cap=REPORT_CAP,
-                 int probe_limit=32, bint veth_start=False, bint route=False):
+                 int probe_limit=32, bint veth_start=False, bint route=False, bint socket=False):
         cdef int i
         if table_size < 2 or table_size & (table_size - 1):
             raise ValueError(f"table size must be a power of two >= 2, not {table_size}")
@@ -228,8 +282,10 @@ cdef class Correlator(EventSink):
             raise ValueError("max age must be between 1 ns and 4 s")
         if probe_limit < 1 or ncpu < 1:
             raise ValueError("probe_limit and ncpu must be at least 1")
+        if socket and not veth_start:
+            raise ValueError("the socket segment starts egress at the veth (veth_start)")
         for t in kind_types:
-            if not 0 <= t <= T_ROUTE:
+            if not 0 <= t <= T_RECEIVED:
                 raise ValueError(f"unknown event type {t}")
         if report_cap < 1:
             raise ValueError("report_cap must be at least 1")
@@ -250,17 +306,23 @@ cdef class Correlator(EventSink):
         self.pq_ts = <uint64_t *>calloc(ncpu * PQ, sizeof(uint64_t))
         self.pq_n = <int *>calloc(ncpu, sizeof(int))
         self.notes = <cpu_note_t *>calloc(ncpu, sizeof(cpu_note_t))
+        self.calls_mask = CALLS - 1
+        self.calls = <send_call_t *>calloc(CALLS, sizeof(send_call_t))
+        # a socket per sixteen packets in flight; at least SOCKS_MIN
+        self.socks_mask = <uint32_t>max(SOCKS_MIN, table_size // 16) - 1
+        self.socks = <sock_queue_t *>calloc(self.socks_mask + 1, sizeof(sock_queue_t))
         self.reports = <mace_report *>malloc(self.report_cap * sizeof(mace_report))
         self.ghost_mask = max(64, self.cap // 4) - 1
         self.ghost = <uint64_t *>calloc(self.ghost_mask + 1, sizeof(uint64_t))
         if (self.table == NULL or self.kind_type == NULL or self.gcount == NULL
                 or self.pq_skb == NULL or self.pq_ts == NULL or self.pq_n == NULL or self.notes == NULL
+                or self.calls == NULL or self.socks == NULL
                 or self.reports == NULL or self.ghost == NULL):
             raise MemoryError()
         for i, t in enumerate(kind_types):
             self.kind_type[i] = t
         self._configure(dev_classes, dev_containers, inner_slots)
-        self._plan(hops, bridge, end_at_queue, veth_start, route)
+        self._plan(hops, bridge, end_at_queue, veth_start, route, socket)
 
     def reconfigure(self, dev_classes, dev_containers, inner_slots, reset=()):
         """Change the devices and containers between two events (no thread may be feeding).
@@ -406,13 +468,16 @@ cdef class Correlator(EventSink):
         free(self.pq_ts)
         free(self.pq_n)
         free(self.notes)
+        free(self.calls)
+        free(self.socks)
         free(self.reports)
         free(self.ghost)
 
     cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start,
-                   bint route) except -1:
+                   bint route, bint socket) except -1:
         memset(self.steps, 0, sizeof(self.steps))
         self.veth_start = veth_start
+        self.socket = socket
         # A T_ROUTE step is never an entry's step: it only times the routing decision inside
         # the synchronous chain between its neighbours (see _route), so no other step lists
         # it among its previous ones and the chain rules are those of the path without it.
@@ -433,8 +498,18 @@ cdef class Correlator(EventSink):
             (T_XMIT,  C_BRIDGE, 1 << 0,        True,  hops and bridge,       False, False,         1),  # I2
             (T_XMIT,  C_VETH,   1 << 0 | 1 << 2, True, True,                 True,  False,         2),  # I3
             (T_RX,    C_INNER,  1 << 3,        True,  hops,                  False, False,         3),  # I4
-            (T_RECV,  C_INNER,  1 << 3 | 1 << 4, False, True,                False, True,         -1),  # I5
+            (T_RECV,  C_INNER,  1 << 3 | 1 << 4, False, True,                False, not socket,
+             4 if socket else -1),                                                                    # I5
         ]
+        if socket:
+            # The socket segment goes on: in the receive's call chain the packet joins a socket's
+            # queue (no device: no class), and leaves it with a receive call (see _ready).
+            ing += [
+                (T_READY, 0,        1 << 5,        True,  True,                  False, False,        -1),  # I6
+                (T_RECEIVED, 0,     1 << 6,        False, True,                  False, True,         -1),  # I7
+            ]
+        self.nhops[EGRESS] = 5
+        self.nhops[INGRESS] = 5 if socket else 4
         for d, path in enumerate((eg, ing)):
             self.nsteps[d] = len(path)
             for i, (t, c, prev, sync, traced, attr, end, hop) in enumerate(path):
@@ -527,7 +602,12 @@ cdef class Correlator(EventSink):
 
     cdef void _retire(self, mace_entry *e, int counter) noexcept nogil:
         # Count an entry that leaves without a report: against its container once known.
+        # A packet a socket's queue held was never read by the container: unpaired.
         cdef int g
+        if counter == CC_EXPIRED and (self._awaits_socket(e) or self._queued(e)):
+            # received by a container's socket and never read; or nothing ended its chain
+            # (its CPU went idle), so no socket took it
+            counter = CC_UNPAIRED
         if e.container >= 0:
             self.ccount[(e.container * 2 + e.dir) * NCC + counter] += 1
             return
@@ -538,6 +618,17 @@ cdef class Correlator(EventSink):
         else:
             g = G_SUPERSEDED
         self.gcount[g] += 1
+
+    cdef inline bint _queued(self, const mace_entry *e) noexcept nogil:
+        # The socket segment: a container's packet in its socket's queue
+        return (self.socket and e.container >= 0 and e.dir == INGRESS
+                and self.steps[INGRESS][e.step].type == T_READY)
+
+    cdef inline bint _awaits_socket(self, const mace_entry *e) noexcept nogil:
+        # The socket segment: a container's packet its device received, whose socket's
+        # data_ready comes next in the same chain if a datagram socket takes it
+        return (self.socket and e.container >= 0 and e.dir == INGRESS
+                and self.steps[INGRESS][e.step].type == T_RECV and self.steps[INGRESS][e.step].cls == C_INNER)
 
     cdef inline bint _expired(self, const mace_entry *e) noexcept nogil:
         # One rule wherever an entry is touched (an event, a free, a sweep, a full window):
@@ -701,6 +792,169 @@ cdef class Correlator(EventSink):
         k.ctx = ev.flags & CTX_BITS
         k.routed = 0
 
+    # -- the socket segment -------------------------------------------------------------------
+
+    cdef void _call(self, const mace_event *ev, bint enter) noexcept nogil:
+        # A thread of a traced container enters or leaves a send call (the events are the
+        # containers' own: their perf events are bound to the containers' cgroups).  Its
+        # packets that reach the veth in between, in its own context, start there.
+        cdef send_call_t *c = &self.calls[ev.tid & self.calls_mask]
+        if enter:
+            c.ts = ev.ts
+            c.tid = ev.tid
+        elif c.tid == ev.tid:
+            c.ts = 0
+
+    cdef sock_queue_t *_sock(self, uint64_t sk, bint make) noexcept nogil:
+        # The queue of socket `sk` (open addressing, slots never emptied: a socket's slot
+        # stays for its next packets).  With `make`, a full probe window gives a slot no
+        # event touched for max_age (whatever was queued there expired); NULL if there is
+        # none: the caller counts what it could not queue.
+        cdef uint32_t i = <uint32_t>(((sk >> 6) * 0x9E3779B97F4A7C15ULL) >> 32) & self.socks_mask
+        cdef uint32_t k, victim = i
+        cdef sock_queue_t *q
+        for k in range(SOCK_PROBES):
+            q = &self.socks[(i + k) & self.socks_mask]
+            if q.sk == sk:
+                return q
+            if q.sk == 0:
+                if not make:
+                    return NULL
+                return self._sock_take(q, sk)
+            if q.last < self.socks[victim].last:
+                victim = (i + k) & self.socks_mask
+        if not make or self.now <= self.socks[victim].last + self.max_age:
+            return NULL
+        return self._sock_take(&self.socks[victim], sk)
+
+    cdef sock_queue_t *_sock_take(self, sock_queue_t *q, uint64_t sk) noexcept nogil:
+        self.sock_gen += 1
+        q.sk = sk
+        q.gen = self.sock_gen
+        q.head = q.tail = 0
+        q.last = self.now
+        return q
+
+    cdef int64_t _rekey(self, uint64_t slot, uint64_t key) noexcept nogil:
+        # The entry at `slot` under a new key (absent from the table); returns its new slot
+        cdef mace_entry copy = self.table[slot]
+        cdef mace_entry *e
+        self._delete(slot)
+        e = self._insert(key)
+        copy.skb = key
+        e[0] = copy
+        return self._lookup(key)
+
+    cdef void _ready(self, const mace_event *ev) noexcept nogil:
+        # sk_data_ready: in the call chain that received a packet on the container's device,
+        # the packet joins the queue of socket ev.skb.  Whose packet it is: the CPU's one
+        # pending chain (same thread and context, within the chain, not a batch: see
+        # _route), an ingress packet of a container waiting for this step.  Its skb is
+        # consumed (or cloned, ICMP) once delivered, so from here it is keyed by its place in
+        # the socket's queue.  A stream (TCP) is not paired: its receives take bytes.
+        cdef int cpu = ev.cpu, j
+        cdef int64_t s
+        cdef mace_entry *e
+        cdef sock_queue_t *q
+        if not self.socket:
+            self.gcount[G_SOCK_UNCLAIMED] += 1
+            return
+        if cpu >= self.ncpu or self.pq_n[cpu] != 1 or self.notes[cpu].batch:
+            self._unclaimed(ev)
+            return
+        s = self._lookup(self.pq_skb[cpu * PQ])
+        if s < 0:
+            self._unclaimed(ev)
+            return
+        e = &self.table[s]
+        if self._expired(e):
+            self._retire(e, CC_EXPIRED)
+            self._delete(<uint64_t>s)
+            self._unclaimed(ev)
+            return
+        if (e.dir != INGRESS or e.container < 0 or e.cpu != cpu or e.tid != ev.tid
+                or e.ctx != (ev.flags & CTX_BITS) or e.flags & F_PARKED
+                or ev.ts < e.t0 + e.tlast or ev.ts - (e.t0 + e.tlast) > SYNC_MAX):
+            self._unclaimed(ev)
+            return
+        for j in range(e.step + 1, self.nsteps[INGRESS]):
+            if self.steps[INGRESS][j].type == T_READY and (self.steps[INGRESS][j].prev >> e.step) & 1:
+                break
+        else:
+            self._unclaimed(ev)
+            return
+        self._pq_drop(cpu, 1)
+        q = self._sock(ev.skb, True) if ev.proto != IPPROTO_TCP else NULL
+        if q == NULL:
+            # a stream's (not paired), or no slot for its socket: a miss of ours
+            self.ccount[(e.container * 2 + INGRESS) * NCC
+                        + (CC_UNPAIRED if ev.proto == IPPROTO_TCP else CC_EVICTED)] += 1
+            self._delete(<uint64_t>s)
+            return
+        e.step = j
+        e.tlast = <uint32_t>(ev.ts - e.t0)
+        e.cpu = ev.cpu
+        e.ctx = ev.flags & CTX_BITS
+        if e.proto == ETH_P_IPV6:       # (its ethertype, from its veth's xmit)
+            e.flags |= F_IPV6
+        e.proto = ev.proto
+        e.tid = q.tail          # its place in the queue: checked when a receive takes it
+        self._rekey(<uint64_t>s, _queued_key(ev.skb, q.gen, q.tail))
+        q.tail += 1
+        q.last = ev.ts
+
+    cdef void _unclaimed(self, const mace_event *ev) noexcept nogil:
+        # A packet joined socket ev.skb's queue that we cannot tell (a batch, a packet from
+        # the host, one whose entry expired).  If the socket is a container's, a receive
+        # takes it all the same: its place is kept, empty, or every later packet there would
+        # be paired with the receive of the one before.  Whose socket it is we cannot know
+        # here, so every datagram socket's place is kept (the host's are never read: their
+        # slots only age out, see _sock).
+        cdef sock_queue_t *q
+        self.gcount[G_SOCK_UNCLAIMED] += 1
+        if ev.proto == IPPROTO_TCP:
+            return
+        q = self._sock(ev.skb, True)
+        if q != NULL:
+            q.tail += 1
+            q.last = ev.ts
+
+    cdef void _received(self, const mace_event *ev) noexcept nogil:
+        # sock_recv_length: a receive call of a container's thread returned ev.len bytes of
+        # socket ev.skb (ev.proto: its flags).  A datagram socket hands out one packet per
+        # call, the oldest: the head of the socket's queue, which it ends if the length is
+        # that packet's payload (its whole IP packet for a raw socket).
+        cdef int32_t ret = <int32_t>ev.len
+        cdef sock_queue_t *q
+        cdef uint32_t seq
+        cdef int64_t s
+        cdef mace_entry *e
+        if not self.socket or ret < 0 or ev.proto & (MSG_PEEK | MSG_ERRQUEUE):
+            return
+        q = self._sock(ev.skb, False)
+        if q == NULL or q.head == q.tail:
+            self.gcount[G_RECV_UNPAIRED] += 1
+            return
+        seq = q.head
+        q.head += 1
+        q.last = ev.ts
+        s = self._lookup(_queued_key(ev.skb, q.gen, seq))
+        if s < 0 or self.table[s].tid != seq:
+            self.gcount[G_RECV_UNPAIRED] += 1        # expired, evicted: counted there
+            return
+        e = &self.table[s]
+        if self._expired(e):
+            self._retire(e, CC_EXPIRED)             # (as unpaired: see _retire)
+            self._delete(<uint64_t>s)
+            self.gcount[G_RECV_UNPAIRED] += 1
+            return
+        MACE_ASSERT(self.steps[INGRESS][e.step].type == T_READY, "a queued packet's step")
+        if ev.ts >= e.t0 + e.tlast and _payload_fits(<uint32_t>ret, e.l3, e.proto, e.flags & F_IPV6):
+            self._emit(e, ev)
+        else:
+            self.ccount[(e.container * 2 + INGRESS) * NCC + CC_UNPAIRED] += 1
+        self._delete(<uint64_t>s)
+
     cdef void _emit(self, mace_entry *e, const mace_event *ev) noexcept nogil:
         cdef int cd = e.container * 2 + e.dir
         cdef uint64_t lat = ev.ts - e.t0
@@ -728,7 +982,7 @@ cdef class Correlator(EventSink):
         r.seq = self.seq[cd]
         r.container = <uint16_t>e.container
         r.dir = e.dir
-        r.nhops = 5 if e.dir == EGRESS else 4       # HOP_SLOTS
+        r.nhops = self.nhops[e.dir]       # HOP_SLOTS, and the socket segment's last one
         r.cpu = ev.cpu
         memcpy(r.hop, e.hop, sizeof(r.hop))
 
@@ -788,7 +1042,11 @@ cdef class Correlator(EventSink):
             e.flags |= F_PARKED | F_QUEUED
             self.gcount[G_PARKED] += 1
             return
-        if e.container >= 0:
+        if self._awaits_socket(e):
+            # received by the container, but no socket took it in its chain (a port nobody
+            # listens on, a stream's: see Plan.socket_probes)
+            self.ccount[(e.container * 2 + INGRESS) * NCC + CC_UNPAIRED] += 1
+        elif e.container >= 0:
             # egress: delivered to the host itself (or dropped untraced) before the uplink;
             # ingress (with hops): the veth did not hand it to the container
             self.ccount[(e.container * 2 + e.dir) * NCC + (CC_LOCAL if e.dir == EGRESS else CC_REJECTED)] += 1
@@ -879,7 +1137,8 @@ cdef class Correlator(EventSink):
             return (e.container >= 0 and t == T_QUEUE and cls & C_UPLINK
                     and ev.len - ETH_HLEN == (ND_L3 if e.proto == ETH_P_IPV6 else ARP_L3))
         return t == T_XMIT and cls & (C_BRIDGE | C_VETH) and (
-            ev.proto == ETH_P_ARP or (ev.proto == ETH_P_IPV6 and ev.len - ETH_HLEN == ND_L3))
+            (ev.proto == ETH_P_ARP and ev.len - ETH_HLEN == ARP_L3)
+            or (ev.proto == ETH_P_IPV6 and ev.len - ETH_HLEN == ND_L3))
 
     cdef bint _may_queue(self, const mace_entry *e) noexcept nogil:
         # e's chain ended while a resolution was in progress in its direction (it began no
@@ -945,13 +1204,19 @@ cdef class Correlator(EventSink):
                 self.ccount[(y * 2 + INGRESS) * NCC + CC_LOCAL] += 1
             e.flags |= F_ACCOUNTED
             return
+        if self._awaits_socket(e):
+            # received by the container and over before a socket took it, freed where no
+            # drop is sampled (a port nobody listens on: see Plan.probes), as in _resolve
+            self.ccount[(e.container * 2 + INGRESS) * NCC + CC_UNPAIRED] += 1
+            return
         self._retire(e, CC_REJECTED)
 
     cdef void _fresh(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
         # An event with no entry: a start, a crossing we missed the start of, or noise.
         cdef mace_entry *e
         cdef int x
-        cdef uint64_t g
+        cdef uint64_t g, t0
+        cdef send_call_t *c
         if t == T_XMIT and cls & C_INNER and not self.veth_start:
             e = self._insert(ev.skb)
             e.dir = EGRESS
@@ -965,6 +1230,17 @@ cdef class Correlator(EventSink):
                 return
             x = self.dev_container[ev.dev]
             MACE_ASSERT(x >= 0, "a veth names its container")
+            t0 = ev.ts
+            if self.socket:
+                # The container's own transmit hands it to the veth: in the sending thread,
+                # not in an interrupt, while a send call of that thread is in progress
+                c = &self.calls[ev.tid & self.calls_mask]
+                if ((ev.flags & CTX_BITS) or c.ts == 0 or c.tid != ev.tid or c.ts > ev.ts
+                        or ev.ts - c.ts > self.max_age):
+                    self.ccount[(x * 2 + EGRESS) * NCC + CC_CROSSED] += 1
+                    self.ccount[(x * 2 + EGRESS) * NCC + CC_UNPAIRED] += 1
+                    return
+                t0 = c.ts
             e = self._insert(ev.skb)
             e.dir = EGRESS
             e.l3 = ev.len
@@ -973,7 +1249,10 @@ cdef class Correlator(EventSink):
             e.container = x
             e.step = 1
             self.ccount[(x * 2 + EGRESS) * NCC + CC_CROSSED] += 1
-            e.t0 = ev.ts
+            e.t0 = t0
+            if t0 != ev.ts:
+                e.hop[0] = <uint32_t>(ev.ts - t0)       # the container's own stack
+                e.tlast = <uint32_t>(ev.ts - t0)
             e.cpu = ev.cpu
             e.tid = ev.tid
             e.ctx = ev.flags & CTX_BITS
@@ -1020,6 +1299,15 @@ cdef class Correlator(EventSink):
             self.now = ev.ts
         if t == T_ROUTE:
             self._route(ev, cls)
+            return 0
+        if t == T_CALL or t == T_RETURN:
+            self._call(ev, t == T_CALL)
+            return 0
+        if t == T_READY:
+            self._ready(ev)
+            return 0
+        if t == T_RECEIVED:
+            self._received(ev)
             return 0
         if ev.skb == 0:
             self.gcount[G_IGNORED] += 1     # (not a network event: no chain ends for it)

@@ -67,6 +67,7 @@ cdef extern from "mace_abi.h" nogil:
         PERF_RECORD_SAMPLE
         PERF_IOC_FLAG_GROUP
         PERF_FLAG_FD_CLOEXEC
+        PERF_FLAG_PID_CGROUP
 
     # ioctl request numbers are macros built with _IO/_IOW.
     const unsigned long PERF_EVENT_IOC_ENABLE

@@ -15,7 +15,8 @@ typedef struct mace_entry {
     uint32_t hop[MACE_HOPS];  /* ns after t0 of each intermediate step, 0 = not seen */
     uint32_t tlast;           /* ns after t0 of the last matched event */
     uint32_t l3;              /* length without the Ethernet header */
-    uint32_t tid;             /* thread of the last matched event (synchronous steps) */
+    uint32_t tid;             /* thread of the last matched event (synchronous steps); in a
+                                 socket's queue (the socket segment), its place there */
     int16_t container;        /* -1 until the packet crossed a monitored veth */
     int16_t start_dev;        /* device slot of the start event */
     uint16_t cpu;             /* CPU of the last matched event */

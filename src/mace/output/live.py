@@ -36,8 +36,13 @@ SPARK_S = 30            # seconds shown in a sparkline
 REDRAW_S = 0.25
 SPARK = "▁▂▃▄▅▆▇█"
 # the segments between consecutive steps, by direction (see mace.plan)
-EGRESS_SEGMENTS = ("veth xmit", "veth backlog", "bridge", "routing/NAT", "uplink qdisc")
-INGRESS_SEGMENTS = ("routing/NAT", "bridge", "veth xmit", "container backlog")
+# What lies between two steps of a report (its hop slots, then its end): the host's IP
+# layer is split at the routing decision (netfilter's PREROUTING and the lookup before it;
+# FORWARD, POSTROUTING (NAT) and the output after it)
+EGRESS_SEGMENTS = ("veth xmit", "veth backlog", "bridge", "prerouting, route",
+                   "forward, postrouting", "uplink qdisc")
+INGRESS_SEGMENTS = ("prerouting, route", "forward, postrouting", "bridge", "veth xmit",
+                    "container backlog", "socket, until read")
 
 
 def sparkline(values: list[float | None]) -> str:
@@ -64,6 +69,14 @@ def segments(direction: int, hops: tuple, latency: int) -> list[int | None]:
     return out[:len(EGRESS_SEGMENTS if direction == 0 else INGRESS_SEGMENTS)]
 
 
+def segment_names(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The segments each direction's reports of `plan` have (see segments())."""
+    egress = EGRESS_SEGMENTS if not plan.end_at_queue else EGRESS_SEGMENTS[:-1]
+    if plan.socket:     # the send call to the veth is the container's own stack
+        return ("container stack", *egress[1:]), INGRESS_SEGMENTS
+    return egress, INGRESS_SEGMENTS[:-1]
+
+
 class LiveView:
     """Context manager drawing the live view of a Tracer; `quit` turns true on `q`."""
 
@@ -78,8 +91,8 @@ class LiveView:
         self.snapshots: deque = deque()        # (time, histograms, counters, events)
         self.spark: list[list[deque]] = [[deque(maxlen=SPARK_S), deque(maxlen=SPARK_S)]
                                          for _ in labels]
-        self.hop_sums = [[[0] * 5, [0] * 4] for _ in labels]
-        self.hop_counts = [[[0] * 5, [0] * 4] for _ in labels]
+        self.hop_sums = [[[0] * len(EGRESS_SEGMENTS), [0] * len(INGRESS_SEGMENTS)] for _ in labels]
+        self.hop_counts = [[[0] * len(EGRESS_SEGMENTS), [0] * len(INGRESS_SEGMENTS)] for _ in labels]
         self.second: list[list[list[int]]] = [[[], []] for _ in labels]
         self.last_second = time.monotonic()
         self.last_draw = 0.0
@@ -184,7 +197,8 @@ class LiveView:
         span = max(now - t0, 1e-3)
         wide = self.console.width >= 130      # narrow terminals drop the since-start columns
         table = Table(box=box.SIMPLE_HEAD, expand=True, title=f"mace · {len(self.labels)} "
-                      f"container(s) · uplink {self.plan.uplink} · {now - self.started:.0f} s",
+                      f"container(s) · {self.plan.segment} segment · uplink {self.plan.uplink} · "
+                      f"{now - self.started:.0f} s",
                       title_justify="left")
         table.add_column("container", no_wrap=True, overflow="ellipsis", max_width=28)
         table.add_column("dir", no_wrap=True)
@@ -226,8 +240,7 @@ class LiveView:
         t.add_column("segment")
         t.add_column("mean µs", justify="right")
         t.add_column("share")
-        egress_names = EGRESS_SEGMENTS[:-1] if self.plan.end_at_queue else EGRESS_SEGMENTS
-        for d, names in enumerate((egress_names, INGRESS_SEGMENTS)):
+        for d, names in enumerate(segment_names(self.plan)):
             means = [s / n if n else None for s, n in zip(self.hop_sums[c][d], self.hop_counts[c][d], strict=True)]
             total = sum(m for m in means if m) or 1
             for i, (name, m) in enumerate(zip(names, means, strict=False)):

@@ -2,15 +2,19 @@
 
     mace   [1552589043.315681] (1) egress: 80932      (prefixed with the target with several)
     jsonl  {"ts": 1552589043.315681, "netns": 4026532281, "target": "web", "container": "web",
-            "dir": "egress", "seq": 1, "latency_ns": 80932, "len": 84, "cpu": 1, "hops": {...}}
-    csv    ts,netns,target,container,pod,k8s_namespace,dir,seq,latency_ns,len,cpu[,hop columns]
+            "segment": "device", "dir": "egress", "seq": 1, "latency_ns": 80932, "len": 84,
+            "cpu": 1, "hops": {...}}
+    csv    ts,netns,target,container,pod,k8s_namespace,segment,dir,seq,latency_ns,len,cpu[,hops]
 
 `container` is the runtime's name for a target given as docker:, podman:, containerd: or
 pod: (null, or an empty CSV cell, for a PID or a namespace); a pod's reports also carry
 `pod` and `k8s_namespace` (CSV has their columns always, empty but for a pod).
 
-`ts` is the wall-clock time the packet entered the measured segment (egress: it left the
-container's device; ingress: the host's uplink received it).  Hops (with --hops) give, for
+`segment` is what the latency measures: "device" (the container's device or host-side veth
+to the uplink and back) or "socket" (MACE's: its process's send call to the uplink's
+transmit, and the uplink's receive to the receive call).  `ts` is the wall-clock time the
+packet entered the measured segment (egress: it left the container's device, or its process
+called send; ingress: the host's uplink received it).  Hops (with --hops) give, for
 each intermediate step, the ns after `ts` at which the packet reached it.
 
 The lines are made in compiled code (mace.output._format) from the packed reports, with
@@ -30,9 +34,9 @@ from typing import IO
 from mace.defaults import DIRECTIONS, FORMATS  # noqa: F401 - FORMATS: where sinks are chosen
 from mace.output import _format, clock
 from mace.output.report import Report, pack
-from mace.plan import EGRESS_HOPS, INGRESS_HOPS
+from mace.plan import hop_names
 
-HOP_NAMES = (EGRESS_HOPS, INGRESS_HOPS)
+HOP_NAMES = hop_names("device")
 NO_CONTAINER = {"container": None}      # a PID's or a namespace's reports: no runtime named them
 # JSON keys a report's own values take, after its target's: a runtime name may not take them
 REPORT_KEYS = ("dir", "seq", "latency_ns", "len", "cpu")
@@ -40,8 +44,8 @@ REPORT_KEYS = ("dir", "seq", "latency_ns", "len", "cpu")
 ENCODING, ERRORS = "utf-8", "surrogatepass"
 
 
-def hop_columns() -> list[str]:
-    return [f"{d}_{h.replace(' ', '_')}_ns" for d, names in zip(DIRECTIONS, HOP_NAMES, strict=True)
+def hop_columns(segment: str = "device") -> list[str]:
+    return [f"{d}_{h.replace(' ', '_')}_ns" for d, names in zip(DIRECTIONS, hop_names(segment), strict=True)
             for h in names]
 
 
@@ -51,29 +55,30 @@ def csv_names(container: dict | None) -> list[str]:
 
 
 def target_prefix(fmt: str, label: str, inode: int, container: dict | None = None, *,
-                  hops: bool = False) -> bytes:
+                  hops: bool = False, segment: str = "device") -> bytes:
     """What every line of a target's reports carries, for the compiled formatter: the label
-    and a space (MACE lines, with several targets); `"netns":..,"target":..,"container":..`
-    JSON-escaped (JSON lines); `,netns,target,container,pod,k8s_namespace` quoted as the
-    csv module quotes them (CSV)."""
+    and a space (MACE lines, with several targets); `"netns":..,"target":..,"container":..,
+    "segment":..` JSON-escaped (JSON lines); `,netns,target,container,pod,k8s_namespace,
+    segment` quoted as the csv module quotes them (CSV)."""
     if fmt == "mace":
         return f"{label} ".encode(ENCODING, ERRORS)
     if fmt == "jsonl":
         obj = {"netns": inode, "target": label, **(NO_CONTAINER | (container or {}))}
-        clash = set(obj) & {*REPORT_KEYS, *(("hops",) if hops else ())}
+        clash = set(obj) & {*REPORT_KEYS, "segment", *(("hops",) if hops else ())}
         if clash:
             raise ValueError(f"target {label}: {', '.join(sorted(clash))} is a report field, "
                              "not a name of the target")
+        obj["segment"] = segment
         return json.dumps(obj, separators=(",", ":"))[1:-1].encode()
     if fmt == "csv":
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([inode, label, *csv_names(container)])
+        csv.writer(buf, lineterminator="\n").writerow([inode, label, *csv_names(container), segment])
         return ("," + buf.getvalue()[:-1]).encode(ENCODING, ERRORS)
     raise ValueError(f"unknown format {fmt!r}")
 
 
 def formatter(fmt: str, wall_offset_ns: int, hops: bool = False,
-              targets: Sequence[tuple[str, int, dict | None]] = ()) -> _format.Formatter:
+              targets: Sequence[tuple[str, int, dict | None]] = (), segment: str = "device") -> _format.Formatter:
     """A compiled formatter for `fmt` with `targets` (label, inode, container) added.
 
     Example (the service, one namespace's queue)::
@@ -81,10 +86,10 @@ def formatter(fmt: str, wall_offset_ns: int, hops: bool = False,
         f = formatter("jsonl", offset, hops, [(ns.label, ns.inode, ns.identity)])
         f.format(packed, out, 0)            # every report is target 0's
     """
-    keys = tuple(tuple(json.dumps(h).encode() + b":" for h in names) for names in HOP_NAMES)
+    keys = tuple(tuple(json.dumps(h).encode() + b":" for h in names) for names in hop_names(segment))
     f = _format.Formatter(fmt, wall_offset_ns, hops=hops, hop_names=keys)
     for label, inode, container in targets:
-        f.add_target(target_prefix(fmt, label, inode, container, hops=hops))
+        f.add_target(target_prefix(fmt, label, inode, container, hops=hops, segment=segment))
     return f
 
 
@@ -95,8 +100,9 @@ class Sink:
 
     def __init__(self, out: IO[str], labels: Sequence[str], inodes: Sequence[int], *,
                  hops: bool = False, wall_offset_ns: int | None = None,
-                 containers: Sequence[dict | None] | None = None):
+                 containers: Sequence[dict | None] | None = None, segment: str = "device"):
         self.out = out
+        self.segment = segment
         self.labels = list(labels)
         self.inodes = list(inodes)
         # per target: {"container": name, and "pod", "k8s_namespace" for a pod} or None
@@ -114,14 +120,15 @@ class Sink:
 
     def _formatter(self) -> tuple[_format.Formatter, int]:
         return formatter(self.FORMAT, self.offset, self.hops,
-                         zip(self.labels, self.inodes, self.containers, strict=True)), -1
+                         zip(self.labels, self.inodes, self.containers, strict=True), self.segment), -1
 
     def add_target(self, label: str, inode: int, container: dict | None = None) -> None:
         """A target traced from now on, at the next container index (a restarted one)."""
         self.labels.append(label)
         self.inodes.append(inode)
         self.containers.append(container)
-        self.formatter.add_target(target_prefix(self.FORMAT, label, inode, container, hops=self.hops))
+        self.formatter.add_target(target_prefix(self.FORMAT, label, inode, container, hops=self.hops,
+                                                segment=self.segment))
 
     def wall(self, r: Report, digits: int = 9) -> str:
         """When `r` entered the segment, in seconds since the epoch (see clock.wall)."""
@@ -169,13 +176,13 @@ class JsonlSink(Sink):
 
 class CsvSink(Sink):
     FORMAT = "csv"
-    COLUMNS = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
-               "len", "cpu"]
+    COLUMNS = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "segment", "dir", "seq",
+               "latency_ns", "len", "cpu"]
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         csv.writer(self.out, lineterminator="\n").writerow(
-            self.COLUMNS + (hop_columns() if self.hops else []))
+            self.COLUMNS + (hop_columns(self.segment) if self.hops else []))
 
 
 def make_sink(fmt: str, out: IO[str], labels, inodes, **kw) -> Sink:

@@ -15,9 +15,10 @@ from mace.defaults import (
 )
 from mace.output.clock import us as _us
 from mace.output.report import Histogram, coverage
-from mace.plan import EGRESS_HOPS, INGRESS_HOPS, QUEUE, RECV, ROUTE, RX, XMIT
+from mace.plan import EGRESS_HOPS, INGRESS_HOPS, QUEUE, RECV, ROUTE, RX, SOCKET_INGRESS_HOPS, XMIT
 
-COUNTERS = ("crossed", "local", "dropped", "orphans", "expired", "evicted", "rejected", "in_flight")
+COUNTERS = ("crossed", "local", "dropped", "orphans", "expired", "evicted", "rejected", "unpaired",
+            "in_flight")
 PERCENTILES = (50, 90, 99)
 
 
@@ -27,10 +28,10 @@ class Tally:
     interval in the correlator's histogram buckets, so a long trace holds no list of values.
     Hop intervals are named by the step they end at (see HOP_STEPS)."""
 
-    def __init__(self, ncontainers: int, hops: bool, end_at_queue: bool):
+    def __init__(self, ncontainers: int, hops: bool, end_at_queue: bool, segment: str = "device"):
         self.written = [[0, 0] for _ in range(ncontainers)]
         self.hops = hops
-        self.steps = hop_steps(end_at_queue)
+        self.steps = hop_steps(end_at_queue, segment)
         # by container, then direction: row container * 2 + dir
         self.buckets = [[[0] * _nbuckets() for _ in self.steps[d]] for _ in range(ncontainers)
                         for d in DIRECTIONS] if hops else []
@@ -72,11 +73,13 @@ class Tally:
 HOP_STEPS = {"egress": (*EGRESS_HOPS, "uplink xmit"), "ingress": (*INGRESS_HOPS, "container receive")}
 
 
-def hop_steps(end_at_queue: bool) -> dict[str, tuple[str, ...]]:
+def hop_steps(end_at_queue: bool, segment: str = "device") -> dict[str, tuple[str, ...]]:
+    # the socket segment goes on from the container's device to the receive call
+    ingress = (*SOCKET_INGRESS_HOPS, "socket receive") if segment == "socket" else HOP_STEPS["ingress"]
     if not end_at_queue:
-        return HOP_STEPS
+        return {"egress": HOP_STEPS["egress"], "ingress": ingress}
     # ending at the uplink's queue, the queue is the end: its slot (the last) stays empty
-    return {"egress": EGRESS_HOPS[:-1] + ("uplink queue",), "ingress": HOP_STEPS["ingress"]}
+    return {"egress": EGRESS_HOPS[:-1] + ("uplink queue",), "ingress": ingress}
 
 
 def _nbuckets() -> int:
@@ -119,6 +122,7 @@ def build(tracer, labels, inodes, tally: Tally | None = None,
         duration = round(tracer.stopped_at - tracer.started_at, 3)
     rings = stats["rings"]
     return {
+        "segment": tracer.plan.segment,
         "duration_s": duration,
         "containers": out,
         "events": rings.get("events", 0),
@@ -218,9 +222,10 @@ def format_text(summary: dict) -> str:
     """A table, one line per container and direction, then the totals.  Targets are shown
     whole (container runtimes' netns paths share long prefixes)."""
     w = max([6] + [len(c["target"]) for c in summary["containers"]])
+    segment = summary.get("segment", "device")
     head = (f"{'target':<{w}} {'dir':<7} {'count':>7} {'cover':>7} {'min':>8} {'p50':>8} "
             f"{'p90':>8} {'p99':>8} {'max':>8}  (us)   lost-to: orphan expired evicted rejected")
-    lines = [head]
+    lines = [f"segment: {segment} ({SEGMENT_TEXT[segment]})", head]
     for c in summary["containers"]:
         for d in DIRECTIONS:
             r = c[d]
@@ -251,6 +256,12 @@ def format_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+SEGMENT_TEXT = {
+    "device": "the container's host-side veth to the uplink, and the uplink to its device",
+    "socket": "the container's send call to the uplink's transmit, and the uplink to its receive call",
+}
+
+
 def _explanations(summary: dict) -> list[str]:
     """The counters behind each shortfall, the per-hop medians and the targets that went
     away, a line each, under the table."""
@@ -273,6 +284,13 @@ def _explanations(summary: dict) -> list[str]:
                 if d == "egress" and r["crossed"] and not r["count"] and r["local"]:
                     out.append(f"{at}: " + uplink_hint(summary.get("uplinks", []),
                                                        summary.get("untraced_route_devices", [])))
+            if r.get("unpaired"):
+                out.append(f"{at}: {r['unpaired']} crossed but no call of the container's took them ("
+                           + ("sent outside a send call: the kernel's own (TCP ACKs and "
+                              "retransmissions, ICMP errors), one that waited for the container's ARP"
+                              if d == "egress" else
+                              "delivered to no socket in their chain, never read, or a stream's")
+                           + "): the socket segment does not report them")
             if r.get("hop_p50_ns"):
                 steps = " · ".join(f"{n} {_us(v)}" for n, v in r["hop_p50_ns"].items())
                 out.append(f"{at} hops, p50 µs to each step: {steps}")

@@ -29,7 +29,15 @@ from mace.output.sinks import NO_CONTAINER
 from mace.plan import ContainerPath, Plan
 from mace.service import protocol as P
 from mace.service.queue import Namespace
-from mace.targets.netns import Target, candidate_namespaces, describe_path, discover, host_links, present
+from mace.targets.netns import (
+    Target,
+    candidate_namespaces,
+    describe_path,
+    discover,
+    host_links,
+    path_of,
+    present,
+)
 from mace.tracer import Tracer
 
 if TYPE_CHECKING:
@@ -251,8 +259,11 @@ class Engine(threading.Thread):
             raise P.ProtocolError(P.TOPOLOGY, "this namespace's veth leads to another namespace "
                                               "than the service's",
                                   hint="run `mace serve` in the host namespace the containers' veths are in")
-        ns = Namespace(inode, ContainerPath(f"netns:{inode}", c.inner, c.veth, c.bridge),
-                       c.veth_index, self.opts.queue_size, pid=pid)
+        try:
+            path = path_of(topo.containers[0], self.opts.segment)
+        except MaceError as e:          # the socket segment: no cgroup of its own
+            raise P.ProtocolError(P.TOPOLOGY, str(e), e.hint or "") from None
+        ns = Namespace(inode, path, c.veth_index, self.opts.queue_size, pid=pid)
         self._host, self._uplinks = (topo.host_ns, topo.host_ns_inode), topo.uplinks
         return ns
 
@@ -285,7 +296,8 @@ class Engine(threading.Thread):
                            f"{lost} unread reports discarded")
                 continue
             ns = Namespace(item["inode"], ContainerPath(f"netns:{item['inode']}", item["inner"],
-                                                        item["veth"], item.get("bridge")),
+                                                        item["veth"], item.get("bridge"),
+                                                        item.get("cgroup")),
                            item["veth_index"], self.opts.queue_size, pid=item.get("pid"),
                            since=item.get("since"))
             ns.push(base64.b64decode(item.get("unread", "")))
@@ -320,7 +332,7 @@ class Engine(threading.Thread):
             indexes = ()
         return Plan(containers, uplinks[0], hops=self.opts.hops, end_at_queue=self.opts.end_at_queue,
                     start_at_veth=self.opts.start_at_veth, extra_uplinks=uplinks[1:],
-                    uplink_indexes=indexes)
+                    uplink_indexes=indexes, segment=self.opts.segment)
 
     def _add(self, new: list[Namespace], host: tuple[str, int], uplinks: tuple[str, ...]) -> None:
         # free indexes first, then new ones; one plan for all

@@ -204,10 +204,12 @@ class Book:
 class Collector:
     """A prometheus_client collector over `snapshot()` (which runs in the engine thread)."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot | None], hops: bool, end_at_queue: bool):
+    def __init__(self, snapshot: Callable[[], Snapshot | None], hops: bool, end_at_queue: bool,
+                 segment: str = "device"):
         self.snapshot = snapshot
         self.hops = hops
-        steps = hop_steps(end_at_queue)
+        self.segment = segment
+        steps = hop_steps(end_at_queue, segment)
         # per direction: (row, hop label) of each interval a report can have
         self.hop_rows = [[(1 + i, n.replace(" ", "_")) for i, n in enumerate(steps[d][:-1])]
                          + [(HOP_ROWS - 1, steps[d][-1].replace(" ", "_"))] for d in DIRECTIONS]

@@ -107,6 +107,7 @@ class Namespace:
     def saved(self, queue: bool = True) -> dict:
         """What a restarted service needs to resume it (with `queue`, its unread reports)."""
         out = {"inode": self.inode, "inner": self.path.inner, "veth": self.path.veth,
+               "cgroup": self.path.cgroup,
                "veth_index": self.veth_index, "bridge": self.path.bridge, "since": self.since,
                "pid": self.pid}
         if queue:

@@ -92,6 +92,7 @@ class Options:
     metrics: tuple[str, int] | None = None  # (address, port) of the Prometheus endpoint
     metrics_grace: float | None = None  # s a gone container's series stay; None: $MACE_METRICS_GRACE or 120
     all: bool = False                   # trace every container on the host, as they come and go
+    segment: str = "device"             # what is measured (mace.plan.Plan.segment)
     targets: tuple = ()                 # mace.targets.netns.Target, traced from the start
 
 
@@ -198,7 +199,8 @@ class Service:
             return engine.call_blocking(engine.metrics_snapshot, timeout=SCRAPE_TIMEOUT)
 
         self._metrics = Endpoint(*self.opts.metrics,
-                                 Collector(snapshot, self.opts.hops, self.opts.end_at_queue),
+                                 Collector(snapshot, self.opts.hops, self.opts.end_at_queue,
+                                           self.opts.segment),
                                  health=self.health)
         self.log(f"mace: metrics on {self._metrics.url}")
 
@@ -503,7 +505,7 @@ class Service:
         # the lines are made in compiled code, the namespace's own fields once per batch;
         # every report in its queue is its own (target 0), whatever the tracer's index
         formatter("jsonl", self.wall_offset, self.opts.hops,
-                  [(ns.label, ns.inode, ns.identity)]).format(raw, out, 0)
+                  [(ns.label, ns.inode, ns.identity)], self.opts.segment).format(raw, out, 0)
         writer.write(out)
         await writer.drain()
 

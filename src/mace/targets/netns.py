@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from pyroute2 import IPRoute
 
 from mace.errors import TargetNotFound, TopologyError, UplinkMissing
 from mace.plan import ContainerPath, Plan
+from mace.targets import cgroups
 
 NETNS_RUN_DIRS = ("/run/netns", "/var/run/netns")
 NS_GET_NSTYPE = 0xB703          # _IO(0xb7, 0x3)
@@ -114,12 +116,21 @@ class Topology:
     def uplinks(self) -> tuple[str, ...]:
         return (self.uplink, *self.extra_uplinks)
 
-    def plan(self, *, hops: bool = False, end_at_queue: bool = True,
-             start_at_veth: bool = True) -> Plan:
-        return Plan([ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
-                     for c in self.containers], self.uplink, hops=hops, end_at_queue=end_at_queue,
-                    start_at_veth=start_at_veth, extra_uplinks=self.extra_uplinks,
-                    uplink_indexes=self.uplink_indexes)
+    def plan(self, *, hops: bool = False, end_at_queue: bool | None = None,
+             start_at_veth: bool = True, segment: str = "device",
+             cgroups: Sequence[str] | None = None) -> Plan:
+        """The plan that traces these containers; the socket segment looks each one's cgroup
+        up (mace.targets.cgroups.own_cgroup: refused where it has none of its own), unless
+        `cgroups` gives them (a testbed's, before any process runs there).  Egress ends by
+        default where the segment's does: the uplink's queue (device), its driver (socket)."""
+        if end_at_queue is None:
+            end_at_queue = segment != "socket"
+        paths = [path_of(c, segment) if cgroups is None else dataclasses.replace(path_of(c), cgroup=cg)
+                 for c, cg in zip(self.containers, cgroups or [None] * len(self.containers), strict=True)]
+        return Plan(paths, self.uplink, hops=hops,
+                    end_at_queue=end_at_queue, start_at_veth=start_at_veth,
+                    extra_uplinks=self.extra_uplinks, uplink_indexes=self.uplink_indexes,
+                    segment=segment)
 
     def describe(self) -> list[str]:
         out = []
@@ -135,6 +146,18 @@ class Topology:
     def present(self) -> list[bool] | None:
         """Which containers still have their host-side veth (see present())."""
         return present(self.host_ns, [(c.main.veth, c.main.veth_index) for c in self.containers])
+
+
+def path_of(c: Container, segment: str = "device") -> ContainerPath:
+    """How a plan names container `c`: its devices, and for the socket segment its cgroup."""
+    cgroup = None
+    if segment == "socket":
+        t = c.target
+        # every process in its namespace (a pod's sandbox holds it, its containers' run
+        # elsewhere), and the one it was named by
+        pids = {*cgroups.pids_in_netns(t.inode), *((t.pid,) if t.pid else ())}
+        cgroup = cgroups.own_cgroup(t.label, pids)
+    return ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge, cgroup)
 
 
 def describe_path(path, uplink: str) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from mace.errors import ContainerNotFound, MaceError
 from mace.plan import ContainerPath, Plan
-from mace.targets.netns import Target, Topology, discover
+from mace.targets.netns import Target, Topology, discover, path_of
 from mace.targets.runtimes import reresolve
 
 # s an Engine API request may take while a container is waited for: the lookup runs in the
@@ -32,8 +32,11 @@ LOOKUP_TIMEOUT = 0.5
 class Restarts:
     """The gone runtime targets of a topology, and their new incarnations."""
 
-    def __init__(self, topo: Topology):
+    def __init__(self, topo: Topology, plan: Plan | None = None):
         self.topo = topo
+        # index -> how plans name it: one index is one incarnation, so its path (with the
+        # cgroup the socket segment found for it) is looked up once
+        self.paths: dict[int, ContainerPath] = dict(enumerate(plan.containers)) if plan else {}
         self.waiting: dict[int, Target] = {}     # container index -> the target as last seen
         self.over: set[int] = set()              # indexes no longer traced
         self.incarnation = [1] * len(topo.containers)
@@ -94,14 +97,17 @@ class Restarts:
         return [True if i in self.waiting else (None if i in self.over else there)
                 for i, there in enumerate(now)]
 
-    def plan(self, *, hops: bool, end_at_queue: bool, start_at_veth: bool) -> Plan:
+    def plan(self, *, hops: bool, end_at_queue: bool, start_at_veth: bool,
+             segment: str = "device") -> Plan:
         """The topology's plan with the indexes no longer traced left unused."""
+        for i, c in enumerate(self.topo.containers):
+            if i not in self.over and i not in self.paths:
+                self.paths[i] = path_of(c, segment)
         paths: list[ContainerPath | None] = [
-            None if i in self.over else ContainerPath(c.target.label, c.main.inner, c.main.veth, c.main.bridge)
-            for i, c in enumerate(self.topo.containers)]
+            None if i in self.over else self.paths[i] for i in range(len(self.topo.containers))]
         return Plan(paths, self.topo.uplink, hops=hops, end_at_queue=end_at_queue,
                     start_at_veth=start_at_veth, extra_uplinks=self.topo.extra_uplinks,
-                    uplink_indexes=self.topo.uplink_indexes)
+                    uplink_indexes=self.topo.uplink_indexes, segment=segment)
 
     def label(self, i: int) -> str:
         """How the summary names index i: `web`, then `web (2)` for its next incarnation."""

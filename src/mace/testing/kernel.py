@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from mace.capture._ring import DEV_NONE
-from mace.capture.perf import Event
-from mace.plan import FREE, QUEUE, RECV, ROUTE, RX, XMIT, ContainerPath, Plan
+from mace.capture.perf import Event, field_names
+from mace.plan import FREE, QUEUE, READY, RECEIVED, RECV, ROUTE, RX, XMIT, ContainerPath, Plan
 from mace.testing.synthetic import NetEvent, builtin_format
 
 # -- shared ------------------------------------------------------------------------------------
@@ -38,7 +38,13 @@ ETH_HLEN = 14
 IP, IP6, ARP = 0x0800, 0x86DD, 0x0806     # the tracepoints store ntohs(skb->protocol)
 ARP_L3 = 28
 EGRESS, INGRESS = 0, 1
-TP = {"xmit": XMIT, "recv": RECV, "rx": RX, "queue": QUEUE, "free": FREE, "route": ROUTE}
+TP = {"xmit": XMIT, "recv": RECV, "rx": RX, "queue": QUEUE, "free": FREE, "route": ROUTE,
+      "call": "syscalls:sys_enter_sendto", "return": "syscalls:sys_exit_sendto", "ready": READY,
+      "recvmsg": RECEIVED}
+CALL_TPS = ("call", "return", "recvmsg")       # bound to the containers' cgroups
+SOCK_BASE = 0xFFFF8881_3A000000                # socket addresses (sockets are not skbs)
+ICMP, UDP, TCP = 1, 17, 6
+MSG_PEEK = 2
 F_SOFTIRQ = 0x10                # common_flags of a sample taken in softirq context
 
 
@@ -70,6 +76,8 @@ class Kernel:
         k = self.kind.get(tp)
         if k is None:
             return False
+        if self.probes[k].cgroups:    # a call: the acting container's veth stands for its cgroup
+            return dev in {c.veth for _, c in self.plan.active}
         if tp == ROUTE:     # the plan's route filter: a forward lookup to an uplink, or a route
             return dev in self.probes[k].devices or (role == "fwd" and dev in self.plan.uplinks)
         devices = self.probes[k].devices
@@ -81,10 +89,12 @@ class Kernel:
         if not self.visible(tp, dev, role):
             return None
         f = builtin_format(tp).fields
-        return Event(ts=ts, skb=skb, len=length if "len" in f else 0, tid=tid, cpu=cpu,
+        names = field_names(tp)
+        return Event(ts=ts, skb=skb if names["key"] in f else 0,
+                     len=length & 0xFFFFFFFF if names["len"] in f else 0, tid=tid, cpu=cpu,
                      kind=self.kind[tp], flags=flags,
                      dev=self.slot[dev] if "name" in f else DEV_NONE,
-                     proto=proto if "protocol" in f else 0)
+                     proto=proto & 0xFFFF if names["proto"] in f else 0)
 
     def net_event(self, ev: Event) -> NetEvent:
         """The synthetic sample that decodes to `ev`."""
@@ -101,16 +111,21 @@ class World:
     cpus: list[int]
     pool: list[int]
     max_age: int
+    # a socket's generation per (box, protocol): one never read again is closed (its process
+    # went away), and the box's later packets of that protocol go to a new socket
+    sockets: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
 
     @property
     def kernel(self) -> Kernel:
         return Kernel(self.plan)
 
 
-def make_plan(boxes: list[Box], *, hops: bool, end_at_queue: bool, start_at_veth: bool = False) -> Plan:
+def make_plan(boxes: list[Box], *, hops: bool, end_at_queue: bool, start_at_veth: bool = False,
+              socket: bool = False) -> Plan:
     mon = sorted((b for b in boxes if b.mon is not None), key=lambda b: b.mon)
-    return Plan([ContainerPath(f"ns{b.mon}", b.inner, b.veth, b.bridge) for b in mon], UPLINK,
-                hops=hops, end_at_queue=end_at_queue, start_at_veth=start_at_veth)
+    return Plan([ContainerPath(f"ns{b.mon}", b.inner, b.veth, b.bridge, f"/cg/{b.veth}" if socket else None)
+                 for b in mon], UPLINK, hops=hops, end_at_queue=end_at_queue,
+                start_at_veth=start_at_veth, segment="socket" if socket else "device")
 
 
 # -- stories ----------------------------------------------------------------------------------
@@ -279,7 +294,7 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
         story = story or Story(f"ingress-{how}", segs, tuple(skbs), truth)
     elif kind == "host_in":      # the host itself sends into a container: starts at the veth
         proto = rnd.choice([IP, IP, IP6, ARP])
-        segs = ingress_chains(box, skb, L, proto)
+        segs = ingress_chains(box, skb, ARP_L3 if proto == ARP else L, proto)
         segs[0] = segs[0][1:]
         story = Story("host-in", segs, tuple(skbs))
     elif kind == "host_out":        # its route lookup is an output one (input: loopback)
@@ -297,11 +312,57 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
                                  Act("xmit", other, skb, L + ETH_HLEN, IP)]], tuple(skbs))
     else:                         # a packet we never saw, dropped
         story = Story("noise-free", [[Act("free", None, skb, 0, IP)]], tuple(skbs))
-    if dup:
+    if w.plan.socket:
+        story = socketize(story, w, box, L, rnd)
+    if dup:     # a packet's event twice (a socket's events are not a packet's: a second
+        # data_ready or receive is another packet's, a second call another send)
         segs = story.segments
         i = rnd.randrange(len(segs))
         j = rnd.randrange(len(segs[i]))
-        segs[i].insert(j + 1, segs[i][j])
+        if segs[i][j].tp not in ("ready", "recvmsg", "call", "return"):
+            segs[i].insert(j + 1, segs[i][j])
+    return story
+
+
+def socketize(story: Story, w: World, box: Box, L: int, rnd) -> Story:
+    """The socket segment's part of a story: an egress packet is sent from a send call (its
+    entry before, its exit after the veth takes it, in the same chain); an ingress packet
+    received by the container's device joins a socket's queue in that chain, and a receive
+    call of another thread takes it later.  Now and then a call with no packet, a receive
+    of nothing, a peek, a host socket's data_ready."""
+    segs = story.segments
+    bi = w.boxes.index(box)
+    sk = SOCK_BASE + 0x800 * bi     # the box's socket of this protocol (+ proto, generation)
+    if story.kind.startswith("egress") and segs and segs[0] and segs[0][0].tp == "xmit":
+        segs[0] = [Act("call", box.veth, 0, 0, role="call"), *segs[0], Act("return", box.veth, 0, 0)]
+    elif (story.kind in ("ingress-full", "ingress-parked") and segs[-1] and segs[-1][0].tp == "recv"
+          and segs[-1][0].dev == box.inner):
+        proto = rnd.choice([ICMP, ICMP, UDP, TCP])
+        ret = {ICMP: rnd.choice([L - 20, L]), UDP: L - 28, TCP: L - 40}[proto]
+        sk += 0x40 * proto + 0x100_0000 * w.sockets.get((bi, proto), 0)    # a socket per protocol
+        recv = segs[-1][0]._replace(role=None)
+        # (a stream's data_ready and receives are filtered out: see Plan.socket_probes)
+        ready = [] if proto == TCP else [Act("ready", None, sk, 0, proto)]
+        segs[-1] = [recv, *ready, *segs[-1][1:]]
+        take = [Act("recvmsg", box.veth, sk, ret, 0, "end")]
+        if proto == TCP:
+            take = []
+        elif rnd.random() < 0.1:    # a peek first: the packet stays queued
+            take.insert(0, Act("recvmsg", box.veth, sk, ret, MSG_PEEK))
+        elif rnd.random() < 0.05:   # nothing read: the process went away, its socket closed
+            take = []
+            w.sockets[(bi, proto)] = w.sockets.get((bi, proto), 0) + 1
+        if take:
+            segs.append(take)
+            story.other_tid = story.other_tid | {len(segs) - 1}
+    elif story.kind in ("noise", "noise-free") and rnd.random() < 0.5:
+        extra = rnd.choice([
+            [Act("call", box.veth, 0, 0), Act("return", box.veth, 0, 0)],         # a write to a file
+            [Act("ready", None, SOCK_BASE + 0x40_000, 0, UDP)],                   # a host socket
+            [Act("recvmsg", box.veth, sk, -11, 0)],                               # EAGAIN
+            [Act("recvmsg", box.veth, SOCK_BASE + 0x80_000, L, 0)],               # a socket never seen
+        ])
+        segs.append(extra)
     return story
 
 
@@ -333,11 +394,14 @@ class Stream:
             if story.truth is None:
                 continue
             c, d, L = story.truth
-            # the packet's events, and its route lookups (no skb: the story's own)
+            # the packet's events, and the story's own that carry no skb of it (its route
+            # lookups, its send call, the receive call that took it)
             mine = [(em, ts) for em, ts in by_story.get(i, [])
-                    if em.act.skb == story.skbs[0] or em.act.tp == "route"]
+                    if em.act.skb == story.skbs[0] or em.act.tp in ("route", "call", "recvmsg")]
             end_role = "endq" if d == EGRESS and eaq else "end"
             start_role = "vstart" if d == EGRESS and self.world.plan.start_at_veth else "start"
+            if d == EGRESS and self.world.plan.socket:
+                start_role = "call"
             starts = {ts for em, ts in mine if em.act.role == start_role}
             ends = {ts: em.cpu for em, ts in mine if em.act.role == end_role}
             out.append((c, d, L, starts, ends, {ts for _, ts in mine}))
@@ -358,6 +422,9 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
     held: dict[int, set[int]] = {c: set() for c in w.cpus}
     running: dict[int, list | None] = {c: None for c in w.cpus}   # [story, seg, pos, tid]
     ready: list[tuple[int, int]] = []        # (story, next segment)
+    # a socket's queue: the stories whose packet it holds, in the order they joined it.  A
+    # receive call takes the head, so a story's receive waits until its packet is the head.
+    queues: dict[int, list[int]] = {}
     last_tid: dict[int, int] = {}
     last_cpu: dict[int, int] = {}            # story -> CPU of its last visible event
     stories: list[Story] = []
@@ -382,11 +449,19 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
         # a call chain runs in one context: a task (with or without BH off) or a softirq
         running[cpu] = [si, seg, 0, rnd.choice(choices), rnd.choice((0x00, 0x10, 0x80, 0x90))]
 
+    def at_head(si, seg):
+        first = stories[si].segments[seg][0]
+        if first.tp != "recvmsg" or not any(a.role == "end" for a in stories[si].segments[seg]):
+            return True
+        q = queues.get(first.skb)
+        return bool(q) and q[0] == si
+
     budget = n_stories
     while True:
         idle = [c for c in w.cpus if running[c] is None]
         opts = [("run", c) for c in w.cpus if running[c] is not None]
-        if idle and ready:
+        takes = [r for r in ready if at_head(*r)]
+        if idle and takes:
             opts.append(("resume", None))
         if idle and budget > 0:
             opts.append(("new", None))
@@ -402,7 +477,8 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
             stories.append(story)
             start(len(stories) - 1, 0, cpu)
         elif what == "resume":
-            si, seg = ready.pop(rnd.randrange(len(ready)))
+            si, seg = takes[rnd.randrange(len(takes))]
+            ready.remove((si, seg))
             start(si, seg, rnd.choice(idle), seg in stories[si].other_tid)
         else:
             si, seg, pos, tid, flags = running[cpu]
@@ -410,7 +486,12 @@ def tell(w: World, rnd, n_stories: int, *, vanish: bool = False, big_gap: float 
             act = story.segments[seg][pos]
             emitted.append(Emitted(act, cpu, tid, si, flags))
             last_tid[si] = tid
-            if act.skb and act.tp != "free" and k.visible(TP[act.tp], act.dev):
+            if act.tp == "ready":
+                queues.setdefault(act.skb, []).append(si)
+            elif act.tp == "recvmsg" and act.role == "end":
+                assert queues[act.skb].pop(0) == si
+            # (a socket's events carry a socket, not an skb, and end no call chain)
+            if act.skb and act.tp not in ("free", "ready", "recvmsg") and k.visible(TP[act.tp], act.dev):
                 last_cpu[si] = cpu
                 held[cpu] &= {act.skb}         # the CPU moved on
             pos += 1

@@ -14,6 +14,7 @@ from mace.capture._ring import DEV_NONE, DEV_OTHER
 from mace.capture.perf import Event
 from mace.correlate._correlate import (
     ARP_L3,
+    CALLS,
     CLASSES,
     CTX_BITS,
     ETH_HLEN,
@@ -153,12 +154,14 @@ def merge(per_ring: list[list[Event]], horizon: int | None = None) -> tuple[list
 # The constants come from the compiled correlator, so the two cannot drift apart; the rules
 # that use them are written out again below, which is the point of a reference.
 T_NONE = 0
-T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE, T_ROUTE = (TYPES[t] for t in (
+T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE, T_ROUTE, T_CALL, T_RETURN, T_READY, T_RECEIVED = (TYPES[t] for t in (
     "net:net_dev_start_xmit", "net:netif_receive_skb", "net:netif_rx", "net:net_dev_queue", "skb:kfree_skb",
-    "fib:fib_table_lookup"))
+    "fib:fib_table_lookup", "syscalls:sys_enter_sendto", "syscalls:sys_exit_sendto", "sock:sk_data_ready",
+    "sock:sock_recv_length"))
+MSG_PEEK, MSG_ERRQUEUE, IPPROTO_TCP, IPPROTO_UDP = 2, 0x2000, 6, 17
 C_INNER, C_VETH, C_BRIDGE, C_UPLINK = (CLASSES[c] for c in ("inner", "veth", "bridge", "uplink"))
 EGRESS, INGRESS = 0, 1
-COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired", "evicted", "rejected")
+COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired", "evicted", "rejected", "unpaired")
 
 
 @dataclass
@@ -174,7 +177,7 @@ class Step:
 
 
 def paths(hops: bool, bridge: bool, end_at_queue: bool,
-          veth_start: bool = False, route: bool = False) -> tuple[list[Step], list[Step]]:
+          veth_start: bool = False, route: bool = False, socket: bool = False) -> tuple[list[Step], list[Step]]:
     """The two paths, as in Correlator._plan.  A route step only times the routing decision
     of the chain it lies in (see ReferenceCorrelator._route): no step follows it."""
     egress = [
@@ -193,9 +196,30 @@ def paths(hops: bool, bridge: bool, end_at_queue: bool,
         Step(T_XMIT, C_BRIDGE, frozenset({0}), True, hops and bridge, hop=1),
         Step(T_XMIT, C_VETH, frozenset({0, 2}), True, True, attr=True, hop=2),
         Step(T_RX, C_INNER, frozenset({3}), True, hops, hop=3),
-        Step(T_RECV, C_INNER, frozenset({3, 4}), False, True, end=True),
+        Step(T_RECV, C_INNER, frozenset({3, 4}), False, True, end=not socket, hop=4 if socket else -1),
     ]
+    if socket:      # into a socket's queue in the receive's chain, out of it by a receive call
+        ingress += [Step(T_READY, 0, frozenset({5}), True, True),
+                    Step(T_RECEIVED, 0, frozenset({6}), False, True, end=True)]
     return egress, ingress
+
+
+def payload_fits(ret: int, l3: int, proto: int, ipv6: bool) -> bool:
+    """What a datagram socket's receive returns of an l3-byte packet: all of it (raw IPv4),
+    or what follows the IP header (IPv4 20..60 in steps of 4, IPv6 40.. in steps of 8) and
+    UDP's 8 bytes."""
+    if ret > l3:
+        return False
+    h = l3 - ret
+    if proto == IPPROTO_UDP:
+        if h < 8:
+            return False
+        h -= 8
+    elif h == 0 and not ipv6:
+        return True
+    if ipv6:
+        return 40 <= h <= 512 and h % 8 == 0
+    return 20 <= h <= 60 and h % 4 == 0
 
 
 @dataclass
@@ -213,6 +237,7 @@ class Entry:
     ctx: int = 0             # interrupt context of the last matched event
     parked: bool = False     # waiting in a neighbour queue (ARP, ND)
     queued: bool = False     # ... behind another packet, which asked the neighbour
+    ipv6: bool = False       # queued in a socket: an IPv6 packet
     hops: list = field(default_factory=lambda: [0] * HOPS)
 
 
@@ -237,14 +262,20 @@ class ReferenceCorrelator:
 
     def __init__(self, kind_types, dev_classes, dev_containers, inner_slots, *,
                  max_age_ns=1_000_000_000, hops=False, bridge=True, end_at_queue=False,
-                 veth_start=False, route=False, explain=None):
+                 veth_start=False, route=False, socket=False, explain=None):
         self.kind_types = list(kind_types)
         self.dev_classes = list(dev_classes)
         self.dev_containers = list(dev_containers)
         self.inner_of = list(inner_slots)
         self.max_age = max_age_ns
-        self.paths = paths(hops, bridge, end_at_queue, veth_start, route)
+        self.paths = paths(hops, bridge, end_at_queue, veth_start, route, socket)
         self.veth_start = veth_start
+        self.socket = socket
+        self.nhops = (5, 5 if socket else 4)
+        # tid % CALLS -> (tid, when its send call began): one thread a slot, as the
+        # correlator's table (a thread whose slot another took is not in a call)
+        self.calls: dict[int, tuple[int, int]] = {}
+        self.socks: dict[int, list[int]] = {}       # socket -> [head, tail] of its queue
         self.boundary = (1 if hops or veth_start else 2, 3)
         self.table: dict[int, Entry] = {}
         # cpu -> [(skb, ts of its entry's last move)], oldest first: call chains awaiting
@@ -276,6 +307,9 @@ class ReferenceCorrelator:
         self.count[container][direction][name] += 1
 
     def _retire(self, e: Entry, counter: str):
+        if counter == "expired" and (self._awaits_socket(e) or (e.container >= 0 and self._queued(e))):
+            # the container never read it; or nothing ended its chain: no socket took it
+            counter = "unpaired"
         if e.container >= 0:
             self._c(e.container, e.dir, counter)
         else:
@@ -383,6 +417,15 @@ class ReferenceCorrelator:
         if t == T_ROUTE:
             self._route(ev, cls)
             return
+        if t in (T_CALL, T_RETURN):
+            self._call(ev, t == T_CALL)
+            return
+        if t == T_READY:
+            self._ready(ev)
+            return
+        if t == T_RECEIVED:
+            self._received(ev)
+            return
         if ev.skb == 0:
             self._g("ignored")
             return
@@ -482,14 +525,96 @@ class ReferenceCorrelator:
         e.ctx = ev.flags & CTX_BITS
         self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} step {j}")
         if st.end:
-            c, d = e.container, e.dir
-            self.seq[c][d] += 1
-            self._c(c, d, "reports")
-            self.reports.append(RefReport(e.t0, delta, e.l3, self.seq[c][d], c, d, ev.cpu,
-                                          tuple(e.hops)))
+            self._report(e, ev)
             del self.table[ev.skb]
             return
         self._push(e, ev, front)
+
+    def _report(self, e: Entry, ev) -> None:
+        c, d = e.container, e.dir
+        self.seq[c][d] += 1
+        self._c(c, d, "reports")
+        self.reports.append(RefReport(e.t0, ev.ts - e.t0, e.l3, self.seq[c][d], c, d, ev.cpu,
+                                      tuple(e.hops[:self.nhops[d]])))
+
+    def _awaits_socket(self, e: Entry) -> bool:
+        """Received by a container's device, its socket's data_ready next if any takes it."""
+        st = self.paths[INGRESS][e.step]
+        return self.socket and e.container >= 0 and e.dir == INGRESS and st.type == T_RECV and st.cls == C_INNER
+
+    def _queued(self, e: Entry) -> bool:
+        """Waiting in a socket's queue (the socket segment)."""
+        return self.socket and e.dir == INGRESS and self.paths[INGRESS][e.step].type == T_READY
+
+    # -- the socket segment ---------------------------------------------------------------------
+
+    def _call(self, ev, enter: bool) -> None:
+        if enter:
+            self.calls[ev.tid % CALLS] = (ev.tid, ev.ts)
+        elif self.calls.get(ev.tid % CALLS, (None,))[0] == ev.tid:
+            del self.calls[ev.tid % CALLS]
+
+    def _ready(self, ev) -> None:
+        """A packet joins socket ev.skb's queue, in the chain that received it (the CPU's one
+        pending chain, not a batch), keyed from now on by its place there.  One we cannot
+        tell keeps its place in a datagram socket's queue, empty: a receive takes it."""
+        q = self.pending.get(ev.cpu, [])
+        note = self.notes.get(ev.cpu, {})
+        e = self.table.get(q[0][0]) if self.socket and len(q) == 1 and not note.get("batch") else None
+        if e is not None and self._expired(e):
+            self._retire(e, "expired")
+            del self.table[q[0][0]]
+            e = None
+        j = None
+        if e is not None:
+            j = next((j for j, st in enumerate(self.paths[INGRESS])
+                      if j > e.step and st.type == T_READY and e.step in st.prev), None)
+        if (e is None or e.dir != INGRESS or e.container < 0 or e.cpu != ev.cpu or e.tid != ev.tid
+                or e.ctx != ev.flags & CTX_BITS or e.parked or not 0 <= ev.ts - (e.t0 + e.tlast) <= SYNC_MAX_NS
+                or j is None):
+            self._g("sock_unclaimed")
+            if self.socket and ev.proto != IPPROTO_TCP:
+                self.socks.setdefault(ev.skb, [0, 0])[1] += 1   # its place kept: a receive takes it
+            return
+        skb = q[0][0]
+        del q[0]
+        if not q:
+            note["batch"] = False
+        del self.table[skb]
+        if ev.proto == IPPROTO_TCP:
+            self._c(e.container, INGRESS, "unpaired")
+            return
+        head_tail = self.socks.setdefault(ev.skb, [0, 0])
+        e.ipv6 = e.proto == 0x86DD
+        e.step, e.tlast, e.cpu, e.ctx, e.proto = j, ev.ts - e.t0, ev.cpu, ev.flags & CTX_BITS, ev.proto
+        self.table[("queued", ev.skb, head_tail[1])] = e
+        self._g("inserts")
+        head_tail[1] += 1
+        self._say(f"{skb:#x} queued on socket {ev.skb:#x}")
+
+    def _received(self, ev) -> None:
+        """A receive call of socket ev.skb returned ev.len bytes: the head of its queue."""
+        ret = ev.len - (1 << 32) if ev.len >= 1 << 31 else ev.len
+        if not self.socket or ret < 0 or ev.proto & (MSG_PEEK | MSG_ERRQUEUE):
+            return
+        ht = self.socks.get(ev.skb)
+        if ht is None or ht[0] == ht[1]:
+            self._g("recv_unpaired")
+            return
+        key = ("queued", ev.skb, ht[0])
+        ht[0] += 1
+        e = self.table.pop(key, None)
+        if e is None:
+            self._g("recv_unpaired")
+            return
+        if self._expired(e):
+            self._retire(e, "expired")
+            self._g("recv_unpaired")
+            return
+        if ev.ts >= e.t0 + e.tlast and payload_fits(ret, e.l3, e.proto, e.ipv6):
+            self._report(e, ev)
+        else:
+            self._c(e.container, INGRESS, "unpaired")
 
     def _resolve(self, cpu: int, skb: int, ts: int, ev, t: int, cls: int) -> None:
         e = self.table.get(skb)
@@ -505,7 +630,8 @@ class ReferenceCorrelator:
                 arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == ask
             else:
                 arp = t == T_XMIT and cls & (C_BRIDGE | C_VETH) and (
-                    ev.proto == 0x0806 or (ev.proto == 0x86DD and ev.len - ETH_HLEN == ND_L3))
+                    (ev.proto == 0x0806 and ev.len - ETH_HLEN == ARP_L3)
+                    or (ev.proto == 0x86DD and ev.len - ETH_HLEN == ND_L3))
             if arp:
                 self._say(f"{skb:#x} parked behind a neighbour request")
                 e.parked = True
@@ -519,7 +645,9 @@ class ReferenceCorrelator:
             e.parked = e.queued = True
             self._g("parked")
             return
-        if e.container >= 0:
+        if self._awaits_socket(e):
+            self._c(e.container, INGRESS, "unpaired")       # no socket took it in its chain
+        elif e.container >= 0:
             self._c(e.container, e.dir, "local" if e.dir == EGRESS else "rejected")
         else:
             self._g("foreign" if e.dir == EGRESS else "unclaimed")
@@ -538,7 +666,10 @@ class ReferenceCorrelator:
             self._say(f"{ev.skb:#x} container to container")
             return True
         self._say(f"{ev.skb:#x} conflict at step {e.step}")
-        self._retire(e, "rejected")
+        if self._awaits_socket(e):
+            self._c(e.container, INGRESS, "unpaired")       # over before a socket took it
+        else:
+            self._retire(e, "rejected")
         return False
 
     def _fresh(self, ev, t: int, cls: int) -> None:
@@ -550,8 +681,18 @@ class ReferenceCorrelator:
                 self._g("nonip")
                 return
             x = self.dev_containers[ev.dev]
-            e = Entry(EGRESS, ev.ts, ev.len, ev.dev, ev.proto, ev.cpu, ev.tid,
-                      step=1, container=x, ctx=ev.flags & CTX_BITS)
+            t0 = ev.ts
+            if self.socket:     # handed to the veth by its own thread, inside a send call
+                tid, t0 = self.calls.get(ev.tid % CALLS, (None, 0))
+                t0 = t0 if tid == ev.tid else 0
+                if ev.flags & CTX_BITS or not t0 or t0 > ev.ts or ev.ts - t0 > self.max_age:
+                    self._c(x, EGRESS, "crossed")
+                    self._c(x, EGRESS, "unpaired")
+                    return
+            e = Entry(EGRESS, t0, ev.len, ev.dev, ev.proto, ev.cpu, ev.tid,
+                      step=1, container=x, ctx=ev.flags & CTX_BITS, tlast=ev.ts - t0)
+            if t0 != ev.ts:
+                e.hops[0] = ev.ts - t0
             self._c(x, EGRESS, "crossed")
         elif t == T_RECV and cls & C_UPLINK:
             e = Entry(INGRESS, ev.ts, ev.len, ev.dev, 0, ev.cpu, ev.tid, ctx=ev.flags & CTX_BITS)

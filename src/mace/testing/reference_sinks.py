@@ -16,8 +16,8 @@ from typing import IO
 
 from mace.output import clock
 from mace.output.report import Report
-from mace.output.sinks import HOP_NAMES, NO_CONTAINER, hop_columns
-from mace.plan import EGRESS_HOPS
+from mace.output.sinks import NO_CONTAINER, hop_columns
+from mace.plan import EGRESS_HOPS, hop_names
 
 
 class Sink:
@@ -25,8 +25,9 @@ class Sink:
 
     def __init__(self, out: IO[str], labels: Sequence[str], inodes: Sequence[int], *,
                  hops: bool = False, wall_offset_ns: int | None = None,
-                 containers: Sequence[dict | None] | None = None):
+                 containers: Sequence[dict | None] | None = None, segment: str = "device"):
         self.out = out
+        self.segment = segment
         self.labels = list(labels)
         self.inodes = list(inodes)
         self.containers = list(containers) if containers is not None else [None] * len(self.labels)
@@ -60,13 +61,14 @@ class MaceSink(Sink):
 
 
 def jsonl_line(r: Report, ts: str, netns: int, target: str, hops: bool,
-               container: dict | None = None) -> str:
+               container: dict | None = None, segment: str = "device") -> str:
     """One report as a JSON line; `ts` is Sink.wall(r), written as a number with all nine
     digits exact (a JSON encoder would go through a double)."""
     obj = {"netns": netns, "target": target, **(NO_CONTAINER | (container or {})),
-           "dir": r.direction, "seq": r.seq, "latency_ns": r.latency, "len": r.len, "cpu": r.cpu}
+           "segment": segment, "dir": r.direction, "seq": r.seq, "latency_ns": r.latency,
+           "len": r.len, "cpu": r.cpu}
     if hops:
-        obj["hops"] = dict(zip(HOP_NAMES[r.dir], r.hops, strict=True))
+        obj["hops"] = dict(zip(hop_names(segment)[r.dir], r.hops, strict=True))
     return '{"ts":' + ts + "," + json.dumps(obj, separators=(",", ":"))[1:] + "\n"
 
 
@@ -75,26 +77,26 @@ class JsonlSink(Sink):
         w = self.out.write
         for r in reports:
             w(jsonl_line(r, self.wall(r), self.inodes[r.container], self.labels[r.container],
-                         self.hops, self.containers[r.container]))
+                         self.hops, self.containers[r.container], self.segment))
         self.written += len(reports)
 
 
 class CsvSink(Sink):
-    COLUMNS = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "dir", "seq", "latency_ns",
-               "len", "cpu"]
+    COLUMNS = ["ts", "netns", "target", "container", "pod", "k8s_namespace", "segment", "dir", "seq",
+               "latency_ns", "len", "cpu"]
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.csv = csv.writer(self.out, lineterminator="\n")
-        self.csv.writerow(self.COLUMNS + (hop_columns() if self.hops else []))
+        self.csv.writerow(self.COLUMNS + (hop_columns(self.segment) if self.hops else []))
 
     def write(self, reports: list[Report]) -> None:
-        ncols = len(hop_columns())
+        ncols = len(hop_columns(self.segment))
         for r in reports:
             named = self.containers[r.container]
             row = [self.wall(r), self.inodes[r.container], self.labels[r.container],
                    *[(named or {}).get(k) for k in ("container", "pod", "k8s_namespace")],
-                   r.direction, r.seq, r.latency, r.len, r.cpu]
+                   self.segment, r.direction, r.seq, r.latency, r.len, r.cpu]
             if self.hops:
                 hops = [""] * ncols
                 base = 0 if r.dir == 0 else len(EGRESS_HOPS)

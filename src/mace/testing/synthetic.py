@@ -114,14 +114,19 @@ class NetEvent:
 
 def net_values(fmt: EventFormat, skb: int, length: int, dev: str | None,
                protocol: int | None) -> dict:
-    """raw_record values for the fields a net/skb tracepoint has of these."""
+    """raw_record values for the fields a tracepoint has of these: its key (skbaddr, or a
+    socket's), length (a receive's signed return) and protocol (a receive's flags), and
+    name (see mace.capture.perf.field_names)."""
+    from mace.capture.perf import field_names
+    names = field_names(fmt.qualified)
     values: dict = {}
-    if "skbaddr" in fmt.fields:
-        values["skbaddr"] = skb
-    if "len" in fmt.fields:
-        values["len"] = length
-    if "protocol" in fmt.fields and protocol is not None:
-        values["protocol"] = protocol
+    if names["key"] in fmt.fields:
+        values[names["key"]] = skb
+    if names["len"] in fmt.fields:
+        f = fmt.fields[names["len"]]
+        values[names["len"]] = length - (1 << 32) if f.signed and length >= 1 << 31 else length
+    if names["proto"] in fmt.fields and protocol is not None:
+        values[names["proto"]] = protocol
     if "name" in fmt.fields:
         values["name"] = dev or ""
     return values

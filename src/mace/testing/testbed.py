@@ -43,6 +43,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -94,6 +95,7 @@ class Container:
     ip: str
     veth: str             # host-side name, unique per run
     ip6: str | None = None  # with Testbed(ipv6=True)
+    cgroup: str | None = None   # with Testbed(cgroups=True): its processes' cgroup v2 directory
 
 
 @dataclass
@@ -110,7 +112,9 @@ class Testbed:
     sends on its uplink, so that packets queue there, many at a time.  topology: "bridge"
     (host-side veths enslaved to a bridge) or "routed" (Calico's layout: /32 routes and
     proxy ARP, no bridge; then `bridge` is None).  peer_dev: the name of the peer's end of
-    the uplink (default m<tag>pe); it lives in the peer namespace only.
+    the uplink (default m<tag>pe); it lives in the peer namespace only.  cgroups: each
+    container's processes run in a cgroup of its own, as a runtime's do (the socket segment
+    binds its events to it), under <cgroup v2 root>/mace-tb-<pid>-<tag>.
     """
 
     containers_n: int = 1
@@ -119,6 +123,7 @@ class Testbed:
     uplink_rate_kbit: int = 0
     topology: str = "bridge"
     peer_dev: str | None = None
+    cgroups: bool = False
     tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])
     containers: list[Container] = field(default_factory=list)
 
@@ -141,6 +146,7 @@ class Testbed:
         self.peer_ip6 = str(PEER_NET6.network_address + 2) if self.ipv6 else None
         self.gateway6 = str(HOST_NET6.network_address + 1) if self.ipv6 else None
         self._made: list[str] = []
+        self._cgroups: list[str] = []      # directories made, parents first
         self._old_term = None
         self._owner = os.getpid()
         self._procs: list[subprocess.Popen] = []
@@ -172,6 +178,8 @@ class Testbed:
         return False
 
     def build(self) -> None:
+        for c in self.containers:
+            self._cgroup(c)
         for ns in (self.host_ns, self.peer_ns, *(c.ns for c in self.containers)):
             _create_ns(ns)
             self._made.append(ns)
@@ -255,6 +263,7 @@ class Testbed:
                       ip=str(self.host_net.network_address + 10 + i), veth=f"m{self.tag}v{i}")
         if not (_in_benchmark_range(c.ip) and ipaddress.ip_address(c.ip) in self.host_net):
             raise ValueError(f"no address left for container {i}")
+        self._cgroup(c)
         _create_ns(c.ns)
         self._made.append(c.ns)
         for conf in ("all", "default"):
@@ -270,6 +279,21 @@ class Testbed:
             cr.route("add", dst="default", gateway=self.gateway)
         self.containers.append(c)
         return c
+
+    def _cgroup(self, c: Container) -> None:
+        if not self.cgroups:
+            return
+        from mace.targets.cgroups import v2_root
+        root = v2_root()
+        if root is None:
+            raise RuntimeError("no cgroup v2 hierarchy is mounted: Testbed(cgroups=True) needs one")
+        base = os.path.join(root, f"{NS_PREFIX}-{os.getpid()}-{self.tag}")
+        if not self._cgroups:
+            os.mkdir(base)
+            self._cgroups.append(base)
+        c.cgroup = os.path.join(base, f"c{c.index}")
+        os.mkdir(c.cgroup)
+        self._cgroups.append(c.cgroup)
 
     def remove_container(self, c: Container) -> None:
         """The container's namespace goes, and its veth pair with it (a container stopped)."""
@@ -331,6 +355,9 @@ class Testbed:
             for ns in reversed(self._made):
                 _remove_ns(ns)
             self._made.clear()
+            for d in reversed(self._cgroups):
+                _remove_cgroup(d)
+            self._cgroups.clear()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if self._old_term is not None:
@@ -360,9 +387,12 @@ class Testbed:
         self.run(ns, ["nft", "-f", "-"], input=ruleset, check=True)
 
     def _in(self, ns: str, argv: Sequence[str]) -> list[str]:
-        # nsenter rather than setns in preexec_fn, which is unsafe once threads run
+        # nsenter rather than setns in preexec_fn, which is unsafe once threads run; a
+        # container with a cgroup: the shell moves itself there, then becomes argv
         _check_argv(argv)
-        return ["nsenter", f"--net={self.ns_path(ns)}", "--", *argv]
+        cg = next((c.cgroup for c in self.containers if c.ns == ns and c.cgroup), None)
+        join = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cg] if cg else []
+        return ["nsenter", f"--net={self.ns_path(ns)}", "--", *join, *argv]
 
     def popen(self, ns: str, argv: Sequence[str], **kw) -> subprocess.Popen:
         """Start argv inside network namespace `ns`; teardown kills it if still running."""
@@ -472,12 +502,53 @@ class _TermToExit:
         raise SystemExit(128 + signum)
 
 
+def interrupt(p: subprocess.Popen, timeout: float = 5) -> None:
+    """Stop a process as a user would (SIGINT, so it ends cleanly), killed if it has not
+    ended within `timeout`; reaped either way."""
+    if p.poll() is not None:
+        return
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def _remove_cgroup(path: str) -> None:
+    # its processes were killed: they leave it as they exit (rmdir waits for none of them);
+    # a test may have made cgroups below it (a pod's containers), which go first
+    try:
+        children = [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        children = []
+    for child in children:
+        _remove_cgroup(child)
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:         # EBUSY: a process still exiting; a child directory
+            time.sleep(0.02)
+
+
 def remove_stale() -> list[str]:
-    """Remove testbed namespaces whose creating process is gone (a run killed by SIGKILL)."""
+    """Remove testbed namespaces (and cgroups) whose creating process is gone (a run killed
+    by SIGKILL)."""
     removed = []
     for ns in netns.listnetns():
         m = _NS_RE.match(ns)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             _remove_ns(ns)
             removed.append(ns)
+    from mace.targets.cgroups import v2_root
+    root = v2_root()
+    for d in os.listdir(root) if root else ():
+        m = re.match(rf"^{NS_PREFIX}-(\d+)-[0-9a-f]+$", d)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            base = os.path.join(root, d)
+            _remove_cgroup(base)
+            removed.append(base)
     return removed
