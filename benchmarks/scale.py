@@ -27,6 +27,7 @@ from pathlib import Path
 from benchmarks.common import DIRECTIONS, pyplot, save, wait_quiet
 
 SENDERS = 16
+NEW = 5             # containers added while serve --all runs, each followed
 VARIANTS = ("prefix", "names")
 
 
@@ -225,7 +226,7 @@ def run(quick: bool) -> dict:
     out = {**p, "sender_indexes": senders, "variants": []}
     wait_quiet(5.0)
     t0 = time.monotonic()
-    with Testbed(containers_n=p["containers"]) as tb:
+    with Testbed(containers_n=p["containers"], room=NEW) as tb:
         out["build_s"] = round(time.monotonic() - t0, 2)
         t1 = time.monotonic()
         plan = discover([resolve(tb.ns_path(c.ns)) for c in tb.containers]).plan()
@@ -239,7 +240,7 @@ def run(quick: bool) -> dict:
             wait_quiet(2.0)
             out["variants"].append(_trace(tb, plan, name, p, senders))
         wait_quiet(2.0)
-        out["serve_all"] = _serve_all(tb, 1 if quick else 5)
+        out["serve_all"] = _serve_all(tb, 1 if quick else NEW)
         t2 = time.monotonic()
     out["teardown_s"] = round(time.monotonic() - t2, 2)
     return out

@@ -114,7 +114,8 @@ class Testbed:
     proxy ARP, no bridge; then `bridge` is None).  peer_dev: the name of the peer's end of
     the uplink (default m<tag>pe); it lives in the peer namespace only.  cgroups: each
     container's processes run in a cgroup of its own, as a runtime's do (the socket segment
-    binds its events to it), under <cgroup v2 root>/mace-tb-<pid>-<tag>.
+    binds its events to it), under <cgroup v2 root>/mace-tb-<pid>-<tag>.  room: how many
+    more add_container may add (the containers' network is sized for them too).
     """
 
     containers_n: int = 1
@@ -124,6 +125,7 @@ class Testbed:
     topology: str = "bridge"
     peer_dev: str | None = None
     cgroups: bool = False
+    room: int = 0
     tag: str = field(default_factory=lambda: secrets.token_hex(3)[:5])
     containers: list[Container] = field(default_factory=list)
 
@@ -140,7 +142,7 @@ class Testbed:
         self.peer_dev = self.peer_dev or f"m{self.tag}pe"
         self.host_ip = str(PEER_NET.network_address + 1)
         self.peer_ip = str(PEER_NET.network_address + 2)
-        self.host_net = _host_net(self.containers_n)
+        self.host_net = _host_net(self.containers_n + self.room)
         self.gateway = str(self.host_net.network_address + 1)
         self.host_ip6 = str(PEER_NET6.network_address + 1) if self.ipv6 else None
         self.peer_ip6 = str(PEER_NET6.network_address + 2) if self.ipv6 else None
@@ -262,7 +264,7 @@ class Testbed:
         c = Container(index=i, ns=f"{self.host_ns.removesuffix('-host')}-c{i}", inner="eth0",
                       ip=str(self.host_net.network_address + 10 + i), veth=f"m{self.tag}v{i}")
         if not (_in_benchmark_range(c.ip) and ipaddress.ip_address(c.ip) in self.host_net):
-            raise ValueError(f"no address left for container {i}")
+            raise ValueError(f"no address left for container {i}: make the testbed with room=")
         self._cgroup(c)
         _create_ns(c.ns)
         self._made.append(c.ns)
