@@ -30,6 +30,7 @@ from mace.plan import ContainerPath, Plan
 from mace.service import protocol as P
 from mace.service.queue import Namespace
 from mace.targets.netns import (
+    HostViews,
     Target,
     candidate_namespaces,
     describe_path,
@@ -205,24 +206,27 @@ class Engine(threading.Thread):
         one update.  Lines for the log."""
         own = os.stat("/proc/self/ns/net").st_ino
         found, out = [], []
-        for path, inode in candidate_namespaces():
-            if inode == own or inode in self.enabled or inode in self._not_containers:
-                continue
-            if inode in self._excluded:
-                continue
-            if len(self.enabled) + len(found) >= self.opts.max_namespaces:
-                if not self._full:
-                    out.append(f"not tracing more than {self.opts.max_namespaces} namespaces "
-                               "(--max-namespaces)")
-                self._full = True
-                break
-            try:
-                ns = self._namespace(inode, path, None)
-            except P.ProtocolError:
-                self._not_containers.add(inode)     # no veth here (yet): asked again on a link event
-                continue
-            ns.auto, ns.keep = True, False
-            found.append(ns)
+        # one pass reads the host's links and routes once, not once per namespace (500
+        # containers: the host's dumps per namespace made the start quadratic)
+        with HostViews() as hosts:
+            for path, inode in candidate_namespaces():
+                if inode == own or inode in self.enabled or inode in self._not_containers:
+                    continue
+                if inode in self._excluded:
+                    continue
+                if len(self.enabled) + len(found) >= self.opts.max_namespaces:
+                    if not self._full:
+                        out.append(f"not tracing more than {self.opts.max_namespaces} namespaces "
+                                   "(--max-namespaces)")
+                    self._full = True
+                    break
+                try:
+                    ns = self._namespace(inode, path, None, hosts)
+                except P.ProtocolError:
+                    self._not_containers.add(inode)     # no veth here (yet): asked again on a link event
+                    continue
+                ns.auto, ns.keep = True, False
+                found.append(ns)
         if found:
             self._add(found, self._host, self._uplinks)
             for ns in found:
@@ -244,10 +248,12 @@ class Engine(threading.Thread):
             if self.tracer is not None:
                 self.tracer.interrupt()
 
-    def _namespace(self, inode: int, ns_path: str, pid: int | None) -> Namespace:
+    def _namespace(self, inode: int, ns_path: str, pid: int | None,
+                   hosts: HostViews | None = None) -> Namespace:
         # discovery of one namespace's path to the host, checked to be this service's host
         try:
-            topo = discover([Target(f"netns:{inode}", ns_path, inode, pid)], uplink=self.uplinks or None)
+            topo = discover([Target(f"netns:{inode}", ns_path, inode, pid)], uplink=self.uplinks or None,
+                            hosts=hosts)
         except MaceError as e:
             raise P.ProtocolError(P.TOPOLOGY, str(e), e.hint or "") from None
         c = topo.containers[0].main

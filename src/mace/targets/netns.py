@@ -264,13 +264,7 @@ def _peer_namespace(ipr: IPRoute, nsid: int, likely: Sequence[tuple[str, int]] =
     return None
 
 
-def _container(target: Target, likely: list[tuple[str, int]] | None = None,
-               hosts: dict[str, dict] | None = None) -> Container:
-    """The target's veths to other namespaces.  Kept across the calls of one discovery:
-    `likely`, the peer namespaces found so far; `hosts`, the links of each (by index), read
-    once: entering a namespace costs pyroute2 a helper process, ~7 ms."""
-    likely = [] if likely is None else likely
-    hosts = {} if hosts is None else hosts
+def _container(target: Target, hosts: HostViews) -> Container:
     if target.inode == _own_ns_inode():
         raise TopologyError(f"{target.spec} is mace's own network namespace, not a container's",
                             hint="give a PID or namespace of the container, not of the host")
@@ -286,20 +280,15 @@ def _container(target: Target, likely: list[tuple[str, int]] | None = None,
         for link in ipr.get_links():
             if link.get(("linkinfo", "kind")) != "veth" or link.get("link_netnsid") is None:
                 continue
-            peer = _peer_namespace(ipr, link.get("link_netnsid"), likely)
+            peer = _peer_namespace(ipr, link.get("link_netnsid"), hosts.found)
             if peer is None:
                 continue
-            if peer not in likely:
-                likely.append(peer)
             host_path, host_inode = peer
-            host = hosts.get(host_path)
-            if host is None or link.get("link") not in host:
-                with IPRoute(netns=host_path, flags=0) as ns:   # once per host, or a link new since
-                    host = hosts[host_path] = {l.get("index"): l for l in ns.get_links()}
-            hl = host.get(link.get("link"))
+            hosts.found.setdefault(peer, None)
+            hl = hosts.link(host_path, link.get("link"))
             if hl is None:
                 continue
-            m = host.get(hl.get("master")) if hl.get("master") else None
+            m = hosts.link(host_path, hl.get("master")) if hl.get("master") else None
             bridge = m.get("ifname") if m else None
             links.append(VethLink(link.get("ifname"), link.get("index"), host_path, host_inode,
                                   hl.get("ifname"), hl.get("index"), bridge,
@@ -311,10 +300,64 @@ def _container(target: Target, likely: list[tuple[str, int]] | None = None,
     return Container(target, links)
 
 
-def discover(targets: list[Target], uplink: str | Sequence[str] | None = None) -> Topology:
+class HostViews:
+    """What discovery reads of host namespaces, kept over the containers of one discovery,
+    or over several discover() calls of one pass (`mace serve --all` asks one namespace at a
+    time): a socket in each (entering a namespace costs pyroute2 a helper process, ~7 ms),
+    its links and routes dumped once.  Asked afresh for each pass, so it never outlives the
+    links it read; close() (or `with`) ends it."""
+
+    def __init__(self):
+        self.found: dict[tuple[str, int], None] = {}     # host namespaces seen, asked first
+        self._sockets: dict[str, IPRoute] = {}
+        self._links: dict[str, dict] = {}
+        self._routes: dict[str, list] = {}
+
+    def __enter__(self) -> HostViews:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ipr in self._sockets.values():
+            ipr.close()
+        self._sockets.clear()
+
+    def socket(self, path: str) -> IPRoute:
+        if path not in self._sockets:
+            self._sockets[path] = IPRoute(netns=path, flags=0)
+        return self._sockets[path]
+
+    def links(self, path: str) -> list:
+        if path not in self._links:
+            self._links[path] = {l.get("index"): l for l in self.socket(path).get_links()}
+        return list(self._links[path].values())
+
+    def link(self, path: str, index: int):
+        """One link by index: from the dump if there is one and it has it (a link made since
+        is asked for), else asked alone (a few containers need no dump of a host's hundreds)."""
+        got = self._links.get(path, {}).get(index)
+        if got is None:
+            found = self.socket(path).get_links(index)
+            got = found[0] if found else None
+        return got
+
+    def routes(self, path: str) -> list[tuple[int | None, int, int, bool]]:
+        if path not in self._routes:
+            self._routes[path] = _routes(self.socket(path))
+        return self._routes[path]
+
+
+def discover(targets: list[Target], uplink: str | Sequence[str] | None = None,
+             hosts: HostViews | None = None) -> Topology:
     """Find every target's veth path to a common host namespace and that host's uplinks:
     the devices named (`--uplink`, repeatable), else every device of a default route, in any
-    routing table, and every overlay device with routes."""
+    routing table, and every overlay device with routes.  `hosts`: the host views of a pass
+    of several calls (the caller closes it); one of its own otherwise."""
+    if hosts is None:
+        with HostViews() as own:
+            return discover(targets, uplink, own)
     if not targets:
         raise TopologyError("no target", hint="give at least one --netns")
     inodes = [t.inode for t in targets]
@@ -322,14 +365,12 @@ def discover(targets: list[Target], uplink: str | Sequence[str] | None = None) -
         dup = next(t for t in targets if inodes.count(t.inode) > 1)
         raise TopologyError(f"{dup.spec} names a namespace given twice",
                             hint="give each container once")
-    likely: list[tuple[str, int]] = []
-    hosts: dict[str, dict] = {}
-    containers = [_container(t, likely, hosts) for t in targets]
-    hosts = {c.main.host_ns_inode: c.main.host_ns for c in containers}
-    if len(hosts) > 1:
+    containers = [_container(t, hosts) for t in targets]
+    ends = {c.main.host_ns_inode: c.main.host_ns for c in containers}
+    if len(ends) > 1:
         raise TopologyError("the targets' veths lead to different host namespaces",
                             hint="trace containers of one host per mace process")
-    host_inode, host_path = next(iter(hosts.items()))
+    host_inode, host_path = next(iter(ends.items()))
     notes = []
     for c in containers:
         if len(c.links) > 1:
@@ -337,11 +378,10 @@ def discover(targets: list[Target], uplink: str | Sequence[str] | None = None) -
             why = "which carries its default route" if c.main.default_route else "its first veth"
             notes.append(f"note: {c.target.spec} also has {others}; mace follows {c.main.inner}, {why}")
     named = [uplink] if isinstance(uplink, str) else list(uplink or [])
-    with IPRoute(netns=host_path, flags=0) as host:
-        links = host.get_links()
-        names = {l.get("index"): l.get("ifname") for l in links}
-        kinds = {l.get("index"): _kind(l) for l in links}
-        every = _routes(host)
+    links = hosts.links(host_path)
+    names = {l.get("index"): l.get("ifname") for l in links}
+    kinds = {l.get("index"): _kind(l) for l in links}
+    every = hosts.routes(host_path)
     routes = [r for r in every if r[3]]     # the default ones
     by_name = {n: i for i, n in names.items()}
     if named:
