@@ -879,6 +879,14 @@ def test_restart_keeps_enabled_namespaces_and_unread_reports(bed, tmp_path):
     assert status_json(tb, b, sock)["state"] == "enabled"
     assert svc3.stop() == 0, svc3.text()
 
+    # the state of a device-segment service names no cgroups: a socket-segment one starts
+    # anyway, without B, and says why
+    svc4 = Service(tb, sock, "--segment", "socket").ready()
+    svc4.wait_log(rf"^mace: netns {ib}: not resumed: saved by a service that measured the device "
+                  r"segment \(no cgroup\); `mace on` in it enables it again$", timeout=1)
+    assert status_json(tb, b, sock)["state"] == "disabled"
+    assert svc4.stop() == 0, svc4.text()
+
 
 def test_sigint_stops_cleanly_and_followers_are_told(bed, tmp_path):
     tb, sock = bed

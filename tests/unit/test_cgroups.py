@@ -66,6 +66,26 @@ def test_a_cgroup_that_also_holds_mace_or_init_is_refused(tmp_path, paths, holds
         cgroups.own_cgroup("netns:1", [30 + i for i in range(len(paths))], proc=p)
 
 
+def test_a_cgroup_that_holds_processes_of_another_namespace_is_refused(tmp_path):
+    # two containers sharing one network namespace (--network container:X) have only the
+    # host's slice in common, where the host's services run too
+    p = proc(tmp_path, procs={"self": ["0::/user.slice/session-1.scope"], 1: ["0::/init.scope"],
+                              10: ["0::/system.slice/docker-ab12.scope"], 11: ["0::/system.slice/docker-cd34.scope"],
+                              12: ["0::/system.slice/cron.service"]})
+    (tmp_path / "proc" / "12" / "comm").write_text("cron\n")
+    with pytest.raises(NoOwnCgroup, match=r"cgroup /system.slice also holds PID 12 \(cron\), which is not in"):
+        cgroups.own_cgroup("docker:web", [10, 11], proc=p)
+    # a process of the container itself is no outsider
+    assert cgroups.own_cgroup("docker:web", [10, 11, 12], proc=p) == "/sys/fs/cgroup/system.slice"
+
+
+def test_a_cgroup_outside_maces_cgroup_namespace_is_refused(tmp_path):
+    # mace in a container of its own cgroup namespace (a DaemonSet's default on cgroup v2)
+    p = proc(tmp_path, procs={**HOST, 10: ["0::/../../kubepods.slice/pod7f/cri-containerd-web.scope"]})
+    with pytest.raises(NoOwnCgroup, match=r"lies outside mace's cgroup namespace"):
+        cgroups.own_cgroup("pod:shop/web", [10], proc=p)
+
+
 def test_no_process_or_no_hierarchy_is_refused(tmp_path):
     p = proc(tmp_path, procs=HOST)
     with pytest.raises(NoOwnCgroup, match="no process runs"):

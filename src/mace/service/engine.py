@@ -301,6 +301,10 @@ class Engine(threading.Thread):
                 out.append(f"netns {item['inode']}: gone since the last run; "
                            f"{lost} unread reports discarded")
                 continue
+            if self.opts.segment == "socket" and not item.get("cgroup"):
+                out.append(f"netns {item['inode']}: not resumed: saved by a service that measured the "
+                           "device segment (no cgroup); `mace on` in it enables it again")
+                continue
             ns = Namespace(item["inode"], ContainerPath(f"netns:{item['inode']}", item["inner"],
                                                         item["veth"], item.get("bridge"),
                                                         item.get("cgroup")),
@@ -350,7 +354,10 @@ class Engine(threading.Thread):
             slots[index] = ns
             ns.index = index
         containers = [s.path if s else None for s in slots]
-        plan = self._plan(containers, uplinks)
+        try:
+            plan = self._plan(containers, uplinks)
+        except ValueError as e:     # a path the plan cannot trace: refused, the service goes on
+            raise P.ProtocolError(P.FAILED, f"cannot trace: {e}", hint="see the service's log") from None
         try:
             if self.tracer is None:
                 tracer = Tracer(plan, table_size=self.opts.table_size,

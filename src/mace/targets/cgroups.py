@@ -117,10 +117,18 @@ def own_cgroup(label: str, pids: Iterable[int], proc: str = PROC) -> str:
         raise NoOwnCgroup(f"{label}: this host has no cgroup hierarchy with perf_event mounted",
                           hint="mount cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified), or use "
                                "the device segment")
+    pids = set(pids)
     paths = {path_in(h, p, proc) for p in pids} - {None}
     if not paths:
         raise NoOwnCgroup(f"{label}: no process runs in its network namespace, so it has no cgroup",
                           hint="start the container's processes first, or use the device segment")
+    outside = sorted(p for p in paths if p.startswith("/.."))
+    if outside:
+        # /proc/PID/cgroup is relative to the reader's cgroup namespace (a container's own,
+        # by default on cgroup v2): mace cannot name that cgroup in its mount
+        raise NoOwnCgroup(f"{label}: its cgroup {outside[0]} lies outside mace's cgroup namespace",
+                          hint="run mace in the host's cgroup namespace (docker run --cgroupns=host, "
+                               "nsenter -t 1 -C), or use the device segment")
     path = common(paths)
     for who, pid in (("mace", "self"), ("the host's init", 1)):
         theirs = path_in(h, pid, proc)
@@ -130,4 +138,29 @@ def own_cgroup(label: str, pids: Iterable[int], proc: str = PROC) -> str:
                               f"holds {who}, not one of their own",
                               hint="the socket segment follows a container's processes by their cgroup: "
                                    "start them in one (a container runtime does), or use the device segment")
+    other = _outsider(h, path, pids, proc)
+    if other is not None:
+        raise NoOwnCgroup(f"{label}: its processes' cgroup {path} also holds PID {other[0]} ({other[1]}), "
+                          "which is not in its network namespace",
+                          hint="every process in that cgroup would be sampled: give the container a cgroup "
+                               "of its own (containers sharing one network namespace share none), or use "
+                               "the device segment")
     return os.path.join(h.root, path.lstrip("/"))
+
+
+def _outsider(h: Hierarchy, path: str, pids: set, proc: str) -> tuple[int, str] | None:
+    """A process in `path` or below it that is not one of `pids` (PID, command), or None:
+    two containers sharing a network namespace (`--network container:X`) bind their common
+    ancestor, a slice of the host's services."""
+    for d in os.listdir(proc):
+        if not d.isdigit() or int(d) in pids:
+            continue
+        theirs = path_in(h, d, proc)
+        if theirs is not None and posixpath.commonpath([path, theirs]) == path:
+            try:
+                with open(f"{proc}/{d}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            return int(d), comm
+    return None

@@ -304,7 +304,7 @@ class HostViews:
     """What discovery reads of host namespaces, kept over the containers of one discovery,
     or over several discover() calls of one pass (`mace serve --all` asks one namespace at a
     time): a socket in each (entering a namespace costs pyroute2 a helper process, ~7 ms),
-    its links and routes dumped once.  Asked afresh for each pass, so it never outlives the
+    its links and routes dumped once for the uplinks.  Asked afresh for each pass, so it never outlives the
     links it read; close() (or `with`) ends it."""
 
     def __init__(self):
@@ -335,13 +335,10 @@ class HostViews:
         return list(self._links[path].values())
 
     def link(self, path: str, index: int):
-        """One link by index: from the dump if there is one and it has it (a link made since
-        is asked for), else asked alone (a few containers need no dump of a host's hundreds)."""
-        got = self._links.get(path, {}).get(index)
-        if got is None:
-            found = self.socket(path).get_links(index)
-            got = found[0] if found else None
-        return got
+        """One link by index, asked now, never from the dump: a container's veth may have
+        been renamed or put on its bridge since (one starting during a long pass)."""
+        found = self.socket(path).get_links(index)
+        return found[0] if found else None
 
     def routes(self, path: str) -> list[tuple[int | None, int, int, bool]]:
         if path not in self._routes:
