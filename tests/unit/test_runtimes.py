@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import socketserver
+import subprocess
 import tempfile
 import threading
 
@@ -475,10 +476,16 @@ def test_reresolve_follows_a_restart_and_says_none_while_stopped(engine):
     t = resolve("docker:web", fake.path)
     fake.containers[0] = container("web", WEB_ID, running=False)
     assert reresolve(t) is None
-    ppid = os.getppid()
-    fake.containers[0] = container("web", WEB_ID, pid=ppid)
-    again = reresolve(t)
-    assert (again.pid, again.path, again.spec, again.runtime_socket) == (ppid, f"/proc/{ppid}/ns/net",
+    # the restarted container: a process of ours (not the parent, which is init when the
+    # suite runs detached, and init's namespace is the host's)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        fake.containers[0] = container("web", WEB_ID, pid=child.pid)
+        again = reresolve(t)
+    finally:
+        child.kill()
+        child.wait()
+    assert (again.pid, again.path, again.spec, again.runtime_socket) == (child.pid, f"/proc/{child.pid}/ns/net",
                                                                         t.spec, fake.path)
     fake.containers.clear()
     with pytest.raises(ContainerNotFound):              # removed: it will not come back

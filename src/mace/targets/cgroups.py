@@ -148,15 +148,24 @@ def own_cgroup(label: str, pids: Iterable[int], proc: str = PROC) -> str:
     return os.path.join(h.root, path.lstrip("/"))
 
 
+def _netns(proc: str, pid) -> int | None:
+    try:
+        return os.stat(f"{proc}/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
 def _outsider(h: Hierarchy, path: str, pids: set, proc: str) -> tuple[int, str] | None:
     """A process in `path` or below it that is not one of `pids` (PID, command), or None:
     two containers sharing a network namespace (`--network container:X`) bind their common
     ancestor, a slice of the host's services."""
+    nets = {_netns(proc, p) for p in pids} - {None}
     for d in os.listdir(proc):
         if not d.isdigit() or int(d) in pids:
             continue
         theirs = path_in(h, d, proc)
-        if theirs is not None and posixpath.commonpath([path, theirs]) == path:
+        # (one the container started since its processes were listed is in their namespace)
+        if theirs is not None and posixpath.commonpath([path, theirs]) == path and _netns(proc, d) not in nets:
             try:
                 with open(f"{proc}/{d}/comm") as f:
                     comm = f.read().strip()

@@ -255,6 +255,8 @@ def _peer_namespace(ipr: IPRoute, nsid: int, likely: Sequence[tuple[str, int]] =
             continue
         try:
             got = ipr.get_netnsid(fd=fd).get("nsid")
+            # the namespace the path names now (a /proc/PID path may name another since)
+            inode = os.fstat(fd).st_ino
         except Exception:       # noqa: BLE001 - a namespace that vanished meanwhile
             got = None
         finally:
@@ -304,8 +306,8 @@ class HostViews:
     """What discovery reads of host namespaces, kept over the containers of one discovery,
     or over several discover() calls of one pass (`mace serve --all` asks one namespace at a
     time): a socket in each (entering a namespace costs pyroute2 a helper process, ~7 ms),
-    its links and routes dumped once for the uplinks.  Asked afresh for each pass, so it never outlives the
-    links it read; close() (or `with`) ends it."""
+    its links and routes dumped once for the uplinks.  Made afresh for each pass, so it
+    never outlives what it read; close() (or `with`) ends it."""
 
     def __init__(self):
         self.found: dict[tuple[str, int], None] = {}     # host namespaces seen, asked first
