@@ -134,7 +134,7 @@ def need_ping() -> None:
 def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
             trace: bool = True, tracer_kw: dict | None = None, plan_kw: dict | None = None,
             warn: Callable[[str], None] | None = None, segment: str = "device",
-            wire: str | None = None, wire_immediate: bool = False) -> Run:
+            wire: str | None = None) -> Run:
     """Ping the peer from container 0 and from the host namespace at the same time, with
     containers 1..colocated flooding the peer, tracing container 0 unless `trace` is off.
     `plan_kw` goes to the plan (e.g. {"hops": True}), `tracer_kw` to the Tracer.
@@ -163,7 +163,7 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
     capture = None
     try:
         if wire is not None:
-            capture = start_capture(tb, tb.uplink, wire, immediate=wire_immediate)
+            capture = start_capture(tb, tb.uplink, wire)
         for other in tb.containers[1:1 + colocated]:
             floods.append(tb.popen(other.ns, ["ping", "-n", "-q", "-f", "-w", str(deadline),
                                               tb.peer_ip], stdout=subprocess.DEVNULL,
@@ -201,7 +201,7 @@ def measure(tb: Testbed, *, count: int, interval: float, colocated: int = 0,
         if tracer is not None:
             tracer.close()
         if capture is not None:
-            stop_capture(capture, immediate=wire_immediate)
+            stop_capture(capture)
     probes = [Probe(seq, recv, rtt) for seq, recv, rtt in parse_ping(box_out)]
     if not probes:
         raise MaceError("the container's ping got no replies", hint="is the testbed working? (nft, ip_forward)")
@@ -216,10 +216,10 @@ BOX_ID, HOST_ID = 0x4D41, 0x4D42       # the pings' ICMP identifiers ("MA", "MB"
 CAPTURE_BLOCK_S = 1.2                  # > tcpdump's block timeout (pcap_set_timeout 1000 ms)
 
 
-def start_capture(tb: Testbed, dev: str, path: str, immediate: bool = False) -> subprocess.Popen:
+def start_capture(tb: Testbed, dev: str, path: str) -> subprocess.Popen:
     """tcpdump on `dev` of the testbed's host: the probes' ICMP echoes (the floods' are left
     out in the kernel, or tcpdump drops some under load), nanosecond stamps, into `path`;
-    ready when it says it listens.  Not in immediate mode by default: that wakes tcpdump for
+    ready when it says it listens.  Not in immediate mode: that wakes tcpdump for
     every packet from inside the uplink's transmit, a cost (~5 µs here) that lands inside
     mace's egress and in the wire RTT; buffered, the kernel hands packets over a block at a
     time, retired by a timer (libpcap's timeout, tcpdump's 1 s), so stop_capture waits one
@@ -229,7 +229,7 @@ def start_capture(tb: Testbed, dev: str, path: str, immediate: bool = False) -> 
                             hint="apt-get install tcpdump")
     echoes = (f"(icmp[icmptype] == icmp-echo or icmp[icmptype] == icmp-echoreply) "
               f"and (icmp[4:2] == {BOX_ID} or icmp[4:2] == {HOST_ID})")
-    p = tb.popen(tb.host_ns, ["tcpdump", "-i", dev, "-n", "-U", *(["--immediate-mode"] if immediate else []),
+    p = tb.popen(tb.host_ns, ["tcpdump", "-i", dev, "-n", "-U",
                               "--time-stamp-precision=nano", "-w", path, echoes],
                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in p.stderr:
@@ -239,9 +239,8 @@ def start_capture(tb: Testbed, dev: str, path: str, immediate: bool = False) -> 
     raise ResourceError(f"tcpdump did not start on {dev}", hint="see `tcpdump -i DEV` by hand")
 
 
-def stop_capture(p: subprocess.Popen, immediate: bool = False) -> None:
-    if not immediate:
-        time.sleep(CAPTURE_BLOCK_S)
+def stop_capture(p: subprocess.Popen) -> None:
+    time.sleep(CAPTURE_BLOCK_S)
     interrupt(p)            # tcpdump writes out what it holds on SIGINT
 
 

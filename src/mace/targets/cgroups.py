@@ -85,15 +85,7 @@ def path_in(h: Hierarchy, pid: int | str, proc: str = PROC) -> str | None:
 
 def pids_in_netns(inode: int, proc: str = PROC) -> list[int]:
     """The processes whose network namespace is `inode`."""
-    out = []
-    for d in os.listdir(proc):
-        if d.isdigit():
-            try:
-                if os.stat(f"{proc}/{d}/ns/net").st_ino == inode:
-                    out.append(int(d))
-            except OSError:
-                continue
-    return out
+    return [int(d) for d in os.listdir(proc) if d.isdigit() and _netns(proc, d) == inode]
 
 
 def common(paths: Iterable[str]) -> str:
@@ -132,7 +124,7 @@ def own_cgroup(label: str, pids: Iterable[int], proc: str = PROC) -> str:
     path = common(paths)
     for who, pid in (("mace", "self"), ("the host's init", 1)):
         theirs = path_in(h, pid, proc)
-        if theirs is not None and (path == "/" or posixpath.commonpath([path, theirs]) == path):
+        if theirs is not None and _within(theirs, path):
             spread = f" (the one holding {', '.join(sorted(paths)[:3])})" if len(paths) > 1 else ""
             raise NoOwnCgroup(f"{label}: its processes run in the cgroup {path}{spread}, which also "
                               f"holds {who}, not one of their own",
@@ -146,6 +138,11 @@ def own_cgroup(label: str, pids: Iterable[int], proc: str = PROC) -> str:
                                "of its own (containers sharing one network namespace share none), or use "
                                "the device segment")
     return os.path.join(h.root, path.lstrip("/"))
+
+
+def _within(cgroup: str, path: str) -> bool:
+    """Whether `cgroup` is `path` or below it."""
+    return path == "/" or posixpath.commonpath([path, cgroup]) == path
 
 
 def _netns(proc: str, pid) -> int | None:
@@ -165,7 +162,7 @@ def _outsider(h: Hierarchy, path: str, pids: set, proc: str) -> tuple[int, str] 
             continue
         theirs = path_in(h, d, proc)
         # (one the container started since its processes were listed is in their namespace)
-        if theirs is not None and posixpath.commonpath([path, theirs]) == path and _netns(proc, d) not in nets:
+        if theirs is not None and _within(theirs, path) and _netns(proc, d) not in nets:
             try:
                 with open(f"{proc}/{d}/comm") as f:
                     comm = f.read().strip()

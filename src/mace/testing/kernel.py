@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass, field
+from socket import MSG_PEEK
 from typing import NamedTuple
 
 from mace.capture._ring import DEV_NONE
@@ -44,7 +45,6 @@ TP = {"xmit": XMIT, "recv": RECV, "rx": RX, "queue": QUEUE, "free": FREE, "route
 CALL_TPS = ("call", "return", "recvmsg")       # bound to the containers' cgroups
 SOCK_BASE = 0xFFFF8881_3A000000                # socket addresses (sockets are not skbs)
 ICMP, UDP, TCP = 1, 17, 6
-MSG_PEEK = 2
 F_SOFTIRQ = 0x10                # common_flags of a sample taken in softirq context
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from socket import IPPROTO_TCP, IPPROTO_UDP, MSG_ERRQUEUE, MSG_PEEK
 
 from mace.capture._ring import DEV_NONE, DEV_OTHER
 from mace.capture.perf import Event
@@ -158,7 +159,6 @@ T_XMIT, T_RECV, T_RX, T_QUEUE, T_FREE, T_ROUTE, T_CALL, T_RETURN, T_READY, T_REC
     "net:net_dev_start_xmit", "net:netif_receive_skb", "net:netif_rx", "net:net_dev_queue", "skb:kfree_skb",
     "fib:fib_table_lookup", "syscalls:sys_enter_sendto", "syscalls:sys_exit_sendto", "sock:sk_data_ready",
     "sock:sock_recv_length"))
-MSG_PEEK, MSG_ERRQUEUE, IPPROTO_TCP, IPPROTO_UDP = 2, 0x2000, 6, 17
 C_INNER, C_VETH, C_BRIDGE, C_UPLINK = (CLASSES[c] for c in ("inner", "veth", "bridge", "uplink"))
 EGRESS, INGRESS = 0, 1
 COUNTERS = ("crossed", "reports", "local", "dropped", "orphans", "expired", "evicted", "rejected", "unpaired")
