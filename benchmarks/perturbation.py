@@ -16,6 +16,14 @@ own program and correlates in the kernel):
     bpftrace  a script doing mace's correlation in the kernel: maps keyed by skbaddr,
               histograms of the egress and ingress deltas
 
+and two that take mace apart (where its cost goes, and what a cheaper ring would save):
+
+    hits      `perf stat -a` counting mace's tracepoints, unfiltered: every hit builds its
+              record and counts, none is written anywhere (what the tracepoints cost before
+              a single sample); its counts give the hits per round trip
+    ftrace-noread  the ftrace configuration with no reader: the same events and filters
+              written into the instance's ring, which nobody reads or waits on (no wakeups)
+
 Rounds are interleaved, each in a rotated order (A B C D E, then B C D E A, ...), so that
 drift over the run (other load on the host, the VM's neighbours) hits every configuration
 alike.  The added RTT of a configuration is the median over rounds of (its median RTT
@@ -39,7 +47,7 @@ from pathlib import Path
 
 from benchmarks.common import busy_since, cpu_sample, pyplot, save, tracefs_mounts, wait_quiet
 
-CONFIGS = ["none", "mace", "mace-xmit", "ftrace", "perf", "bpftrace"]
+CONFIGS = ["none", "mace", "mace-xmit", "ftrace", "perf", "bpftrace", "hits", "ftrace-noread"]
 QUICK_CONFIGS = ["none", "mace", "ftrace"]
 TARGET_US = 3.0
 TRACEFS = Path("/sys/kernel/tracing")
@@ -52,7 +60,7 @@ QUIET_BELOW = 0.15        # ... i.e. less than this share busy, before each run
 STOP_TIMEOUT_S = 15.0
 COLORS = {"none": "tab:gray", "mace": "tab:blue", "mace-xmit": "tab:cyan", "ftrace": "tab:orange",
           "perf": "tab:green",
-          "bpftrace": "tab:purple"}
+          "bpftrace": "tab:purple", "hits": "tab:olive", "ftrace-noread": "tab:brown"}
 
 
 def _params(quick: bool) -> dict:
@@ -313,6 +321,40 @@ class PerfTracer(_Proc):
         return res
 
 
+class HitsTracer(_Proc):
+    """perf stat counting mace's tracepoints on every CPU, without filters: each hit builds
+    its record and counts, no sample is written.  Its counts are every hit of the run."""
+    name = "hits"
+
+    def start(self, ctx: Ctx) -> None:
+        self.stat = ctx.tmp / "hits.csv"
+        argv = ["perf", "stat", "-a", "-x", ",", "-o", str(self.stat)]
+        for tp in dict.fromkeys(p.tracepoint for p in ctx.probes):
+            argv += ["-e", tp]
+        self.tracepoints = len(dict.fromkeys(p.tracepoint for p in ctx.probes))
+        self._spawn(ctx, argv)
+        self._wait_fds(self.tracepoints * ctx.ncpu)
+
+    def stop(self) -> dict:
+        res = super().stop()
+        res["hits"] = _stat_counts(self.stat)
+        return res
+
+
+def _stat_counts(path: Path) -> dict[str, int]:
+    """Counts per event of a `perf stat -x ,` output file ({} if it has none)."""
+    out: dict[str, int] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        f = line.split(",")
+        if len(f) > 2 and f[0].isdigit():
+            out[f[2]] = int(f[0])
+    return out
+
+
 def bpftrace_script(veth: str, inner: str, uplink: str) -> str:
     """mace's correlation of its default segments, in the kernel: egress from the veth's
     netif_rx to the uplink's queue, ingress from the uplink's receive to the inner device's;
@@ -407,6 +449,8 @@ class FtraceTracer:
     """A tracefs instance with the probes' events and filters, drained by cat."""
 
     name = "ftrace"
+    reader = True
+    buffer_kb = 0             # the instance's default
 
     def __init__(self):
         self.inst: Path | None = None
@@ -419,14 +463,17 @@ class FtraceTracer:
             inst.rmdir()
         inst.mkdir()
         self.inst = inst
+        if self.buffer_kb:
+            (inst / "buffer_size_kb").write_text(f"{self.buffer_kb}\n")
         for p in ctx.probes:
             ev = inst / "events" / p.tracepoint.replace(":", "/")
             f = p.filter_text()
             if f:
                 (ev / "filter").write_text(f + "\n")
-        self.cat = subprocess.Popen(["cat", str(inst / "trace_pipe")], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ctx.pids.append(self.cat.pid)
+        if self.reader:
+            self.cat = subprocess.Popen(["cat", str(inst / "trace_pipe")], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ctx.pids.append(self.cat.pid)
         for p in ctx.probes:
             en = inst / "events" / p.tracepoint.replace(":", "/") / "enable"
             en.write_text("1\n")
@@ -462,7 +509,7 @@ class FtraceTracer:
 
 def _ftrace_stats(inst: Path) -> dict:
     """Events written and overrun (lost) over all CPUs of the instance's buffer."""
-    written = overrun = 0
+    written = overrun = entries = 0
     try:
         for d in (inst / "per_cpu").iterdir():
             for line in (d / "stats").read_text().splitlines():
@@ -472,13 +519,24 @@ def _ftrace_stats(inst: Path) -> dict:
                     overrun += int(v)
                 elif k == "read events" and v.isdigit():
                     written += int(v)
+                elif k == "entries" and v.isdigit():
+                    entries += int(v)
     except OSError:
         return {}
-    return {"read_events": written, "overrun": overrun}
+    return {"read_events": written, "entries": entries, "overrun": overrun}
+
+
+class FtraceNoReadTracer(FtraceTracer):
+    """The ftrace configuration without `cat`: the events go into an 8 MiB ring per CPU that
+    nobody reads, so no write ever wakes a reader."""
+    name = "ftrace-noread"
+    reader = False
+    buffer_kb = 8192
 
 
 TRACERS = {"none": NoTracer, "mace": MaceTracer, "mace-xmit": MaceXmitTracer, "ftrace": FtraceTracer, "perf": PerfTracer,
-           "bpftrace": BpftraceTracer}
+           "bpftrace": BpftraceTracer,
+           "hits": HitsTracer, "ftrace-noread": FtraceNoReadTracer}
 
 
 # -- measurement ---------------------------------------------------------------------------------
@@ -890,6 +948,38 @@ def summary(result: dict) -> list[dict]:
     return rows
 
 
+def hits_per_round_trip(ph: dict, count: int) -> dict[str, float]:
+    """Median over the `hits` runs of each tracepoint's hits per ping round trip (every hit of
+    the run over the pings sent: at load 0 the pings are all the traffic there is)."""
+    per: dict[str, list[float]] = {}
+    for rd in ph["rounds"]:
+        run_ = rd["runs"].get("hits", {})
+        sent = run_.get("sent") or count
+        for tp, n in (run_.get("tracer", {}).get("hits") or {}).items():
+            per.setdefault(tp, []).append(n / sent)
+    return {tp: statistics.median(v) for tp, v in per.items()}
+
+
+def _decomposition(ph: dict, count: int) -> str | None:
+    """Where mace's added RTT goes, from the hits and ftrace-noread configurations."""
+    add = ph["added"]
+    mace, hits = add.get("mace", {}).get("median_us"), add.get("hits", {}).get("median_us")
+    if mace is None or hits is None:
+        return None
+    text = (f"Load {ph['load']}, where mace's cost goes: its tracepoints' hits alone (built and "
+            f"counted, nothing written: `hits`) add {_fmt_us(hits)}, mace {_fmt_us(mace)}; the "
+            f"difference, {mace - hits:+.1f} µs, is what writing its samples to the rings costs")
+    noread = add.get("ftrace-noread", {}).get("median_us")
+    if noread is not None:
+        text += (f"; ftrace writing the same events into its own ring, with no reader, adds "
+                 f"{_fmt_us(noread)}")
+    per = hits_per_round_trip(ph, count) if ph["load"] == 0 else {}
+    if per:
+        text += (f". Hits per ping round trip: {sum(per.values()):.1f} in all ("
+                 + ", ".join(f"{tp} {n:.1f}" for tp, n in sorted(per.items())) + ")")
+    return text + "."
+
+
 def notes(result: dict) -> list[str]:
     if result.get("skipped"):
         return []
@@ -982,6 +1072,10 @@ def notes(result: dict) -> list[str]:
             + (f"; mace's CPU per run (start, {p['count']} pings, stop) "
                f"{min(cpu):.2f}-{max(cpu):.2f} s" if cpu else "")
             + (f"; added RTT from 10%-trimmed means (µs): {trimmed}" if trimmed else "") + ".")
+    for ph in result.get("phases", []):
+        line = _decomposition(ph, p["count"])
+        if line:
+            out.append(line)
     for ph in result.get("phases", []):
         bb = [rd["runs"]["none"].get("busy_during") for rd in ph["rounds"]
               if rd["runs"].get("none", {}).get("busy_during") is not None]
