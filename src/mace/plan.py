@@ -22,20 +22,10 @@ to a container by its host-side veth, whose name is unique on the host.  The eve
 between make the chain safe against skb address reuse (see mace.correlate._correlate):
 
     egress   [xmit inner]  netif_rx veth  receive veth  [receive bridge]  queue uplink  xmit uplink
-    ingress  receive uplink  [queue bridge]  queue veth  [netif_rx inner]  receive inner
-             (plans that transmit anyway: [xmit bridge]  xmit veth, see ingress_at_queue)
+    ingress  receive uplink  [xmit bridge]  xmit veth  [netif_rx inner]  receive inner
 
 Bracketed steps are traced only with `hops`, except xmit inner: it is the start with
-`start_at_veth=False`, and netif_rx veth then a hop.  xmit uplink is egress's end with
-`end_at_queue=False`, else not traced.  On ingress the default plan takes the bridge and the
-veth where the packet is queued for them (`net_dev_queue`; on devices without a qdisc their
-transmit follows at once, in the same call chain): that tracepoint is on for the uplink
-anyway, and `net_dev_start_xmit` then stays off.  Every enabled tracepoint builds a record at
-each of its hits, on every device of the host, before the filter looks at it: the transmit
-alone hit five times per ping round trip (measured: benchmarks/perturbation.py, `hits`).
-Plans that open the transmit anyway (`start_at_veth=False`, `end_at_queue=False`, the
-socket segment, which needs the ingress packet's protocol) take them at their transmit, as
-before (`ingress_at_queue`).  The others are the minimum for a safe chain,
+`start_at_veth=False`, and netif_rx veth then a hop.  The others are the minimum for a safe chain,
 and already split the expense in two (egress: before/after the veth's backlog, then the
 uplink's qdisc; ingress: routing and bridge, then the container's backlog).  kfree_skb is
 traced so that a packet dropped on the way ends its entry.
@@ -214,15 +204,10 @@ class Plan:
         # Starting egress at the host-side veth leaves every container's inner xmit out of
         # the kernel's filter: other containers' egress is never sampled.
         starts = () if self.start_at_veth else inner
-        # ingress's bridge and veth: at their queue, or at their transmit when that tracepoint
-        # is on anyway (see ingress_at_queue)
-        to_veth = veths + bridges
-        queued = to_veth if self.ingress_at_queue else ()
-        xmit = starts + (() if self.ingress_at_queue else to_veth) + uplink
         probes = [
-            *((self._probe(XMIT, xmit),) if xmit else ()),
+            self._probe(XMIT, starts + veths + bridges + uplink),
             self._probe(RECV, self.uplinks + veths + inner + bridges),
-            self._probe(QUEUE, self.uplinks + queued),
+            Probe(QUEUE, devices=self.uplinks),
             Probe(FREE, condition=_free_condition(formats)),
         ]
         if self.hops or self.start_at_veth:
@@ -254,13 +239,6 @@ class Plan:
         taken = f"ret >= 0 && !(flags & {socket.MSG_PEEK | socket.MSG_ERRQUEUE})"
         return [*calls, Probe(READY, condition=datagrams),
                 Probe(RECEIVED, cgroups=cgroups, condition=f"{datagrams} && {taken}")]
-
-    @property
-    def ingress_at_queue(self) -> bool:
-        """Whether ingress takes the bridge and the veth where the packet is queued for them
-        (net_dev_queue, which the default plan's egress end needs anyway) rather than at
-        their transmit: then no net_dev_start_xmit is opened at all."""
-        return _correlate.ingress_at_queue(self.start_at_veth, self.end_at_queue, self.socket)
 
     @property
     def route(self) -> bool:
@@ -344,7 +322,7 @@ class Plan:
         egress += 1 + (self.hops and bridge)                # receive veth, receive bridge
         egress += route                                     # the routing decision
         egress += 1 + (not self.end_at_queue)               # queue uplink, xmit uplink
-        # receive uplink, route, queue bridge, queue veth, netif_rx inner, receive inner
+        # receive uplink, route, xmit bridge, xmit veth, netif_rx inner, receive inner
         ingress = 1 + route + (self.hops and bridge) + 1 + self.hops + 1
         # the socket segment: the send call's entry and exit; data_ready and the receive
         egress += 2 * socket

@@ -103,7 +103,7 @@ def test_many_containers_named_one_by_one_over_several_events(testbed_factory, m
     plan = plan_of(tb)
     split = {p.tracepoint: len(p.filters()) for p in plan.probes()}
     assert all(p.prefixes == () for p in plan.probes())
-    assert split[mace.plan.QUEUE] == split[mace.plan.RX] == split[mace.plan.RECV] == 2, split
+    assert split[mace.plan.XMIT] == split[mace.plan.RX] == split[mace.plan.RECV] == 2, split
     reports, stats, events = trace(tb, plan, updates=(without(plan, CONTAINERS // 3), plan))
     assert events == sum(split.values())
     assert stats["rings"]["updates"] == 2

@@ -119,7 +119,7 @@ def test_a_bpftrace_script_on_a_traced_tracepoint_is_named_at_start_and_in_the_s
     bpftrace = need_tool("bpftrace")
     c = testbed.containers[0]
     path = tmp_path / "summary.json"
-    bt = subprocess.Popen(with_tracefs([bpftrace, "-e", "tracepoint:net:net_dev_queue { @n = count(); }"]),
+    bt = subprocess.Popen(with_tracefs([bpftrace, "-e", "tracepoint:net:net_dev_start_xmit { @n = count(); }"]),
                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -127,7 +127,7 @@ def test_a_bpftrace_script_on_a_traced_tracepoint_is_named_at_start_and_in_the_s
             assert bt.poll() is None, f"bpftrace exited with {bt.returncode}"
             assert time.monotonic() < deadline, "bpftrace did not attach within 20 s"
             time.sleep(0.1)
-        # its program returns 0: it may suppress mace's queue samples, so no traffic is needed
+        # its program returns 0: it may suppress mace's xmit samples, so no traffic is needed
         m = run_mace("--netns", c.ns, "--no-tui", "--duration", 1, "--summary-json", path, *RING)
         assert m.finish() == 0, m.err.text()
     finally:
@@ -137,7 +137,7 @@ def test_a_bpftrace_script_on_a_traced_tracepoint_is_named_at_start_and_in_the_s
     warned = [i for i, x in enumerate(err) if x.startswith("mace: warning: ") and who in x]
     assert len(warned) == 1, "\n".join(err)
     line = err[warned[0]]
-    assert "net:net_dev_queue" in line and "suppress" in line, line
+    assert "net:net_dev_start_xmit" in line and "suppress" in line, line
     # right after the discovery line, before the summary
     discovery = [i for i, x in enumerate(err) if DISCOVERY.search(x)]
     head = [i for i, x in enumerate(err) if x.startswith("target ")]
@@ -149,5 +149,5 @@ def test_a_bpftrace_script_on_a_traced_tracepoint_is_named_at_start_and_in_the_s
     assert [x for x in err[head[0]:] if x.startswith("warning: ") and who in x], "\n".join(err)
     listed = [t for t in json.loads(path.read_text())["other_tracers"] if t["pid"] == bt.pid]
     assert listed == [{"pid": bt.pid, "command": "bpftrace", "kind": "bpf tracepoint",
-                       "tracepoint": "net:net_dev_queue", "events": listed[0]["events"],
+                       "tracepoint": "net:net_dev_start_xmit", "events": listed[0]["events"],
                        "suppresses": True}], listed

@@ -501,41 +501,6 @@ def test_egress_from_the_veth_samples_no_inner_xmit_and_knows_its_container_at_o
     assert counts(out, 0, "egress", "crossed", "reports") == (0, 0)
 
 
-@pytest.mark.parametrize("hops", [False, True], ids=["boundary", "hops"])
-def test_by_default_ingress_takes_the_bridge_and_the_veth_at_their_queue(hops):
-    plan = make_plan([M0, M1], hops=hops, end_at_queue=True, start_at_veth=True)
-    assert plan.ingress_at_queue and XMIT not in {p.tracepoint for p in plan.probes()}
-    s = Script(plan)
-    s("recv", UPLINK, B, 84, cpu=1, tid=7, at=3000)
-    if hops:
-        s("route", BRIDGE, 0, 0, cpu=1, tid=7, at=3020)
-        s("queue", BRIDGE, B, 98, cpu=1, tid=7, at=3050)
-    s("queue", "m1v0", B, 98, cpu=1, tid=7, at=3100)       # (its transmit is not traced)
-    if hops:
-        s("rx", INNER, B, 84, cpu=1, tid=7, at=3150)
-    s("recv", INNER, B, 84, cpu=3, tid=11, at=4000)
-    # the host sends into container 0, and an ARP request to it: no entry, one crossing
-    s("queue", "m0v0", C, 98, cpu=0, tid=2, at=5000)
-    s("queue", "m0v0", D, ARP_L3 + ETH_HLEN, cpu=0, tid=2, at=5100)
-    out = correlate(s)
-    in_hops = (20, 50, 100, 150) if hops else (None, None, 100, None)
-    assert out.reports == [Report(1, INGRESS, 1, 3000, 1000, 84, 3, in_hops)]
-    assert counts(out, 0, "ingress", "crossed", "local") == (1, 1)
-
-
-def test_by_default_a_parked_ingress_packet_is_found_by_the_requests_length():
-    # the queue event has no protocol: the request for the container's address is told by
-    # its length, in the chain of the packet that waits for it
-    s = Script(make_plan([M0], hops=False, end_at_queue=True, start_at_veth=True))
-    s("recv", UPLINK, A, 84, cpu=0, tid=1, at=1000)
-    s("queue", "m0v0", R, ARP_L3 + ETH_HLEN, cpu=0, tid=1, at=1150)     # who has the container?
-    s("queue", "m0v0", A, 98, cpu=2, tid=5, at=30_100)                  # resolved: sent on
-    s("recv", INNER, A, 84, cpu=3, tid=6, at=31_000)
-    out = correlate(s)
-    assert out.reports == [Report(0, INGRESS, 1, 1000, 30_000, 84, 3, (None, None, 29_100, None))]
-    assert out.glob["parked"] == 1
-
-
 def test_arp_from_a_container_starts_nothing_at_the_veth():
     s = Script(make_plan([M0], hops=False, end_at_queue=False, start_at_veth=True))
     s("rx", "m0v0", R, ARP_L3, proto=ARP, at=1000)

@@ -185,22 +185,17 @@ def test_plans_that_cannot_be_traced_are_refused(bad):
 
 def test_by_default_egress_runs_from_the_veth_to_the_uplink_queue():
     # no inner xmit is sampled (another container's egress never passes the filter), and
-    # the uplink's driver neither: the segment ends where native traffic joins the path;
-    # ingress takes the veth where the packet is queued for it, so no transmit at all
+    # the uplink's driver neither: the segment ends where native traffic joins the path
     assert filters(Plan([WEB, DB], "up0")) == {
+        XMIT: names("veth1a", "veth2b"),
         RECV: names("up0", "veth1a", "veth2b", "eth0"),
-        QUEUE: names("up0", "veth1a", "veth2b"),
+        QUEUE: names("up0"),
         FREE: f"reason != {NO_SOCKET}",
         RX: names("veth1a", "veth2b"),
     }
     assert filters(Plan([WEB], "up0", hops=True))[RX] == names("veth1a", "eth0")
-    assert XMIT not in filters(Plan([WEB], "up0", hops=True))
-    assert filters(Plan([WEB], "up0", hops=True))[QUEUE] == names("up0", "veth1a", "br0")
-    # a plan that opens the transmit anyway (for the uplink's driver) takes the veth there
+    assert filters(Plan([WEB], "up0", hops=True))[XMIT] == names("veth1a", "br0")
     assert filters(Plan([WEB], "up0", end_at_queue=False))[XMIT] == names("veth1a", "up0")
-    assert filters(Plan([WEB], "up0", end_at_queue=False))[QUEUE] == names("up0")
-    assert [Plan([WEB], "up0", **kw).ingress_at_queue for kw in
-            ({}, {"end_at_queue": False}, {"start_at_veth": False})] == [True, False, False]
 
 
 def test_the_start_is_part_of_a_plans_shape():
@@ -212,7 +207,7 @@ def test_every_uplink_is_traced_and_read_as_one():
     p = Plan([WEB], "up0", extra_uplinks=("wg0", "up0", "wg0"))
     assert p.uplinks == ("up0", "wg0")                   # once each, the named one first
     f = filters(p)
-    assert f[QUEUE] == names("up0", "wg0", "veth1a") and f[RECV] == names("up0", "wg0", "veth1a", "eth0")
+    assert f[QUEUE] == names("up0", "wg0") and f[RECV] == names("up0", "wg0", "veth1a", "eth0")
     assert filters(Plan([WEB], "up0", end_at_queue=False, extra_uplinks=("wg0",)))[XMIT] == \
         names("veth1a", "up0", "wg0")
     classes, _ = p.device_classes()
@@ -299,12 +294,12 @@ def test_500_containers_without_a_shared_prefix_are_split_over_events():
             # a page holds 160 names of 11 characters: 500 veths and a few more need 4 events
             assert len(texts) == 4, (p.tracepoint, [len(t) for t in texts])
             assert all(len(t) > FILTER_MAX - 30 for t in texts[:-1])     # each filled up first
-    queue = next(p for p in plan.probes(FORMATS) if p.tracepoint == QUEUE)
+    xmit = next(p for p in plan.probes(FORMATS) if p.tracepoint == XMIT)
     assert Capture(plan.probes(FORMATS), plan.devices, cpus=[0, 1]).events_per_cpu == \
-        sum(len(p.filters()) for p in plan.probes(FORMATS)) == 4 * 3 + 1 + 1     # free, the route: one each
+        sum(len(p.filters()) for p in plan.probes(FORMATS)) == 4 * 3 + 2 + 1     # the route: one event
     # in the plan's order: each event a run of consecutive names
-    joined = " || ".join(queue.filters())
-    assert joined == queue.filter_text()
+    joined = " || ".join(xmit.filters())
+    assert joined == xmit.filter_text()
 
 
 def test_split_filters_keep_their_condition_in_every_event():
@@ -319,22 +314,22 @@ def test_split_filters_keep_their_condition_in_every_event():
 def test_the_same_containers_are_traced_the_same_way_below_and_above_the_glob_threshold():
     few, many = docker(GLOB_FROM - 1), docker(GLOB_FROM)
     assert all(p.prefixes == () for p in Plan(few, "ens5").probes(FORMATS))
-    assert all(p.prefixes == ("veth",) for p in Plan(many, "ens5").probes(FORMATS) if p.tracepoint in (QUEUE, RX))
+    assert all(p.prefixes == ("veth",) for p in Plan(many, "ens5").probes(FORMATS) if p.tracepoint in (XMIT, RX))
 
 
 def test_a_prefix_is_not_used_where_it_would_pass_a_device_the_probe_must_not_sample():
-    # the uplink shares the veths' prefix: netif_rx (the veths' egress start) does not
+    # the uplink shares the veths' prefix: xmit (ending at the uplink's queue) does not
     # trace the uplink, so no glob there; receive traces it anyway, so the glob stays
     plan = Plan(docker(100), "vethup0")
     probes = {p.tracepoint: p for p in plan.probes(FORMATS)}
-    assert probes[RX].prefixes == () and len(probes[RX].filters()) == 1      # 100 names fit a page
+    assert probes[XMIT].prefixes == () and len(probes[XMIT].filters()) == 1      # 100 names fit a page
     assert probes[RECV].prefixes == ("veth",)
     assert not probes[RECV].terms().count('name == "vethup0"')      # covered by the glob
-    check_events(probes[RX], ["vethup0", "docker0", "eth0"])
+    check_events(probes[XMIT], ["vethup0", "docker0", "eth0"])
     check_events(probes[RECV], ["docker0"])
-    # the bridge too: without hops the queue never samples it
+    # the bridge too: without hops xmit never samples it
     plan = Plan([ContainerPath(c.label, c.inner, c.veth, "vethbr") for c in docker(100)], "ens5")
-    assert next(p for p in plan.probes(FORMATS) if p.tracepoint == QUEUE).prefixes == ()
+    assert next(p for p in plan.probes(FORMATS) if p.tracepoint == XMIT).prefixes == ()
 
 
 def test_veth_prefixes_group_by_beginning_and_take_the_longest_shared_prefix():

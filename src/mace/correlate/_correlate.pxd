@@ -57,7 +57,6 @@ cdef class Correlator(EventSink):
     cdef int boundary[2]            # the step whose event counts a crossing
     cdef bint veth_start            # egress starts at netif_rx_entry on the host-side veth
     cdef bint socket                # the socket segment: from a send call, to a receive call
-    cdef uint8_t to_veth            # the type of ingress's bridge and veth steps: T_QUEUE or T_XMIT
     cdef uint8_t nhops[2]           # hop slots each direction's reports carry
     cdef send_call_t *calls         # direct-mapped by thread: its send call in progress
     cdef uint32_t calls_mask        # CALLS - 1

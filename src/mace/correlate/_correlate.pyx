@@ -11,14 +11,6 @@ a path of steps; see mace.plan for the paths and the reasoning behind them.  In 
             (veth_start: E0 is not traced and E1 starts the entry, attributed at once)
     ingress I0 receive uplink -> [I1 xmit bridge] -> I2 xmit veth -> [I3 netif_rx inner]
             -> I4 receive inner
-            (ingress_at_queue: I1 and I2 are the bridge's and the veth's net_dev_queue)
-
-The default plan (egress from the veth to the uplink's queue) needs net_dev_queue for its end
-anyway: ingress takes the bridge and the veth at their queue too (they have no qdisc: the
-transmit follows in the same call chain), and net_dev_start_xmit stays off, a record fewer
-built at every transmit of every device of the host.  A queue event has no protocol: an
-ingress packet's family is then unknown (only the socket segment needs it, which transmits
-anyway), and a neighbour request is told by its length.
 
 skb addresses are reused within microseconds, and some frees are invisible to tracepoints,
 so an entry only advances when the next event is consistent with its packet:
@@ -159,17 +151,6 @@ cdef extern from *:
 
 cdef inline bint _is_ip(uint16_t proto) noexcept nogil:
     return proto == 0x0800 or proto == 0x86DD
-
-
-cpdef bint ingress_at_queue(bint veth_start, bint end_at_queue, bint socket):
-    """Whether ingress takes the bridge and the veth at their net_dev_queue (the plan then
-    needs no net_dev_start_xmit at all) rather than at their transmit (see the module)."""
-    return veth_start and end_at_queue and not socket
-
-
-cdef inline bint _neighbour_l3(uint32_t l3) noexcept nogil:
-    # an ARP request or reply, or an IPv6 neighbour solicitation or advertisement, by length
-    return l3 == ARP_L3 or l3 == ND_L3 or l3 == NA_L3
 
 
 cdef inline uint32_t _bucket(uint64_t v) noexcept nogil:
@@ -497,8 +478,6 @@ cdef class Correlator(EventSink):
         memset(self.steps, 0, sizeof(self.steps))
         self.veth_start = veth_start
         self.socket = socket
-        cdef uint8_t to_veth = T_QUEUE if ingress_at_queue(veth_start, end_at_queue, socket) else T_XMIT
-        self.to_veth = to_veth
         # A T_ROUTE step is never an entry's step: it only times the routing decision inside
         # the synchronous chain between its neighbours (see _route), so no other step lists
         # it among its previous ones and the chain rules are those of the path without it.
@@ -516,8 +495,8 @@ cdef class Correlator(EventSink):
         ing = [
             (T_RECV,  C_UPLINK, 0,             False, True,                  False, False,        -1),  # I0
             (T_ROUTE, C_BRIDGE | C_VETH, 1 << 0, True, route,                False, False,         0),  # I1
-            (to_veth, C_BRIDGE, 1 << 0,        True,  hops and bridge,       False, False,         1),  # I2
-            (to_veth, C_VETH,   1 << 0 | 1 << 2, True, True,                 True,  False,         2),  # I3
+            (T_XMIT,  C_BRIDGE, 1 << 0,        True,  hops and bridge,       False, False,         1),  # I2
+            (T_XMIT,  C_VETH,   1 << 0 | 1 << 2, True, True,                 True,  False,         2),  # I3
             (T_RX,    C_INNER,  1 << 3,        True,  hops,                  False, False,         3),  # I4
             (T_RECV,  C_INNER,  1 << 3 | 1 << 4, False, True,                False, not socket,
              4 if socket else -1),                                                                    # I5
@@ -729,9 +708,7 @@ cdef class Correlator(EventSink):
         if st.attr and e.container < 0:
             if e.dir == INGRESS:
                 e.proto = ev.proto
-            # (a queue event carries no protocol: what the uplink passes on to a container's
-            # veth is routed, so IP, unless the uplink is bridged with the containers)
-            if not _is_ip(e.proto) and not (e.dir == INGRESS and st.type == T_QUEUE):
+            if not _is_ip(e.proto):
                 self.gcount[G_NONIP] += 1     # ARP and friends: not what mace measures
                 return 1
             x = self.dev_container[ev.dev]
@@ -1155,17 +1132,13 @@ cdef class Correlator(EventSink):
             self.notes[cpu].batch = 0
 
     cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
-        # (net_dev_queue carries no protocol: the length tells, and on egress the packet's
-        # family; an ingress packet's family is not known, its start has no protocol either)
+        # (net_dev_queue carries no protocol: the length and the packet's family tell)
         if e.dir == EGRESS:
             return (e.container >= 0 and t == T_QUEUE and cls & C_UPLINK
                     and ev.len - ETH_HLEN == (ND_L3 if e.proto == ETH_P_IPV6 else ARP_L3))
-        if t != self.to_veth or not cls & (C_BRIDGE | C_VETH):
-            return False
-        if t == T_QUEUE:
-            return ev.len - ETH_HLEN == ARP_L3 or ev.len - ETH_HLEN == ND_L3
-        return ((ev.proto == ETH_P_ARP and ev.len - ETH_HLEN == ARP_L3)
-                or (ev.proto == ETH_P_IPV6 and ev.len - ETH_HLEN == ND_L3))
+        return t == T_XMIT and cls & (C_BRIDGE | C_VETH) and (
+            (ev.proto == ETH_P_ARP and ev.len - ETH_HLEN == ARP_L3)
+            or (ev.proto == ETH_P_IPV6 and ev.len - ETH_HLEN == ND_L3))
 
     cdef bint _may_queue(self, const mace_entry *e) noexcept nogil:
         # e's chain ended while a resolution was in progress in its direction (it began no
@@ -1187,7 +1160,7 @@ cdef class Correlator(EventSink):
                 continue
             if e.dir == EGRESS and st.type == T_QUEUE and st.cls & C_UPLINK:
                 return True
-            if e.dir == INGRESS and st.type == self.to_veth and st.cls & (C_BRIDGE | C_VETH):
+            if e.dir == INGRESS and st.type == T_XMIT and st.cls & (C_BRIDGE | C_VETH):
                 return True
         return False
 
@@ -1220,13 +1193,13 @@ cdef class Correlator(EventSink):
         # The event concerns the entry's address but does not continue its path: the packet
         # is over (its address was reused), or it went somewhere mace does not measure.
         cdef int y
-        if t == self.to_veth and cls & C_VETH and e.dir == EGRESS:
+        if t == T_XMIT and cls & C_VETH and e.dir == EGRESS:
             MACE_ASSERT(0 <= ev.dev < self.ndevs and self.dev_container[ev.dev] >= 0, "a veth names its container")
             # from one container (monitored or not) to another through the bridge
             if e.container >= 0:
                 self.ccount[(e.container * 2 + EGRESS) * NCC + CC_LOCAL] += 1
             y = self.dev_container[ev.dev]
-            if _is_ip(e.proto):
+            if _is_ip(ev.proto):
                 self.ccount[(y * 2 + INGRESS) * NCC + CC_CROSSED] += 1
                 self.ccount[(y * 2 + INGRESS) * NCC + CC_LOCAL] += 1
             e.flags |= F_ACCOUNTED
@@ -1296,11 +1269,9 @@ cdef class Correlator(EventSink):
                 if t == self.steps[EGRESS][self.boundary[EGRESS]].type:
                     self.ccount[(x * 2 + EGRESS) * NCC + CC_CROSSED] += 1
                     self.ccount[(x * 2 + EGRESS) * NCC + CC_ORPHANS] += 1
-                elif t == self.to_veth and (_is_ip(ev.proto) if t == T_XMIT
-                                            else not _neighbour_l3(ev.len - ETH_HLEN)):
+                elif t == T_XMIT and _is_ip(ev.proto):
                     # Into a container with no uplink start: sent by the host itself, unless
-                    # the table had to give up the packet's entry.  (No protocol in the
-                    # record: a frame of a neighbour message's length is taken for one.)
+                    # the table had to give up the packet's entry.
                     self.ccount[(x * 2 + INGRESS) * NCC + CC_CROSSED] += 1
                     g = self._home(ev.skb) & self.ghost_mask
                     if self.ghost[g] == ev.skb:

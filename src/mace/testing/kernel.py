@@ -167,21 +167,14 @@ def egress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
     return [a, b, [Act("xmit", UPLINK, skb, L + ETH_HLEN, proto, "end")]]
 
 
-def transmit(dev: str, skb: int, L: int, proto: int) -> list[Act]:
-    """dev_queue_xmit on a device without a qdisc (a bridge, a veth): net_dev_queue, then
-    net_dev_start_xmit at once (the queue event has no protocol)."""
-    return [Act("queue", dev, skb, L + ETH_HLEN), Act("xmit", dev, skb, L + ETH_HLEN, proto)]
-
-
 def ingress_chains(box: Box, skb: int, L: int, proto: int) -> list[list[Act]]:
-    """receive uplink -> route -> queue, xmit bridge -> queue, xmit veth -> netif_rx inner
-    || receive inner"""
+    """receive uplink -> route -> xmit bridge -> xmit veth -> netif_rx inner || receive inner"""
     a = [Act("recv", UPLINK, skb, L, 0, "start")]
     if proto != ARP:
         a.append(Act("route", box.bridge or box.veth, 0, 0))
     if box.bridge:
-        a += transmit(box.bridge, skb, L, proto)
-    a += [*transmit(box.veth, skb, L, proto), Act("rx", box.inner, skb, L, proto)]
+        a.append(Act("xmit", box.bridge, skb, L + ETH_HLEN, proto))
+    a += [Act("xmit", box.veth, skb, L + ETH_HLEN, proto), Act("rx", box.inner, skb, L, proto)]
     return [a, [Act("recv", box.inner, skb, L, 0, "end")]]
 
 
@@ -276,7 +269,7 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
         elif how == "c2c":
             to = rnd.choice([o for o in w.boxes if o is not box])
             a, b, _ = segs
-            b = [b[0], *transmit(to.veth, skb, L, IP), Act("rx", to.inner, skb, L, IP)]
+            b = [b[0], Act("xmit", to.veth, skb, L + ETH_HLEN, IP), Act("rx", to.inner, skb, L, IP)]
             segs = [a, b, [Act("recv", to.inner, skb, L)]]
             truth = None
         story = story or Story(f"egress-{how}", segs, tuple(skbs), truth)
@@ -284,18 +277,15 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
         if how == "arp":
             L = ARP_L3
         segs = ingress_chains(box, skb, L, ARP if how == "arp" else IP)
-        # an ARP frame bridged in from the uplink: left out by its protocol where the veth is
-        # taken at its transmit; a queue event has none, and there it is a frame like any
-        truth = ((box.mon, INGRESS, L) if box.mon is not None and (how != "arp" or w.plan.ingress_at_queue)
-                 else None)
+        truth = (box.mon, INGRESS, L) if box.mon is not None and how != "arp" else None
         if how in ("drop", "vanish"):
             total = sum(map(len, segs))
             segs = truncate(segs, rnd.randint(1, total - 1), how == "drop")
         elif how == "parked":
             a, e = segs
             arp = skbs[1]
-            req = (transmit(box.bridge, arp, ARP_L3, ARP) if box.bridge else []) + [
-                *transmit(box.veth, arp, ARP_L3, ARP), Act("rx", box.inner, arp, ARP_L3, ARP)]
+            req = ([Act("xmit", box.bridge, arp, ARP_L3 + ETH_HLEN, ARP)] if box.bridge else []) + [
+                Act("xmit", box.veth, arp, ARP_L3 + ETH_HLEN, ARP), Act("rx", box.inner, arp, ARP_L3, ARP)]
             cut = 2 if a[1].tp == "route" else 1      # the lookup comes before the request
             segs = [a[:cut] + req, a[cut:], e]
             if rnd.random() < 0.2:
@@ -745,11 +735,10 @@ class KernelModel:
         self.at(self.clock[cpu] + 300 + self.rng.randrange(700), self.uplink_backlog, cpu, tid, reply)
 
     def uplink_backlog(self, t: int, cpu: int, tid: int, pkt: _Packet) -> None:
-        """Uplink receive -> de-NAT, route -> bridge -> veth queue, xmit (synchronous)."""
+        """Uplink receive -> de-NAT, route -> bridge -> veth xmit (synchronous)."""
         self.begin(cpu, t, tid)
         self.emit(cpu, tid, F_SOFTIRQ, RECV, pkt.skb, pkt.l3, self.uplink)
         if self.veth[pkt.cont]:
-            self.emit(cpu, tid, F_SOFTIRQ, QUEUE, pkt.skb, pkt.l3 + ETH_HLEN, self.veth[pkt.cont])
             end = self.emit(cpu, tid, F_SOFTIRQ, XMIT, pkt.skb, pkt.l3 + ETH_HLEN,
                             self.veth[pkt.cont], IP)
         else:

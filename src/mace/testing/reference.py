@@ -180,9 +180,6 @@ def paths(hops: bool, bridge: bool, end_at_queue: bool,
           veth_start: bool = False, route: bool = False, socket: bool = False) -> tuple[list[Step], list[Step]]:
     """The two paths, as in Correlator._plan.  A route step only times the routing decision
     of the chain it lies in (see ReferenceCorrelator._route): no step follows it."""
-    # ingress takes the bridge and the veth at their queue when nothing else needs the
-    # transmit tracepoint (the default plan), else at their transmit
-    to_veth = T_QUEUE if veth_start and end_at_queue and not socket else T_XMIT
     egress = [
         Step(T_XMIT, C_INNER, frozenset(), False, not veth_start),
         Step(T_RX, C_VETH, frozenset({0}), True, hops or veth_start, attr=True, hop=0),
@@ -196,8 +193,8 @@ def paths(hops: bool, bridge: bool, end_at_queue: bool,
     ingress = [
         Step(T_RECV, C_UPLINK, frozenset(), False, True),
         Step(T_ROUTE, C_BRIDGE | C_VETH, frozenset({0}), True, route, hop=0),
-        Step(to_veth, C_BRIDGE, frozenset({0}), True, hops and bridge, hop=1),
-        Step(to_veth, C_VETH, frozenset({0, 2}), True, True, attr=True, hop=2),
+        Step(T_XMIT, C_BRIDGE, frozenset({0}), True, hops and bridge, hop=1),
+        Step(T_XMIT, C_VETH, frozenset({0, 2}), True, True, attr=True, hop=2),
         Step(T_RX, C_INNER, frozenset({3}), True, hops, hop=3),
         Step(T_RECV, C_INNER, frozenset({3, 4}), False, True, end=not socket, hop=4 if socket else -1),
     ]
@@ -272,7 +269,6 @@ class ReferenceCorrelator:
         self.inner_of = list(inner_slots)
         self.max_age = max_age_ns
         self.paths = paths(hops, bridge, end_at_queue, veth_start, route, socket)
-        self.to_veth = self.paths[INGRESS][3].type
         self.veth_start = veth_start
         self.socket = socket
         self.nhops = (5, 5 if socket else 4)
@@ -405,7 +401,7 @@ class ReferenceCorrelator:
                 continue
             if e.dir == EGRESS and st.type == T_QUEUE and st.cls & C_UPLINK:
                 return True
-            if e.dir == INGRESS and st.type == self.to_veth and st.cls & (C_BRIDGE | C_VETH):
+            if e.dir == INGRESS and st.type == T_XMIT and st.cls & (C_BRIDGE | C_VETH):
                 return True
         return False
 
@@ -514,8 +510,7 @@ class ReferenceCorrelator:
         if st.attr and e.container < 0:
             if e.dir == INGRESS:
                 e.proto = ev.proto
-            # (no protocol in a queue event: what reaches a veth from the uplink is routed)
-            if e.proto not in (0x0800, 0x86DD) and not (e.dir == INGRESS and st.type == T_QUEUE):
+            if e.proto not in (0x0800, 0x86DD):
                 self._g("nonip")
                 del self.table[ev.skb]
                 return
@@ -634,9 +629,7 @@ class ReferenceCorrelator:
                 ask = ND_L3 if e.proto == 0x86DD else ARP_L3
                 arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == ask
             else:
-                arp = t == self.to_veth and cls & (C_BRIDGE | C_VETH) and (
-                    # a queue event has no protocol, and an ingress packet's family is unknown
-                    ev.len - ETH_HLEN in (ARP_L3, ND_L3) if t == T_QUEUE else
+                arp = t == T_XMIT and cls & (C_BRIDGE | C_VETH) and (
                     (ev.proto == 0x0806 and ev.len - ETH_HLEN == ARP_L3)
                     or (ev.proto == 0x86DD and ev.len - ETH_HLEN == ND_L3))
             if arp:
@@ -663,11 +656,11 @@ class ReferenceCorrelator:
 
     def _conflict(self, e: Entry, ev, t: int, cls: int) -> bool:
         del self.table[ev.skb]
-        if t == self.to_veth and cls & C_VETH and e.dir == EGRESS:
+        if t == T_XMIT and cls & C_VETH and e.dir == EGRESS:
             if e.container >= 0:
                 self._c(e.container, EGRESS, "local")
             y = self.dev_containers[ev.dev]
-            if e.proto in (0x0800, 0x86DD):
+            if ev.proto in (0x0800, 0x86DD):
                 self._c(y, INGRESS, "crossed")
                 self._c(y, INGRESS, "local")
             self._say(f"{ev.skb:#x} container to container")
@@ -709,10 +702,8 @@ class ReferenceCorrelator:
                 if t == self.paths[EGRESS][self.boundary[EGRESS]].type:
                     self._c(x, EGRESS, "crossed")
                     self._c(x, EGRESS, "orphans")
-                elif t == self.to_veth and (ev.proto in (0x0800, 0x86DD) if t == T_XMIT
-                                            else ev.len - ETH_HLEN not in (ARP_L3, ND_L3, NA_L3)):
-                    # no uplink start: the host sent it (this table never gives entries up);
-                    # no protocol in a queue event: a neighbour message's length is one
+                elif t == T_XMIT and ev.proto in (0x0800, 0x86DD):
+                    # no uplink start: the host sent it (this table never gives entries up)
                     self._c(x, INGRESS, "crossed")
                     self._c(x, INGRESS, "local")
             return
