@@ -74,7 +74,8 @@ class Tracer:
                 cap.probes, table_size=self.table_size, max_age_ns=self.max_age_ns,
                 ncpu=max(cap.cpus) + 1, bridge=bridge)
             try:
-                self.other_tracers = others.find(tps, enable_files=enable)
+                self.other_tracers = others.as_seen_by(others.find(tps, enable_files=enable),
+                                                       (p.tracepoint for p in cap.probes))
             except OSError:     # /proc unreadable: a warning the less, not a reason to stop
                 self.other_tracers = []
         except BaseException:

@@ -32,3 +32,13 @@ def test_ftrace_enable_states(monkeypatch):
                         lambda paths: {p: states["net:" + p.split("/")[2]] for p in paths})
     got = others._ftrace_users(list(states))
     assert [t.tracepoint for t in got] == ["net:a", "net:d"]
+
+
+def test_a_bpf_program_on_a_tracepoint_the_capture_did_not_open_suppresses_nothing():
+    # a program on a tracepoint the plan did not open costs, but hides nothing
+    xmit = OtherTracer(42, "bpftrace", "bpf tracepoint", "net:net_dev_start_xmit", suppresses=True)
+    queue = OtherTracer(43, "bpftrace", "bpf tracepoint", "net:net_dev_queue", suppresses=True)
+    seen = others.as_seen_by([xmit, queue], ["net:net_dev_queue", "net:netif_receive_skb"])
+    assert [t.suppresses for t in seen] == [False, True]
+    assert "suppress" not in others.warn_lines(seen[:1])[0]
+    assert others.as_seen_by([xmit], ["net:net_dev_start_xmit"]) == [xmit]

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 BPF_TASK_FD_QUERY = 20
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
@@ -140,6 +140,15 @@ def find(tracepoints: list[str], *, own_pid: int | None = None, ftrace: bool = T
     return found
 
 
+def as_seen_by(found: list[OtherTracer], opened) -> list[OtherTracer]:
+    """`found` for a capture that opened the tracepoints `opened`: a BPF program on one it did
+    not open (netif_rx_entry, which a plan from the inner device without hops leaves off)
+    suppresses nothing of mace's; its cost may still lie inside the segments."""
+    opened = set(opened)
+    return [replace(t, suppresses=False) if t.suppresses and t.tracepoint not in opened else t
+            for t in found]
+
+
 def enable_paths(tracepoints: list[str]) -> list[str]:
     """The tracefs files that say whether ftrace records `tracepoints`."""
     return ["events/{}/{}/enable".format(*tp.split(":", 1)) for tp in tracepoints]
@@ -165,4 +174,4 @@ def warn_lines(found: list[OtherTracer]) -> list[str]:
     return [f"mace: warning: {t.describe()}" for t in order]
 
 
-__all__ = ["OtherTracer", "find", "warn_lines"]
+__all__ = ["OtherTracer", "as_seen_by", "find", "warn_lines"]
