@@ -686,6 +686,24 @@ def test_arp_parked_ingress_is_reported_with_its_full_latency():
     assert out.glob["parked"] == 1
 
 
+def test_only_the_newest_of_a_batchs_chains_asks_for_the_neighbour():
+    # Two receives of one batch; the request comes in the second packet's chain: the first
+    # one's chain ended (it was for the host), and the host's next packet into the container
+    # from its address must not be taken for it
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=1, at=1000)                   # for the host
+    s("recv", UPLINK, B, 84, cpu=0, tid=1, at=1100)                   # the same batch
+    s("xmit", "m0v0", R, 42, proto=ARP, cpu=0, tid=1, at=1200)        # who has the container?
+    s("xmit", "m0v0", A, 98, cpu=1, tid=5, at=20_000)                 # A's address, the host's packet
+    s("recv", INNER, A, 84, cpu=1, tid=6, at=20_500)
+    s("xmit", "m0v0", B, 98, cpu=2, tid=7, at=30_000)                 # resolved: B is sent on
+    s("recv", INNER, B, 84, cpu=3, tid=8, at=31_000)
+    out = correlate(s)
+    assert out.reports == [Report(0, INGRESS, 1, 1100, 29_900, 84, 3, (None, None, 28_900, None))]
+    assert out.glob["parked"] == 1
+    assert counts(out, 0, "ingress", "crossed", "reports", "local") == (2, 1, 1)
+
+
 def test_an_event_after_max_age_expires_the_entry():
     age = 10_000
     s = Script(make_plan([M0], hops=False, end_at_queue=False))

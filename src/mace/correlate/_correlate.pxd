@@ -123,7 +123,8 @@ cdef class Correlator(EventSink):
     cdef int _match(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _conflict(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _fresh(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
-    cdef void _resolve(self, int cpu, uint64_t skb, uint64_t ts, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
+    cdef void _resolve(self, int cpu, uint64_t skb, uint64_t ts, const mace_event *ev, uint8_t t, uint8_t cls,
+                       bint asks) noexcept nogil
     cdef void _pq_settle(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef void _pq_drop(self, int cpu, int k) noexcept nogil
     cdef void _pq_push(self, int cpu, uint64_t skb, uint64_t ts, bint front) noexcept nogil

@@ -1011,7 +1011,7 @@ cdef class Correlator(EventSink):
                 prev = e.hop[i]
 
     cdef void _resolve(self, int cpu, uint64_t skb, uint64_t ts, const mace_event *ev,
-                       uint8_t t, uint8_t cls) noexcept nogil:
+                       uint8_t t, uint8_t cls, bint asks) noexcept nogil:
         # The CPU moved on (to ev) while this packet awaited a synchronous step: its call
         # chain ended without reaching the next device.
         cdef int64_t s = self._lookup(skb)
@@ -1025,7 +1025,10 @@ cdef class Correlator(EventSink):
             self._retire(e, CC_EXPIRED)
             self._delete(<uint64_t>s)
             return
-        if (ev.tid == e.tid and (ev.flags & CTX_BITS) == e.ctx
+        # (`asks`: ev may be a request of e's chain.  It is not when it is another pending
+        # packet's next step, and it is the newest chain's when several packets were
+        # pending: the earlier ones' chains ended before it began.)
+        if (ev.tid == e.tid and (ev.flags & CTX_BITS) == e.ctx and asks
                 and self._neighbour_wait(e, ev, t, cls)):
             # The chain went on to send an ARP request (or an IPv6 neighbour solicitation)
             # on the next device: the packet waits in the neighbour queue, and leaves it by
@@ -1121,13 +1124,14 @@ cdef class Correlator(EventSink):
                 break
         if pos >= 0:
             for i in range(pos):
-                self._resolve(cpu, self.pq_skb[cpu * PQ + i], self.pq_ts[cpu * PQ + i], ev, t, cls)
+                self._resolve(cpu, self.pq_skb[cpu * PQ + i], self.pq_ts[cpu * PQ + i], ev, t, cls, False)
             self._pq_drop(cpu, pos + 1)
             self.adjacent = True
             self.front = True
         elif n and not self._sibling(cpu, ev, t, cls):
             for i in range(n):
-                self._resolve(cpu, self.pq_skb[cpu * PQ + i], self.pq_ts[cpu * PQ + i], ev, t, cls)
+                self._resolve(cpu, self.pq_skb[cpu * PQ + i], self.pq_ts[cpu * PQ + i], ev, t, cls,
+                              i == n - 1)
             self.pq_n[cpu] = 0
             self.notes[cpu].batch = 0
 

@@ -189,7 +189,8 @@ def truncate(segments: list[list[Act]], keep: int, free: bool) -> list[list[Act]
         n += len(part)
         out.append(list(part))
     if free:
-        last = out[-1][-1]
+        # the packet's address (a route lookup, which may be the last act, carries none)
+        last = next(a for seg in reversed(out) for a in reversed(seg) if a.skb)
         out[-1].append(Act("free", None, last.skb, 0, last.proto))
     return out
 

@@ -466,15 +466,15 @@ class ReferenceCorrelator:
         skbs = [skb for skb, _ in q]
         if ev.skb in skbs:
             pos = skbs.index(ev.skb)
-            for skb, ts in q[:pos]:
-                self._resolve(ev.cpu, skb, ts, ev, t, cls)
+            for skb, ts in q[:pos]:     # ev is another packet's step: it asks for nothing
+                self._resolve(ev.cpu, skb, ts, ev, t, cls, asks=False)
             del q[:pos + 1]
             if not q:
                 self.notes.setdefault(ev.cpu, {})["batch"] = False
             return True, True
         if q and not self._sibling(q[-1][0], ev, t, cls):
-            for skb, ts in q:
-                self._resolve(ev.cpu, skb, ts, ev, t, cls)
+            for i, (skb, ts) in enumerate(q):      # a request would be the newest chain's
+                self._resolve(ev.cpu, skb, ts, ev, t, cls, asks=i == len(q) - 1)
             q.clear()
             self.notes.setdefault(ev.cpu, {})["batch"] = False
         return False, False
@@ -616,7 +616,7 @@ class ReferenceCorrelator:
         else:
             self._c(e.container, INGRESS, "unpaired")
 
-    def _resolve(self, cpu: int, skb: int, ts: int, ev, t: int, cls: int) -> None:
+    def _resolve(self, cpu: int, skb: int, ts: int, ev, t: int, cls: int, asks: bool) -> None:
         e = self.table.get(skb)
         if e is None or e.cpu != cpu or e.t0 + e.tlast != ts or not self._sync_wait(e):
             return
@@ -624,7 +624,7 @@ class ReferenceCorrelator:
             self._retire(e, "expired")
             del self.table[skb]
             return
-        if ev.tid == e.tid and ev.flags & CTX_BITS == e.ctx:
+        if asks and ev.tid == e.tid and ev.flags & CTX_BITS == e.ctx:
             if e.dir == EGRESS:
                 ask = ND_L3 if e.proto == 0x86DD else ARP_L3
                 arp = e.container >= 0 and t == T_QUEUE and cls & C_UPLINK and ev.len - ETH_HLEN == ask
