@@ -329,11 +329,11 @@ class HitsTracer(_Proc):
     def start(self, ctx: Ctx) -> None:
         self.stat = ctx.tmp / "hits.csv"
         argv = ["perf", "stat", "-a", "-x", ",", "-o", str(self.stat)]
-        for tp in dict.fromkeys(p.tracepoint for p in ctx.probes):
+        tracepoints = dict.fromkeys(p.tracepoint for p in ctx.probes)
+        for tp in tracepoints:
             argv += ["-e", tp]
-        self.tracepoints = len(dict.fromkeys(p.tracepoint for p in ctx.probes))
         self._spawn(ctx, argv)
-        self._wait_fds(self.tracepoints * ctx.ncpu)
+        self._wait_fds(len(tracepoints) * ctx.ncpu)
 
     def stop(self) -> dict:
         res = super().stop()
