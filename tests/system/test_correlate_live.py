@@ -239,3 +239,18 @@ def test_update_switches_containers_without_a_gap_or_a_duplicate(testbed_factory
     k = stats["containers"][1]["egress"]
     # B's first packet may have crossed its veth just before B was traced: at most one orphan
     assert k["orphans"] <= 1 and k["rejected"] == k["evicted"] == 0, k
+
+
+@pytest.mark.parametrize("hops", [False, True], ids=["boundary", "hops"])
+def test_a_packet_that_waits_for_the_containers_arp_is_reported_with_the_wait(testbed, hops):
+    # The host forgets the container's address: the peer's first ping waits in the
+    # neighbour queue until the container answers through its veth, and leaves it in the
+    # chain that answer is received in (Correlator._answer)
+    tb, c, n = testbed, testbed.containers[0], 5
+    tb.run(tb.host_ns, ["ip", "neigh", "flush", "all"], check=True)
+    reports, stats, procs = trace_while(plan_for(tb, hops=hops), lambda: [
+        tb.popen(tb.peer_ns, ["ping", "-n", "-c", str(n), "-i", "0.1", c.ip], stdout=-1, text=True)])
+    assert f" {n} received" in procs[0].stdout.read()
+    ing = by(reports, 0, 1)
+    assert [(r.seq, r.len) for r in ing] == [(k, 84) for k in range(1, n + 1)], ing
+    assert stats["correlator"]["parked"] >= 1, stats["correlator"]

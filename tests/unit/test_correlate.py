@@ -393,6 +393,7 @@ def test_batch_boundaries_change_no_report(stream, report_cap):
 
 A, B, C, D = (0xFFFF888104000000 + 0x100 * k for k in (1, 2, 3, 4))
 R = 0xFFFF888104000F00          # an ARP request
+Q = 0xFFFF888104000E00          # the answer (an ARP reply)
 M0, M1, U = Box("m0v0", BRIDGE, 0), Box("m1v0", BRIDGE, 1), Box("u2v0", BRIDGE, None)
 
 
@@ -677,12 +678,32 @@ def test_arp_parked_ingress_is_reported_with_its_full_latency():
     s("xmit", BRIDGE, R, 42, proto=ARP, cpu=0, tid=1, at=1100)   # who has the container?
     s("xmit", "m0v0", R, 42, proto=ARP, cpu=0, tid=1, at=1150)
     s("rx", INNER, R, 28, cpu=0, tid=1, at=1200)
+    s("rx", "m0v0", Q, 28, proto=ARP, cpu=1, tid=4, at=29_000)   # the container answers
+    s("recv", "m0v0", Q, 28, cpu=2, tid=5, at=29_800)            # its backlog, elsewhere
     s("xmit", BRIDGE, A, 98, cpu=2, tid=5, at=30_000)            # resolved: sent on
     s("xmit", "m0v0", A, 98, cpu=2, tid=5, at=30_100)
     s("rx", INNER, A, 84, cpu=2, tid=5, at=30_200)
     s("recv", INNER, A, 84, cpu=3, tid=6, at=31_000)
     out = correlate(s)
     assert out.reports == [Report(0, INGRESS, 1, 1000, 30_000, 84, 3, (None, 29_000, 29_100, 29_200))]
+    assert out.glob["parked"] == 1
+
+
+@pytest.mark.parametrize("answered", [False, True], ids=["unanswered", "answered-elsewhere"])
+def test_a_parked_packet_leaves_only_in_its_answers_chain(answered):
+    # A packet for the host, then the neighbour timer's probe into a container in the same
+    # thread and context (back to back softirqs): taken as the packet asking.  The host's
+    # next packet into the container reuses the freed address; without an answer, or away
+    # from its chain, it is not the parked packet leaving the queue.
+    s = Script(make_plan([M0], hops=False, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=1, flags=0x10, at=1000)        # for the host
+    s("xmit", "m0v0", R, 42, proto=ARP, cpu=0, tid=1, flags=0x10, at=1200)   # the timer's probe
+    if answered:
+        s("recv", "m0v0", Q, 28, cpu=1, tid=4, flags=0x10, at=9_000)   # its answer, on CPU 1
+    s("xmit", "m0v0", A, 98, cpu=0, tid=7, at=20_000)                  # the host's own packet
+    s("recv", INNER, A, 84, cpu=0, tid=8, at=20_500)
+    out = correlate(s)
+    assert out.reports == []
     assert out.glob["parked"] == 1
 
 
@@ -696,6 +717,7 @@ def test_only_the_newest_of_a_batchs_chains_asks_for_the_neighbour():
     s("xmit", "m0v0", R, 42, proto=ARP, cpu=0, tid=1, at=1200)        # who has the container?
     s("xmit", "m0v0", A, 98, cpu=1, tid=5, at=20_000)                 # A's address, the host's packet
     s("recv", INNER, A, 84, cpu=1, tid=6, at=20_500)
+    s("recv", "m0v0", Q, 28, cpu=2, tid=7, at=29_900)                 # the container answers
     s("xmit", "m0v0", B, 98, cpu=2, tid=7, at=30_000)                 # resolved: B is sent on
     s("recv", INNER, B, 84, cpu=3, tid=8, at=31_000)
     out = correlate(s)
@@ -1056,7 +1078,6 @@ def test_reconfigure_refuses_to_shrink():
 # asked for): only the first packet's call chain sends the ARP request; the second one's
 # chain just ends, in the same neighbour queue; the answer's softirq sends both, in order.
 
-Q = 0xFFFF888104000E00          # the answer (an ARP reply for the host)
 IP6 = 0x86DD
 ND_L3 = _correlate.ND_L3
 

@@ -105,6 +105,7 @@ cdef class Correlator(EventSink):
     cdef uint64_t nq_since[2]
     cdef bint nq_open[2]
     cdef uint64_t fl_ts[2]
+    cdef uint64_t fl_skb[2]
     cdef uint32_t fl_tid[2]
     cdef uint16_t fl_cpu[2]
     cdef uint8_t fl_ctx[2]

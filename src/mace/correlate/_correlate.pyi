@@ -18,6 +18,7 @@ DIRECTIONS: tuple[str, str]
 SYNC_MAX_NS: int
 ETH_HLEN: int
 ARP_L3: int
+ARP_PAD_L3: int
 ND_L3: int
 NA_L3: int
 CTX_BITS: int

@@ -107,6 +107,7 @@ cpdef enum:
     ARP_L3 = 28         # an ARP request or reply for IPv4 over Ethernet, without the Ethernet header
     ND_L3 = 72          # an IPv6 neighbour solicitation (or advertisement) with its link-layer option
     NA_L3 = 64          # an IPv6 neighbour advertisement without one (an answer to a unicast probe)
+    ARP_PAD_L3 = 46     # an ARP reply padded to Ethernet's 60-byte minimum, as a NIC receives it
     CTX_BITS = 0x58     # common_flags: NMI 0x40, softirq 0x10, hardirq 0x08
     PQ = 64             # a CPU's pending call chains: NAPI handles up to 64 packets a batch
     CALLS = 4096        # threads in a send call at once, direct-mapped (a collision: unpaired)
@@ -679,8 +680,11 @@ cdef class Correlator(EventSink):
             if st.type != t or not (st.cls & cls):
                 continue
             if st.sync and not adjacent:
+                # A packet in a neighbour queue leaves it in the chain that received the
+                # answer, the one that asked as well: a later packet given its address
+                # elsewhere (the host's own, sent into the container) is not it.
                 if e.flags & F_PARKED:
-                    if e.flags & F_QUEUED and not self._flushed(e, ev):
+                    if not self._flushed(e, ev):
                         continue
                 elif not (self._may_queue(e) and self._flushed(e, ev)):
                     continue
@@ -725,6 +729,7 @@ cdef class Correlator(EventSink):
         if e.flags & F_PARKED:
             # the neighbour answered: the queue is flushed in this chain, packet by packet
             self.nq_open[e.dir] = False
+            self.fl_skb[e.dir] = 0
             self.fl_ts[e.dir] = ev.ts
             self.fl_cpu[e.dir] = ev.cpu
             self.fl_tid[e.dir] = ev.tid
@@ -1176,11 +1181,17 @@ cdef class Correlator(EventSink):
         cdef uint32_t l3 = ev.len
         if t != T_RECV and t != T_RX:
             return
-        if l3 != ARP_L3 and l3 != ND_L3 and l3 != NA_L3:
+        if l3 != ARP_L3 and l3 != ND_L3 and l3 != NA_L3 and not (l3 == ARP_PAD_L3 and cls & C_UPLINK):
             return
         for d in range(2):
-            if self.nq_open[d] and cls & (C_UPLINK if d == EGRESS else C_VETH):
+            if not cls & (C_UPLINK if d == EGRESS else C_VETH):
+                continue
+            # (and the answer's next steps, as its backlog is processed, perhaps in another
+            # thread: the queue is flushed where it reaches the neighbour code, after them)
+            if self.nq_open[d] or (ev.skb != 0 and ev.skb == self.fl_skb[d] and ev.ts >= self.fl_ts[d]
+                                   and ev.ts - self.fl_ts[d] <= SYNC_MAX):
                 self.nq_open[d] = False
+                self.fl_skb[d] = ev.skb
                 self.fl_ts[d] = ev.ts
                 self.fl_cpu[d] = ev.cpu
                 self.fl_tid[d] = ev.tid
@@ -1333,7 +1344,7 @@ cdef class Correlator(EventSink):
             return 0
         self._pq_settle(ev, t, cls)
         self._note(ev, t, cls)
-        if self.nq_open[0] or self.nq_open[1]:
+        if self.nq_open[0] or self.nq_open[1] or self.fl_skb[0] or self.fl_skb[1]:
             self._answer(ev, t, cls)
         s = self._lookup(ev.skb)
         if s >= 0 and self._expired(&self.table[s]):

@@ -38,6 +38,7 @@ NOISE_DEVICES = ("wlan0", "docker0", "lo")      # never in a plan: filtered in t
 ETH_HLEN = 14
 IP, IP6, ARP = 0x0800, 0x86DD, 0x0806     # the tracepoints store ntohs(skb->protocol)
 ARP_L3 = 28
+ARP_PAD_L3 = 46      # an ARP reply padded to Ethernet's minimum frame, as a NIC receives it
 EGRESS, INGRESS = 0, 1
 TP = {"xmit": XMIT, "recv": RECV, "rx": RX, "queue": QUEUE, "free": FREE, "route": ROUTE,
       "call": "syscalls:sys_enter_sendto", "return": "syscalls:sys_exit_sendto", "ready": READY,
@@ -233,7 +234,7 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
                           Act("queue", UPLINK, 0, L + ETH_HLEN), Act("free", None, 0, 0),
                           Act("recv", box.veth, 0, L)])
         return Story("zero", [[act]])
-    skbs = take(2 if how == "parked" else 1)
+    skbs = take(3 if how == "parked" else 1)
     if skbs is None and how == "parked":
         how = "full"
         skbs = take(1)
@@ -262,7 +263,9 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
             b[-1:] = [Act("queue", UPLINK, arp, ARP_L3 + ETH_HLEN)]
             if rnd.random() < 0.7:
                 b.append(Act("xmit", UPLINK, arp, ARP_L3 + ETH_HLEN, ARP))
-            resume = [Act("queue", UPLINK, skb, L + ETH_HLEN, 0, "endq")]
+            # the answer, in whose call chain the queue is flushed (on a NIC, padded)
+            answer = Act("recv", UPLINK, skbs[2], rnd.choice([ARP_L3, ARP_L3, ARP_PAD_L3]))
+            resume = [answer, Act("queue", UPLINK, skb, L + ETH_HLEN, 0, "endq")]
             segs = merge_last([a, b, resume, x], rnd.random() < 0.5)
             if rnd.random() < 0.2:       # no reply: the neighbour queue drops it
                 segs = [a, b, [Act("free", None, skb, 0, IP)]]
@@ -288,10 +291,21 @@ def new_story(w: World, rnd, take, vanish: bool = False) -> Story | None:
             req = ([Act("xmit", box.bridge, arp, ARP_L3 + ETH_HLEN, ARP)] if box.bridge else []) + [
                 Act("xmit", box.veth, arp, ARP_L3 + ETH_HLEN, ARP), Act("rx", box.inner, arp, ARP_L3, ARP)]
             cut = 2 if a[1].tp == "route" else 1      # the lookup comes before the request
-            segs = [a[:cut] + req, a[cut:], e]
+            # the container answers; the queue is flushed where its answer reaches the host's
+            # neighbour code, after its backlog (in that chain, or a later one)
+            ans = skbs[2]
+            sent = [Act("xmit", box.inner, ans, ARP_L3 + ETH_HLEN, ARP), Act("rx", box.veth, ans, ARP_L3, ARP)]
+            backlog = [Act("recv", box.veth, ans, ARP_L3)] + (
+                [Act("recv", box.bridge, ans, ARP_L3)] if box.bridge else [])
+            if rnd.random() < 0.3:
+                segs = [a[:cut] + req, sent, backlog + a[cut:], e]
+                other = frozenset({1, 2})
+            else:
+                segs = [a[:cut] + req, sent + backlog + a[cut:], e]
+                other = frozenset({1})
             if rnd.random() < 0.2:
                 segs = [a[:cut] + req, [Act("free", None, skb, 0, IP)]]
-            story = Story("ingress-parked", segs, tuple(skbs), truth, frozenset({1}))
+            story = Story("ingress-parked", segs, tuple(skbs), truth, other)
         story = story or Story(f"ingress-{how}", segs, tuple(skbs), truth)
     elif kind == "host_in":      # the host itself sends into a container: starts at the veth
         proto = rnd.choice([IP, IP, IP6, ARP])

@@ -15,6 +15,7 @@ from mace.capture._ring import DEV_NONE, DEV_OTHER
 from mace.capture.perf import Event
 from mace.correlate._correlate import (
     ARP_L3,
+    ARP_PAD_L3,
     CALLS,
     CLASSES,
     CTX_BITS,
@@ -293,7 +294,7 @@ class ReferenceCorrelator:
         # call chain (cpu, tid, ctx, ts) that flushes its queue
         self.nq_since = [0, 0]
         self.nq_open = [False, False]
-        self.flush: list[tuple[int, int, int, int] | None] = [None, None]
+        self.flush: list[tuple[int, int, int, int, int] | None] = [None, None]   # cpu, tid, ctx, ts, answer skb
         self.explain = explain
 
     def _say(self, text):
@@ -353,7 +354,7 @@ class ReferenceCorrelator:
                 continue
             if st.sync and not adjacent:
                 if e.parked:
-                    if e.queued and not self._flushed(e, ev):
+                    if not self._flushed(e, ev):
                         continue
                 elif not (self._may_queue(e) and self._flushed(e, ev)):
                     continue
@@ -379,13 +380,20 @@ class ReferenceCorrelator:
                 and 0 <= ev.ts - f[3] <= SYNC_MAX_NS and f[3] > e.t0 + e.tlast)
 
     def _answer(self, ev, t: int, cls: int) -> None:
-        if t not in (T_RECV, T_RX) or ev.len not in (ARP_L3, ND_L3, NA_L3):
+        if t not in (T_RECV, T_RX):
+            return
+        if ev.len not in (ARP_L3, ND_L3, NA_L3) and not (ev.len == ARP_PAD_L3 and cls & C_UPLINK):
             return
         for d in (EGRESS, INGRESS):
-            if self.nq_open[d] and cls & (C_UPLINK if d == EGRESS else C_VETH):
+            if not cls & (C_UPLINK if d == EGRESS else C_VETH):
+                continue
+            f = self.flush[d]
+            # the answer's next steps (its backlog) move the chain the queue is flushed in
+            later = f is not None and ev.skb and f[4] == ev.skb and 0 <= ev.ts - f[3] <= SYNC_MAX_NS
+            if self.nq_open[d] or later:
                 self._say(f"neighbour answered ({'egress' if d == EGRESS else 'ingress'})")
                 self.nq_open[d] = False
-                self.flush[d] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts)
+                self.flush[d] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts, ev.skb)
 
     def _may_queue(self, e: Entry) -> bool:
         since = self.nq_since[e.dir]
@@ -520,7 +528,7 @@ class ReferenceCorrelator:
             e.hops[st.hop] = delta
         if e.parked:
             self.nq_open[e.dir] = False
-            self.flush[e.dir] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts)
+            self.flush[e.dir] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts, 0)
         e.step, e.tlast, e.cpu, e.tid, e.parked, e.queued = j, delta, ev.cpu, ev.tid, False, False
         e.ctx = ev.flags & CTX_BITS
         self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} step {j}")
