@@ -16,13 +16,15 @@ own program and correlates in the kernel):
     bpftrace  a script doing mace's correlation in the kernel: maps keyed by skbaddr,
               histograms of the egress and ingress deltas
 
-and two that take mace apart (where its cost goes, and what a cheaper ring would save):
+and three that take mace apart (where its cost goes, and what a cheaper ring would save):
 
     hits      `perf stat -a` counting mace's tracepoints, unfiltered: every hit builds its
               record and counts, none is written anywhere (what the tracepoints cost before
               a single sample); its counts give the hits per round trip
     ftrace-noread  the ftrace configuration with no reader: the same events and filters
               written into the instance's ring, which nobody reads or waits on (no wakeups)
+    ftrace-raw  that ring read as a capture on it would read it: each CPU's trace_pipe_raw
+              without blocking, every 50 ms, on CLOCK_MONOTONIC (pages thrown away)
 
 Rounds are interleaved, each in a rotated order (A B C D E, then B C D E A, ...), so that
 drift over the run (other load on the host, the VM's neighbours) hits every configuration
@@ -30,7 +32,7 @@ alike.  The added RTT of a configuration is the median over rounds of (its media
 minus the `none` median of the same round), with the spread of those per-round
 differences.  Optional load: LOAD co-located containers flooding the peer (`ping -f`)
 for the whole phase.  Full: loads 0, 2 and 4, R=16, N=300, I=3 ms; quick: load 0, R=2, N=60,
-none/mace/ftrace only.
+none/mace/ftrace/ftrace-raw only.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ from pathlib import Path
 
 from benchmarks.common import busy_since, cpu_sample, pyplot, save, tracefs_mounts, wait_quiet
 
-CONFIGS = ["none", "mace", "mace-xmit", "ftrace", "perf", "bpftrace", "hits", "ftrace-noread"]
-QUICK_CONFIGS = ["none", "mace", "ftrace"]
+CONFIGS = ["none", "mace", "mace-xmit", "ftrace", "perf", "bpftrace", "hits", "ftrace-noread",
+           "ftrace-raw"]
+QUICK_CONFIGS = ["none", "mace", "ftrace", "ftrace-raw"]
 TARGET_US = 3.0
 TRACEFS = Path("/sys/kernel/tracing")
 INSTANCE = "mace_bench"
@@ -60,7 +63,8 @@ QUIET_BELOW = 0.15        # ... i.e. less than this share busy, before each run
 STOP_TIMEOUT_S = 15.0
 COLORS = {"none": "tab:gray", "mace": "tab:blue", "mace-xmit": "tab:cyan", "ftrace": "tab:orange",
           "perf": "tab:green",
-          "bpftrace": "tab:purple", "hits": "tab:olive", "ftrace-noread": "tab:brown"}
+          "bpftrace": "tab:purple", "hits": "tab:olive", "ftrace-noread": "tab:brown",
+          "ftrace-raw": "tab:pink"}
 
 
 def _params(quick: bool) -> dict:
@@ -69,7 +73,7 @@ def _params(quick: bool) -> dict:
                 "configs": list(QUICK_CONFIGS), "budget_s": 36.0}
     # idle rounds spread by tens of µs on a shared VM: many rounds, and loads to plot the growth
     return {"loads": [0, 2, 4], "rounds": 16, "count": 300, "interval": 0.003,
-            "configs": list(CONFIGS), "budget_s": 900.0}
+            "configs": list(CONFIGS), "budget_s": 1100.0}
 
 
 # -- tracefs mount -------------------------------------------------------------------------------
@@ -451,6 +455,7 @@ class FtraceTracer:
     name = "ftrace"
     reader = True
     buffer_kb = 0             # the instance's default
+    clock = ""                # the instance's default (local)
 
     def __init__(self):
         self.inst: Path | None = None
@@ -465,19 +470,24 @@ class FtraceTracer:
         self.inst = inst
         if self.buffer_kb:
             (inst / "buffer_size_kb").write_text(f"{self.buffer_kb}\n")
+        if self.clock:
+            (inst / "trace_clock").write_text(f"{self.clock}\n")
         for p in ctx.probes:
             ev = inst / "events" / p.tracepoint.replace(":", "/")
             f = p.filter_text()
             if f:
                 (ev / "filter").write_text(f + "\n")
         if self.reader:
-            self.cat = subprocess.Popen(["cat", str(inst / "trace_pipe")], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ctx.pids.append(self.cat.pid)
+            self._read(ctx, inst)
         for p in ctx.probes:
             en = inst / "events" / p.tracepoint.replace(":", "/") / "enable"
             en.write_text("1\n")
             self.enabled.append(en)
+
+    def _read(self, ctx: Ctx, inst: Path) -> None:
+        self.cat = subprocess.Popen(["cat", str(inst / "trace_pipe")], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ctx.pids.append(self.cat.pid)
 
     def pids(self) -> list[int]:
         return [self.cat.pid] if self.cat is not None else []
@@ -489,11 +499,11 @@ class FtraceTracer:
                 en.write_text("0\n")
             except OSError:
                 pass
-        if self.inst is not None:
-            res.update(_ftrace_stats(self.inst))
-        if self.cat is not None:
+        if self.cat is not None:       # (the reader drains what is left first)
             r = _reap(self.cat, signal.SIGTERM, 5)
             res["cpu_s"] = r["cpu_s"]
+        if self.inst is not None:
+            res.update(_ftrace_stats(self.inst))
         if self.inst is not None:
             for _ in range(50):
                 try:
@@ -534,9 +544,51 @@ class FtraceNoReadTracer(FtraceTracer):
     buffer_kb = 8192
 
 
+RAW_READER = """
+import glob, os, signal, sys, time
+fds = [os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+       for p in sorted(glob.glob(sys.argv[1] + "/per_cpu/cpu*/trace_pipe_raw"))]
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+print("ready", flush=True)
+while True:
+    last = bool(stop)          # a stop drains once more: what was written before it
+    for fd in fds:
+        while True:
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except BlockingIOError:
+                break
+    if last:
+        break
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+class FtraceRawTracer(FtraceTracer):
+    """The ftrace configuration read the way a capture on ftrace's ring would read it: each
+    CPU's trace_pipe_raw, binary pages, without blocking, every 50 ms (mace's poll timeout),
+    on CLOCK_MONOTONIC (the clock mace orders by); nothing waits on the ring, so no write
+    wakes a reader.  The pages are thrown away: decoding them is the reader's CPU, not the
+    traced packets' time."""
+    name = "ftrace-raw"
+    buffer_kb = 1024
+    clock = "mono"
+    period_s = 0.05
+
+    def _read(self, ctx: Ctx, inst: Path) -> None:
+        self.cat = subprocess.Popen([sys.executable, "-c", RAW_READER, str(inst), str(self.period_s)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+        ctx.pids.append(self.cat.pid)
+        if self.cat.stdout.readline().strip() != "ready":
+            raise RuntimeError("the trace_pipe_raw reader did not start")
+
+
 TRACERS = {"none": NoTracer, "mace": MaceTracer, "mace-xmit": MaceXmitTracer, "ftrace": FtraceTracer, "perf": PerfTracer,
            "bpftrace": BpftraceTracer,
-           "hits": HitsTracer, "ftrace-noread": FtraceNoReadTracer}
+           "hits": HitsTracer, "ftrace-noread": FtraceNoReadTracer, "ftrace-raw": FtraceRawTracer}
 
 
 # -- measurement ---------------------------------------------------------------------------------
@@ -973,6 +1025,11 @@ def _decomposition(ph: dict, count: int) -> str | None:
     if noread is not None:
         text += (f"; ftrace writing the same events into its own ring, with no reader, adds "
                  f"{_fmt_us(noread)}")
+    raw = add.get("ftrace-raw", {}).get("median_us")
+    if raw is not None:
+        text += (f"; the same ring read as a capture on it would read it (each CPU's "
+                 f"trace_pipe_raw, every 50 ms, on CLOCK_MONOTONIC, pages not decoded) adds "
+                 f"{_fmt_us(raw)}")
     per = hits_per_round_trip(ph, count) if ph["load"] == 0 else {}
     if per:
         text += (f". Hits per ping round trip: {sum(per.values()):.1f} in all ("
@@ -1029,7 +1086,12 @@ def notes(result: dict) -> list[str]:
         "ends one; histograms of the deltas), started and waited for until it prints "
         "'Attaching'; its program runs on every event of these tracepoints, as BPF cannot use "
         "the ftrace filters. mace-xmit: mace with `--end-at-xmit` (one sample more per round "
-        "trip, the uplink's transmit).",
+        "trip, the uplink's transmit). ftrace-noread: the ftrace instance with an 8 MiB ring "
+        "per CPU and no reader. ftrace-raw: the ftrace instance on CLOCK_MONOTONIC (`mono`, "
+        "the clock mace orders by) with a 1 MiB ring per CPU, drained by a Python process "
+        "reading each CPU's `trace_pipe_raw` without blocking every 50 ms (mace's poll "
+        "timeout) and throwing the pages away: a lower bound for a capture on ftrace's ring, "
+        "which would also decode and correlate them.",
     ]
     if result.get("skipped_configs"):
         out.append("Not measured here: " + "; ".join(f"{k}: {v}" for k, v in

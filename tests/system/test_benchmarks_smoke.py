@@ -116,11 +116,15 @@ def test_mace_demo_prints_the_table_and_cleans_up():
 def test_perturbation_benchmark_quick(tmp_path):
     res = run_quick("perturbation", tmp_path)
     assert res["errors"] == [] and res["cleanup"]["clean"]
-    assert {"none", "mace", "ftrace"} <= set(res["configs"])
+    assert {"none", "mace", "ftrace", "ftrace-raw"} <= set(res["configs"])
     added = res["phases"][0]["added"]
     # sane magnitudes only: a tracer adds something, and less than a millisecond
     for name in ("mace", "ftrace"):
         assert -200 < added[name]["median_us"] < 1000, added[name]
+    # the trace_pipe_raw reader drains the ring it measures: every event read, none lost
+    for rd in res["phases"][0]["rounds"]:
+        raw = rd["runs"]["ftrace-raw"]["tracer"]
+        assert raw["read_events"] > 0 and raw["entries"] == raw["overrun"] == 0, raw
 
 
 def test_service_benchmark_quick(tmp_path):
