@@ -3,7 +3,7 @@
 A throwaway testbed (`Testbed(containers_n=1 + LOAD, masquerade=True)`) carries a paced
 ping from container 0 to the peer, `ping -n -D -c N -i I`, once per tracer configuration
 and round.  The configurations all record the same events: the tracepoints and in-kernel
-device filters that `discover(...).plan().probes()` gives for container 0, i.e. exactly
+device filters that `discover(...).plan().probes(formats)` gives for container 0, i.e. exactly
 what mace opens (bpftrace, which cannot use those filters, compares device names in its
 own program and correlates in the kernel):
 
@@ -200,13 +200,13 @@ def _tail(path: Path, n: int = 400) -> str:
 class Ctx:
     """What every tracer needs to know about the run."""
 
-    def __init__(self, tb, probes, plan, tracefs_root: Path, tmp: Path):
+    def __init__(self, tb, probes, plan, tracefs_root: Path, tmp: Path, formats: dict | None = None):
         self.tb = tb
         self.ns_path = tb.ns_path(tb.containers[0].ns)
         self.probes = probes
         from mace.plan import Plan
         # the plan that ends egress at the uplink's driver (mace --end-at-xmit)
-        self.xmit_probes = Plan(plan.containers, plan.uplink, end_at_queue=False).probes()
+        self.xmit_probes = Plan(plan.containers, plan.uplink, end_at_queue=False).probes(formats)
         self.inner = plan.containers[0].inner
         self.veth = plan.containers[0].veth
         self.uplink = plan.uplink
@@ -695,6 +695,7 @@ def _stop_floods(floods: list[subprocess.Popen]) -> None:
 
 def _phase(load: int, prm: dict, configs: list[str], mount: TracefsMount, budget_s: float,
            pids: list[int]) -> dict:
+    from mace.capture.tracefs import read_formats
     from mace.targets.netns import discover, resolve
     from mace.testing.testbed import Testbed
 
@@ -707,8 +708,10 @@ def _phase(load: int, prm: dict, configs: list[str], mount: TracefsMount, budget
         for c in tb.containers:
             tb.run(c.ns, ["ping", "-n", "-c", "2", "-i", "0.2", tb.peer_ip], timeout=10)
         plan = discover([resolve(tb.ns_path(tb.containers[0].ns))]).plan()
-        probes = plan.probes()
-        ctx = Ctx(tb, probes, plan, mount.root, Path(tmpd))
+        # with the tracepoints' formats, as mace opens them (kfree_skb filtered by reason)
+        formats = read_formats(list(dict.fromkeys(p.tracepoint for p in plan.probes())))
+        probes = plan.probes(formats)
+        ctx = Ctx(tb, probes, plan, mount.root, Path(tmpd), formats)
         flood_s = int(budget_s + 30)
         floods = _start_floods(tb, load, flood_s)
         try:
@@ -1065,7 +1068,7 @@ def notes(result: dict) -> list[str]:
          "Load: none in this run (loads measured: "
          + ", ".join(str(x) for x in p["loads"]) + "; the full run adds load 2: two co-located "
          "containers flooding the peer with `ping -f`, and load 4)."),
-        "Same events for every tracer: the probes of `discover([resolve(ns)]).plan().probes()` "
+        "Same events for every tracer: the probes of `discover([resolve(ns)]).plan().probes(formats)` "
         "for container 0: "
         + "; ".join(f"{q['tracepoint']}" + (f" [{q['filter']}]" if q["filter"] else " [no filter]")
                     for q in (result["phases"][0]["probes"] if result["phases"] else []))
