@@ -28,6 +28,7 @@ from mace.plan import EGRESS_HOPS, INGRESS_HOPS, RECV, XMIT, ContainerPath, Plan
 from mace.testing.kernel import (
     ARP,
     ARP_L3,
+    ARP_PAD_L3,
     BRIDGE,
     EGRESS,
     ETH_HLEN,
@@ -725,6 +726,59 @@ def test_only_the_newest_of_a_batchs_chains_asks_for_the_neighbour():
     assert out.glob["parked"] == 1
     assert counts(out, 0, "ingress", "crossed", "reports", "local") == (2, 1, 1)
 
+
+
+@pytest.mark.parametrize("false_len", [72, ARP_PAD_L3], ids=["tcp-ack-sized", "padded"])
+def test_a_receive_of_an_answers_size_first_does_not_hide_the_answer(false_len):
+    # The uplink receives a 72-byte TCP ACK (or any padded 46-byte frame) in another chain
+    # before the neighbour's answer: the packet that asked still leaves in the answer's
+    s = Script(queued_plan())
+    ta = first_hop(s, "m0v0", A, 84, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)      # A's chain asks
+    s("recv", UPLINK, D, false_len, cpu=0, tid=30, dt=5_000)      # not the answer
+    s("recv", UPLINK, Q, ARP_L3, cpu=1, tid=24, dt=30_000)        # the answer
+    t1 = s("queue", UPLINK, A, 98, cpu=1, tid=24)
+    out = correlate(s)
+    assert [(r.container, r.t0, r.t0 + r.latency) for r in out.reports] == [(0, ta, t1)]
+
+
+def test_a_padded_arp_reply_on_the_uplink_is_an_answer():
+    s = Script(queued_plan())
+    ta = first_hop(s, "m0v0", A, 84, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)
+    s("recv", UPLINK, Q, ARP_PAD_L3, cpu=0, tid=24, dt=30_000)    # 60-byte frame from a NIC
+    t1 = s("queue", UPLINK, A, 98, cpu=0, tid=24)
+    out = correlate(s)
+    assert [(r.container, r.t0, r.t0 + r.latency) for r in out.reports] == [(0, ta, t1)]
+
+
+def test_two_containers_waiting_for_their_own_answers_are_both_reported():
+    # Two peers' first packets into two new containers: two resolutions at once, answered
+    # in turn, each flushed in its own answer's chain
+    s = Script(make_plan([M0, M1], hops=False, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=1, flags=0x10, at=1000)
+    s("xmit", "m0v0", R, 42, proto=ARP, cpu=0, tid=1, flags=0x10, at=1200)
+    s("recv", UPLINK, B, 84, cpu=1, tid=2, flags=0x10, at=1300)
+    s("xmit", "m1v0", C, 42, proto=ARP, cpu=1, tid=2, flags=0x10, at=1500)
+    s("recv", "m0v0", Q, 28, cpu=0, tid=3, flags=0x10, at=20_000)     # container 0 answers
+    s("xmit", "m0v0", A, 98, cpu=0, tid=3, flags=0x10, at=20_200)
+    s("recv", "m1v0", D, 28, cpu=1, tid=4, flags=0x10, at=21_000)     # container 1 answers
+    s("xmit", "m1v0", B, 98, cpu=1, tid=4, flags=0x10, at=21_200)
+    s("recv", INNER, A, 84, cpu=0, tid=5, at=22_000)
+    s("recv", INNER, B, 84, cpu=1, tid=6, at=23_000)
+    out = correlate(s)
+    assert sorted((r.container, r.t0) for r in out.reports) == [(0, 1000), (1, 1300)]
+
+
+def test_a_parked_packet_does_not_leave_long_after_the_answer():
+    # the queue is flushed right in the answer's chain: the same thread 2 ms later is not it
+    s = Script(queued_plan())
+    first_hop(s, "m0v0", A, 84, cpu=1, tid=10)
+    s("queue", UPLINK, R, ARP_L3 + ETH_HLEN, cpu=1, tid=10)
+    s("recv", UPLINK, Q, ARP_L3, cpu=1, tid=24, dt=30_000)
+    s("queue", UPLINK, A, 98, cpu=1, tid=24, dt=2_000_000)
+    out = correlate(s)
+    assert out.reports == []
 
 def test_an_event_after_max_age_expires_the_entry():
     age = 10_000

@@ -30,6 +30,19 @@ cdef struct cpu_note_t:
     uint8_t batch       # its pending chains are a batch: their decisions are not timed
 
 
+# A receive that may be a neighbour's answer (by its size), and its call chain: a packet
+# waiting for the neighbour leaves the queue there.  See Correlator._answer.
+cdef enum:
+    ANSWERS = 8         # kept per direction, the oldest replaced
+
+cdef struct answer_t:
+    uint64_t skb        # the answer's packet (its later steps move the chain)
+    uint64_t ts         # 0: none
+    uint32_t tid
+    uint16_t cpu
+    uint8_t ctx
+
+
 # The socket segment: a thread inside a send call (its start), and a socket's queue of
 # packets delivered to it, in order (where the receive calls end them).
 cdef struct send_call_t:
@@ -100,8 +113,12 @@ cdef class Correlator(EventSink):
     cdef uint64_t *ghost            # skbs of unattributed ingress entries the table gave up
     cdef uint64_t ghost_mask
     # per direction: the latest neighbour resolution (when it began, whether it is still in
-    # progress), and the call chain its answer ran in (the packets queued behind it leave
-    # there, one by one)
+    # progress), and the call chain its answer ran in (the packets waiting for it, the one
+    # that asked as well as those queued behind it, leave there, one by one); when a packet
+    # last asked, and the receives since that may be the answer (see _answer)
+    cdef uint64_t ask_at[2]
+    cdef answer_t ans[2][ANSWERS]
+    cdef int ans_next[2]
     cdef uint64_t nq_since[2]
     cdef bint nq_open[2]
     cdef uint64_t fl_ts[2]

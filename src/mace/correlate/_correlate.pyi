@@ -16,6 +16,8 @@ CONTAINER_COUNTERS: tuple[str, ...]
 GLOBAL_COUNTERS: tuple[str, ...]
 DIRECTIONS: tuple[str, str]
 SYNC_MAX_NS: int
+FLUSH_MAX_NS: int
+ANSWERS_KEPT: int
 ETH_HLEN: int
 ARP_L3: int
 ARP_PAD_L3: int

@@ -99,6 +99,7 @@ cdef enum:
     ETH_P_ARP = 0x0806
     ETH_P_IPV6 = 0x86DD
     SYNC_MAX = 20000000 # ns: a call chain longer than this is not one (a parked packet may wait)
+    FLUSH_MAX = 1000000 # ns: a neighbour queue is flushed in the answer's call chain, right after it
 
 
 # The rules the reference model (mace.testing.reference) must share: Python sees these.
@@ -135,6 +136,8 @@ GLOBAL_COUNTERS = ("events", "frees", "unclaimed", "foreign", "stale", "evicted"
                    "nonip", "superseded", "inserts", "ignored", "max_probe", "parked",
                    "pending_overflow", "route_unclaimed", "sock_unclaimed", "recv_unpaired")
 SYNC_MAX_NS = SYNC_MAX
+FLUSH_MAX_NS = FLUSH_MAX
+ANSWERS_KEPT = ANSWERS
 REPORT_CAP = 65536
 DIRECTIONS = ("egress", "ingress")
 REPORT_FORMAT = f"=QQIIHBBHH{MACE_HOPS}I"     # mace_report (t0 seq latency len container dir nhops cpu pad hop[])
@@ -1040,6 +1043,7 @@ cdef class Correlator(EventSink):
             # that device or by a traced drop.
             e.flags |= F_PARKED
             self.gcount[G_PARKED] += 1
+            self.ask_at[e.dir] = e.t0 + e.tlast
             if not self.nq_open[e.dir]:
                 self.nq_open[e.dir] = True
                 self.nq_since[e.dir] = e.t0 + e.tlast
@@ -1175,17 +1179,38 @@ cdef class Correlator(EventSink):
 
     cdef void _answer(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
         # A neighbour's answer received while a resolution is in progress (ARP, or an IPv6
-        # advertisement; receive events carry no protocol, so by length): it ends the
-        # resolution, and the queue is flushed in its call chain.
-        cdef int d
+        # advertisement; netif_receive_skb's record has no protocol, so by length): it ends
+        # the resolution, and the queue is flushed in its call chain.
+        cdef int d, k
         cdef uint32_t l3 = ev.len
+        cdef answer_t *a
         if t != T_RECV and t != T_RX:
             return
         if l3 != ARP_L3 and l3 != ND_L3 and l3 != NA_L3 and not (l3 == ARP_PAD_L3 and cls & C_UPLINK):
             return
+        if t == T_RX and ev.proto != ETH_P_ARP and ev.proto != ETH_P_IPV6:
+            return                          # netif_rx tells the protocol: not a neighbour's
         for d in range(2):
             if not cls & (C_UPLINK if d == EGRESS else C_VETH):
                 continue
+            if self.ask_at[d] and ev.ts <= self.ask_at[d] + self.max_age:
+                # Any receive of an answer's size may be the answer (a 72-byte TCP ACK, a
+                # padded 46-byte frame are as well): every one is kept, so a false one
+                # first does not hide the true one.  The answer's next steps move its own.
+                a = NULL
+                for k in range(ANSWERS):
+                    if (self.ans[d][k].skb == ev.skb and ev.ts >= self.ans[d][k].ts
+                            and ev.ts - self.ans[d][k].ts <= SYNC_MAX):
+                        a = &self.ans[d][k]
+                        break
+                if a == NULL:
+                    a = &self.ans[d][self.ans_next[d]]
+                    self.ans_next[d] = (self.ans_next[d] + 1) % ANSWERS
+                a.skb = ev.skb
+                a.ts = ev.ts
+                a.cpu = ev.cpu
+                a.tid = ev.tid
+                a.ctx = ev.flags & CTX_BITS
             # (and the answer's next steps, as its backlog is processed, perhaps in another
             # thread: the queue is flushed where it reaches the neighbour code, after them)
             if self.nq_open[d] or (ev.skb != 0 and ev.skb == self.fl_skb[d] and ev.ts >= self.fl_ts[d]
@@ -1199,10 +1224,18 @@ cdef class Correlator(EventSink):
 
     cdef bint _flushed(self, const mace_entry *e, const mace_event *ev) noexcept nogil:
         # Does ev continue the chain that flushes e's neighbour queue?
-        cdef int d = e.dir
-        return (self.fl_ts[d] != 0 and ev.cpu == self.fl_cpu[d] and ev.tid == self.fl_tid[d]
+        cdef int d = e.dir, k
+        cdef const answer_t *a
+        if (self.fl_ts[d] != 0 and ev.cpu == self.fl_cpu[d] and ev.tid == self.fl_tid[d]
                 and (ev.flags & CTX_BITS) == self.fl_ctx[d] and ev.ts >= self.fl_ts[d]
-                and ev.ts - self.fl_ts[d] <= SYNC_MAX and self.fl_ts[d] > e.t0 + e.tlast)
+                and ev.ts - self.fl_ts[d] <= FLUSH_MAX and self.fl_ts[d] > e.t0 + e.tlast):
+            return True
+        for k in range(ANSWERS):
+            a = &self.ans[d][k]
+            if (a.ts != 0 and ev.cpu == a.cpu and ev.tid == a.tid and (ev.flags & CTX_BITS) == a.ctx
+                    and ev.ts >= a.ts and ev.ts - a.ts <= FLUSH_MAX and a.ts > e.t0 + e.tlast):
+                return True
+        return False
 
     cdef void _conflict(self, mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil:
         # The event concerns the entry's address but does not continue its path: the packet
@@ -1344,7 +1377,8 @@ cdef class Correlator(EventSink):
             return 0
         self._pq_settle(ev, t, cls)
         self._note(ev, t, cls)
-        if self.nq_open[0] or self.nq_open[1] or self.fl_skb[0] or self.fl_skb[1]:
+        if (self.nq_open[0] or self.nq_open[1] or self.fl_skb[0] or self.fl_skb[1]
+                or self.ask_at[0] or self.ask_at[1]):
             self._answer(ev, t, cls)
         s = self._lookup(ev.skb)
         if s >= 0 and self._expired(&self.table[s]):

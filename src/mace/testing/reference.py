@@ -14,12 +14,14 @@ from socket import IPPROTO_TCP, IPPROTO_UDP, MSG_ERRQUEUE, MSG_PEEK
 from mace.capture._ring import DEV_NONE, DEV_OTHER
 from mace.capture.perf import Event
 from mace.correlate._correlate import (
+    ANSWERS_KEPT,
     ARP_L3,
     ARP_PAD_L3,
     CALLS,
     CLASSES,
     CTX_BITS,
     ETH_HLEN,
+    FLUSH_MAX_NS,
     HOPS,
     NA_L3,
     ND_L3,
@@ -291,10 +293,16 @@ class ReferenceCorrelator:
         self.reports: list[RefReport] = []
         self.now = 0
         # per direction: when a neighbour resolution began (0: none in progress), and the
-        # call chain (cpu, tid, ctx, ts) that flushes its queue
+        # call chain that flushes its queue (cpu, tid, ctx, ts, and the answer's skb, whose
+        # later steps move it)
         self.nq_since = [0, 0]
         self.nq_open = [False, False]
-        self.flush: list[tuple[int, int, int, int, int] | None] = [None, None]   # cpu, tid, ctx, ts, answer skb
+        self.flush: list[tuple[int, int, int, int, int] | None] = [None, None]
+        # when a packet last asked, and the receives since that may be the answer: [skb, ts,
+        # cpu, tid, ctx], the oldest replaced
+        self.ask_at = [0, 0]
+        self.answers = [[[0, 0, 0, 0, 0] for _ in range(ANSWERS_KEPT)] for _ in range(2)]
+        self.answer_next = [0, 0]
         self.explain = explain
 
     def _say(self, text):
@@ -376,17 +384,34 @@ class ReferenceCorrelator:
 
     def _flushed(self, e: Entry, ev) -> bool:
         f = self.flush[e.dir]
-        return (f is not None and (ev.cpu, ev.tid, ev.flags & CTX_BITS) == f[:3]
-                and 0 <= ev.ts - f[3] <= SYNC_MAX_NS and f[3] > e.t0 + e.tlast)
+        if (f is not None and (ev.cpu, ev.tid, ev.flags & CTX_BITS) == f[:3]
+                and 0 <= ev.ts - f[3] <= FLUSH_MAX_NS and f[3] > e.t0 + e.tlast):
+            return True
+        return any((ev.cpu, ev.tid, ev.flags & CTX_BITS) == (cpu, tid, ctx)
+                   and 0 <= ev.ts - ts <= FLUSH_MAX_NS and ts > e.t0 + e.tlast
+                   for _, ts, cpu, tid, ctx in self.answers[e.dir] if ts)
 
     def _answer(self, ev, t: int, cls: int) -> None:
         if t not in (T_RECV, T_RX):
             return
         if ev.len not in (ARP_L3, ND_L3, NA_L3) and not (ev.len == ARP_PAD_L3 and cls & C_UPLINK):
             return
+        if t == T_RX and ev.proto not in (0x0806, 0x86DD):
+            return
         for d in (EGRESS, INGRESS):
             if not cls & (C_UPLINK if d == EGRESS else C_VETH):
                 continue
+            if self.ask_at[d] and ev.ts <= self.ask_at[d] + self.max_age:
+                # every receive of an answer's size may be it (a 72-byte TCP ACK, a padded
+                # frame are as well); the answer's next steps move its own chain
+                kept = self.answers[d]
+                now = [ev.skb, ev.ts, ev.cpu, ev.tid, ev.flags & CTX_BITS]
+                same = [k for k, a in enumerate(kept) if a[0] == ev.skb and 0 <= ev.ts - a[1] <= SYNC_MAX_NS]
+                if same:
+                    kept[same[0]] = now
+                else:
+                    kept[self.answer_next[d]] = now
+                    self.answer_next[d] = (self.answer_next[d] + 1) % ANSWERS_KEPT
             f = self.flush[d]
             # the answer's next steps (its backlog) move the chain the queue is flushed in
             later = f is not None and ev.skb and f[4] == ev.skb and 0 <= ev.ts - f[3] <= SYNC_MAX_NS
@@ -644,6 +669,7 @@ class ReferenceCorrelator:
                 self._say(f"{skb:#x} parked behind a neighbour request")
                 e.parked = True
                 self._g("parked")
+                self.ask_at[e.dir] = e.t0 + e.tlast
                 if not self.nq_open[e.dir]:
                     self.nq_open[e.dir] = True
                     self.nq_since[e.dir] = e.t0 + e.tlast
