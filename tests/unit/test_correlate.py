@@ -770,6 +770,23 @@ def test_two_containers_waiting_for_their_own_answers_are_both_reported():
     assert sorted((r.container, r.t0) for r in out.reports) == [(0, 1000), (1, 1300)]
 
 
+def test_a_containers_answer_flushes_only_packets_to_that_container():
+    # B's chain ends (it was for the host) while A waits for container 0: taken as queued.
+    # In the chain of container 0's answer, the host's own packet to container 1 at B's
+    # address is not B leaving the queue.
+    s = Script(make_plan([M0, M1], hops=False, end_at_queue=False))
+    s("recv", UPLINK, A, 84, cpu=0, tid=1, flags=0x10, at=1000)
+    s("xmit", "m0v0", R, 42, proto=ARP, cpu=0, tid=1, flags=0x10, at=1200)   # A asks
+    s("recv", UPLINK, B, 84, cpu=1, tid=2, flags=0x10, at=2000)               # for the host
+    s("recv", UPLINK, C, 52, cpu=1, tid=3, at=2500)                           # B's chain ended
+    s("recv", "m0v0", Q, 28, cpu=0, tid=5, flags=0x10, at=20_000)            # container 0 answers
+    s("xmit", "m0v0", A, 98, cpu=0, tid=5, flags=0x10, at=20_200)
+    s("xmit", "m1v0", B, 98, cpu=0, tid=5, flags=0x10, at=20_400)             # the host's, to 1
+    s("recv", INNER, A, 84, cpu=0, tid=6, at=21_000)
+    s("recv", INNER, B, 84, cpu=1, tid=7, at=21_500)
+    out = correlate(s)
+    assert [(r.container, r.t0) for r in out.reports] == [(0, 1000)]
+
 def test_a_parked_packet_does_not_leave_long_after_the_answer():
     # the queue is flushed right in the answer's chain: the same thread 2 ms later is not it
     s = Script(queued_plan())

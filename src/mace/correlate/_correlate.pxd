@@ -40,6 +40,7 @@ cdef struct answer_t:
     uint64_t ts         # 0: none
     uint32_t tid
     uint16_t cpu
+    int16_t cont        # the container it came from (ingress), -1: any
     uint8_t ctx
 
 
@@ -123,6 +124,7 @@ cdef class Correlator(EventSink):
     cdef bint nq_open[2]
     cdef uint64_t fl_ts[2]
     cdef uint64_t fl_skb[2]
+    cdef int16_t fl_cont[2]
     cdef uint32_t fl_tid[2]
     cdef uint16_t fl_cpu[2]
     cdef uint8_t fl_ctx[2]
@@ -150,7 +152,7 @@ cdef class Correlator(EventSink):
     cdef bint _neighbour_wait(self, const mace_entry *e, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef bint _may_queue(self, const mace_entry *e) noexcept nogil
     cdef void _answer(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
-    cdef bint _flushed(self, const mace_entry *e, const mace_event *ev) noexcept nogil
+    cdef bint _flushed(self, const mace_entry *e, const mace_event *ev, int to) noexcept nogil
     cdef void _retire(self, mace_entry *e, int counter) noexcept nogil
     cdef bint _sync_wait(self, const mace_entry *e) noexcept nogil
     cdef int64_t _lookup(self, uint64_t skb) noexcept nogil

@@ -686,10 +686,12 @@ cdef class Correlator(EventSink):
                 # A packet in a neighbour queue leaves it in the chain that received the
                 # answer, the one that asked as well: a later packet given its address
                 # elsewhere (the host's own, sent into the container) is not it.
+                # (An answer from a container's veth flushes only that container's queue.)
+                x = self.dev_container[ev.dev] if st.cls == C_VETH else -1
                 if e.flags & F_PARKED:
-                    if not self._flushed(e, ev):
+                    if not self._flushed(e, ev, x):
                         continue
-                elif not (self._may_queue(e) and self._flushed(e, ev)):
+                elif not (self._may_queue(e) and self._flushed(e, ev, x)):
                     continue
             if e.container >= 0:
                 if st.cls == C_VETH and self.dev_container[ev.dev] != e.container:
@@ -733,6 +735,7 @@ cdef class Correlator(EventSink):
             # the neighbour answered: the queue is flushed in this chain, packet by packet
             self.nq_open[e.dir] = False
             self.fl_skb[e.dir] = 0
+            self.fl_cont[e.dir] = e.container if e.dir == INGRESS else -1
             self.fl_ts[e.dir] = ev.ts
             self.fl_cpu[e.dir] = ev.cpu
             self.fl_tid[e.dir] = ev.tid
@@ -1211,29 +1214,35 @@ cdef class Correlator(EventSink):
                 a.cpu = ev.cpu
                 a.tid = ev.tid
                 a.ctx = ev.flags & CTX_BITS
+                a.cont = self.dev_container[ev.dev] if d == INGRESS else -1
             # (and the answer's next steps, as its backlog is processed, perhaps in another
             # thread: the queue is flushed where it reaches the neighbour code, after them)
             if self.nq_open[d] or (ev.skb != 0 and ev.skb == self.fl_skb[d] and ev.ts >= self.fl_ts[d]
                                    and ev.ts - self.fl_ts[d] <= SYNC_MAX):
                 self.nq_open[d] = False
                 self.fl_skb[d] = ev.skb
+                self.fl_cont[d] = self.dev_container[ev.dev] if d == INGRESS else -1
                 self.fl_ts[d] = ev.ts
                 self.fl_cpu[d] = ev.cpu
                 self.fl_tid[d] = ev.tid
                 self.fl_ctx[d] = ev.flags & CTX_BITS
 
-    cdef bint _flushed(self, const mace_entry *e, const mace_event *ev) noexcept nogil:
-        # Does ev continue the chain that flushes e's neighbour queue?
+    cdef bint _flushed(self, const mace_entry *e, const mace_event *ev, int to) noexcept nogil:
+        # Does ev continue the chain that flushes e's neighbour queue?  (`to`: the container
+        # ev sends to, -1 if it does not say; an answer that names its container flushes
+        # only packets to it)
         cdef int d = e.dir, k
         cdef const answer_t *a
         if (self.fl_ts[d] != 0 and ev.cpu == self.fl_cpu[d] and ev.tid == self.fl_tid[d]
                 and (ev.flags & CTX_BITS) == self.fl_ctx[d] and ev.ts >= self.fl_ts[d]
-                and ev.ts - self.fl_ts[d] <= FLUSH_MAX and self.fl_ts[d] > e.t0 + e.tlast):
+                and ev.ts - self.fl_ts[d] <= FLUSH_MAX and self.fl_ts[d] > e.t0 + e.tlast
+                and (to < 0 or self.fl_cont[d] < 0 or self.fl_cont[d] == to)):
             return True
         for k in range(ANSWERS):
             a = &self.ans[d][k]
             if (a.ts != 0 and ev.cpu == a.cpu and ev.tid == a.tid and (ev.flags & CTX_BITS) == a.ctx
-                    and ev.ts >= a.ts and ev.ts - a.ts <= FLUSH_MAX and a.ts > e.t0 + e.tlast):
+                    and ev.ts >= a.ts and ev.ts - a.ts <= FLUSH_MAX and a.ts > e.t0 + e.tlast
+                    and (to < 0 or a.cont < 0 or a.cont == to)):
                 return True
         return False
 
