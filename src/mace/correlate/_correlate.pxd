@@ -30,17 +30,18 @@ cdef struct cpu_note_t:
     uint8_t batch       # its pending chains are a batch: their decisions are not timed
 
 
-# A receive that may be a neighbour's answer (by its size), and its call chain: a packet
-# waiting for the neighbour leaves the queue there.  See Correlator._answer.
+# A call chain a neighbour queue may be flushed in: a waiting packet leaves the queue there.
+# That of a receive that may be the neighbour's answer (by its size; see Correlator._answer),
+# or of the step a waiting packet last left it in (skb 0).
 cdef enum:
     ANSWERS = 8         # kept per direction, the oldest replaced
 
 cdef struct answer_t:
-    uint64_t skb        # the answer's packet (its later steps move the chain)
+    uint64_t skb        # the answer's packet (its later steps move the chain), or 0
     uint64_t ts         # 0: none
     uint32_t tid
     uint16_t cpu
-    int16_t cont        # the container it came from (ingress), -1: any
+    int16_t cont        # the container its packets go to (ingress), -1: any
     uint8_t ctx
 
 
@@ -122,12 +123,7 @@ cdef class Correlator(EventSink):
     cdef int ans_next[2]
     cdef uint64_t nq_since[2]
     cdef bint nq_open[2]
-    cdef uint64_t fl_ts[2]
-    cdef uint64_t fl_skb[2]
-    cdef int16_t fl_cont[2]
-    cdef uint32_t fl_tid[2]
-    cdef uint16_t fl_cpu[2]
-    cdef uint8_t fl_ctx[2]
+    cdef answer_t fl[2]
 
     cdef int _plan(self, bint hops, bint bridge, bint end_at_queue, bint veth_start,
                    bint route, bint socket) except -1
@@ -153,6 +149,7 @@ cdef class Correlator(EventSink):
     cdef bint _may_queue(self, const mace_entry *e) noexcept nogil
     cdef void _answer(self, const mace_event *ev, uint8_t t, uint8_t cls) noexcept nogil
     cdef bint _flushed(self, const mace_entry *e, const mace_event *ev, int to) noexcept nogil
+    cdef void _mark(self, answer_t *a, const mace_event *ev, int cont) noexcept nogil
     cdef void _retire(self, mace_entry *e, int counter) noexcept nogil
     cdef bint _sync_wait(self, const mace_entry *e) noexcept nogil
     cdef int64_t _lookup(self, uint64_t skb) noexcept nogil

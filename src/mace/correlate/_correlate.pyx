@@ -734,12 +734,8 @@ cdef class Correlator(EventSink):
         if e.flags & F_PARKED:
             # the neighbour answered: the queue is flushed in this chain, packet by packet
             self.nq_open[e.dir] = False
-            self.fl_skb[e.dir] = 0
-            self.fl_cont[e.dir] = e.container if e.dir == INGRESS else -1
-            self.fl_ts[e.dir] = ev.ts
-            self.fl_cpu[e.dir] = ev.cpu
-            self.fl_tid[e.dir] = ev.tid
-            self.fl_ctx[e.dir] = ev.flags & CTX_BITS
+            self._mark(&self.fl[e.dir], ev, e.container if e.dir == INGRESS else -1)
+            self.fl[e.dir].skb = 0          # (a packet's step, not an answer's)
             e.flags &= ~(F_PARKED | F_QUEUED)
         if st.end:
             self._emit(e, ev)
@@ -1166,7 +1162,7 @@ cdef class Correlator(EventSink):
         cdef const step_t *st
         if since == 0 or self.now > since + self.max_age or last + SYNC_MAX < since:
             return False
-        if not self.nq_open[e.dir] and last > self.fl_ts[e.dir]:
+        if not self.nq_open[e.dir] and last > self.fl[e.dir].ts:
             return False
         if e.dir == EGRESS and e.container < 0:
             return False
@@ -1209,23 +1205,22 @@ cdef class Correlator(EventSink):
                 if a == NULL:
                     a = &self.ans[d][self.ans_next[d]]
                     self.ans_next[d] = (self.ans_next[d] + 1) % ANSWERS
-                a.skb = ev.skb
-                a.ts = ev.ts
-                a.cpu = ev.cpu
-                a.tid = ev.tid
-                a.ctx = ev.flags & CTX_BITS
-                a.cont = self.dev_container[ev.dev] if d == INGRESS else -1
+                self._mark(a, ev, self.dev_container[ev.dev] if d == INGRESS else -1)
             # (and the answer's next steps, as its backlog is processed, perhaps in another
             # thread: the queue is flushed where it reaches the neighbour code, after them)
-            if self.nq_open[d] or (ev.skb != 0 and ev.skb == self.fl_skb[d] and ev.ts >= self.fl_ts[d]
-                                   and ev.ts - self.fl_ts[d] <= SYNC_MAX):
+            if self.nq_open[d] or (ev.skb != 0 and ev.skb == self.fl[d].skb and ev.ts >= self.fl[d].ts
+                                   and ev.ts - self.fl[d].ts <= SYNC_MAX):
                 self.nq_open[d] = False
-                self.fl_skb[d] = ev.skb
-                self.fl_cont[d] = self.dev_container[ev.dev] if d == INGRESS else -1
-                self.fl_ts[d] = ev.ts
-                self.fl_cpu[d] = ev.cpu
-                self.fl_tid[d] = ev.tid
-                self.fl_ctx[d] = ev.flags & CTX_BITS
+                self._mark(&self.fl[d], ev, self.dev_container[ev.dev] if d == INGRESS else -1)
+
+    cdef void _mark(self, answer_t *a, const mace_event *ev, int cont) noexcept nogil:
+        # a chain the neighbour queue may be flushed in: ev's, sending to `cont` (-1: any)
+        a.skb = ev.skb
+        a.ts = ev.ts
+        a.cpu = ev.cpu
+        a.tid = ev.tid
+        a.ctx = ev.flags & CTX_BITS
+        a.cont = cont
 
     cdef bint _flushed(self, const mace_entry *e, const mace_event *ev, int to) noexcept nogil:
         # Does ev continue the chain that flushes e's neighbour queue?  (`to`: the container
@@ -1233,13 +1228,8 @@ cdef class Correlator(EventSink):
         # only packets to it)
         cdef int d = e.dir, k
         cdef const answer_t *a
-        if (self.fl_ts[d] != 0 and ev.cpu == self.fl_cpu[d] and ev.tid == self.fl_tid[d]
-                and (ev.flags & CTX_BITS) == self.fl_ctx[d] and ev.ts >= self.fl_ts[d]
-                and ev.ts - self.fl_ts[d] <= FLUSH_MAX and self.fl_ts[d] > e.t0 + e.tlast
-                and (to < 0 or self.fl_cont[d] < 0 or self.fl_cont[d] == to)):
-            return True
-        for k in range(ANSWERS):
-            a = &self.ans[d][k]
+        for k in range(ANSWERS + 1):
+            a = &self.fl[d] if k == ANSWERS else &self.ans[d][k]
             if (a.ts != 0 and ev.cpu == a.cpu and ev.tid == a.tid and (ev.flags & CTX_BITS) == a.ctx
                     and ev.ts >= a.ts and ev.ts - a.ts <= FLUSH_MAX and a.ts > e.t0 + e.tlast
                     and (to < 0 or a.cont < 0 or a.cont == to)):
@@ -1386,8 +1376,7 @@ cdef class Correlator(EventSink):
             return 0
         self._pq_settle(ev, t, cls)
         self._note(ev, t, cls)
-        if (self.nq_open[0] or self.nq_open[1] or self.fl_skb[0] or self.fl_skb[1]
-                or self.ask_at[0] or self.ask_at[1]):
+        if self.ask_at[0] or self.ask_at[1]:      # (no answer is awaited before a request)
             self._answer(ev, t, cls)
         s = self._lookup(ev.skb)
         if s >= 0 and self._expired(&self.table[s]):

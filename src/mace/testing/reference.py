@@ -293,13 +293,12 @@ class ReferenceCorrelator:
         self.reports: list[RefReport] = []
         self.now = 0
         # per direction: when a neighbour resolution began (0: none in progress), and the
-        # call chain that flushes its queue (cpu, tid, ctx, ts, the answer's skb, whose later
-        # steps move it, and the container it came from or -1)
+        # call chain that flushes its queue; when a packet last asked, and the receives since
+        # that may be the answer, the oldest replaced.  A chain: [skb (the answer's, whose
+        # later steps move it), ts (0: none), cpu, tid, ctx, the container it sends to or -1]
         self.nq_since = [0, 0]
         self.nq_open = [False, False]
-        self.flush: list[tuple[int, int, int, int, int, int] | None] = [None, None]
-        # when a packet last asked, and the receives since that may be the answer: [skb, ts,
-        # cpu, tid, ctx, the container it came from or -1], the oldest replaced
+        self.flush = [[0, 0, 0, 0, 0, -1] for _ in range(2)]
         self.ask_at = [0, 0]
         self.answers = [[[0, 0, 0, 0, 0, -1] for _ in range(ANSWERS_KEPT)] for _ in range(2)]
         self.answer_next = [0, 0]
@@ -386,15 +385,10 @@ class ReferenceCorrelator:
     def _flushed(self, e: Entry, ev, to: int) -> bool:
         # `to`: the container ev sends to (-1: not said); an answer from a container's veth
         # flushes only packets to it
-        f = self.flush[e.dir]
-        if (f is not None and (ev.cpu, ev.tid, ev.flags & CTX_BITS) == f[:3]
-                and 0 <= ev.ts - f[3] <= FLUSH_MAX_NS and f[3] > e.t0 + e.tlast
-                and (to < 0 or f[5] < 0 or f[5] == to)):
-            return True
         return any((ev.cpu, ev.tid, ev.flags & CTX_BITS) == (cpu, tid, ctx)
                    and 0 <= ev.ts - ts <= FLUSH_MAX_NS and ts > e.t0 + e.tlast
                    and (to < 0 or cont < 0 or cont == to)
-                   for _, ts, cpu, tid, ctx, cont in self.answers[e.dir] if ts)
+                   for _, ts, cpu, tid, ctx, cont in (*self.answers[e.dir], self.flush[e.dir]) if ts)
 
     def _answer(self, ev, t: int, cls: int) -> None:
         if t not in (T_RECV, T_RX):
@@ -410,8 +404,7 @@ class ReferenceCorrelator:
                 # every receive of an answer's size may be it (a 72-byte TCP ACK, a padded
                 # frame are as well); the answer's next steps move its own chain
                 kept = self.answers[d]
-                now = [ev.skb, ev.ts, ev.cpu, ev.tid, ev.flags & CTX_BITS,
-                       self.dev_containers[ev.dev] if d == INGRESS else -1]
+                now = self._chain(ev, self.dev_containers[ev.dev] if d == INGRESS else -1)
                 same = [k for k, a in enumerate(kept) if a[0] == ev.skb and 0 <= ev.ts - a[1] <= SYNC_MAX_NS]
                 if same:
                     kept[same[0]] = now
@@ -420,19 +413,22 @@ class ReferenceCorrelator:
                     self.answer_next[d] = (self.answer_next[d] + 1) % ANSWERS_KEPT
             f = self.flush[d]
             # the answer's next steps (its backlog) move the chain the queue is flushed in
-            later = f is not None and ev.skb and f[4] == ev.skb and 0 <= ev.ts - f[3] <= SYNC_MAX_NS
+            later = ev.skb and f[0] == ev.skb and 0 <= ev.ts - f[1] <= SYNC_MAX_NS
             if self.nq_open[d] or later:
                 self._say(f"neighbour answered ({'egress' if d == EGRESS else 'ingress'})")
                 self.nq_open[d] = False
-                self.flush[d] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts, ev.skb,
-                                 self.dev_containers[ev.dev] if d == INGRESS else -1)
+                self.flush[d] = self._chain(ev, self.dev_containers[ev.dev] if d == INGRESS else -1)
+
+    @staticmethod
+    def _chain(ev, cont: int) -> list[int]:
+        return [ev.skb, ev.ts, ev.cpu, ev.tid, ev.flags & CTX_BITS, cont]
 
     def _may_queue(self, e: Entry) -> bool:
         since = self.nq_since[e.dir]
         last = e.t0 + e.tlast
         if not since or self.now > since + self.max_age or last + SYNC_MAX_NS < since:
             return False
-        if not self.nq_open[e.dir] and (self.flush[e.dir] is None or last > self.flush[e.dir][3]):
+        if not self.nq_open[e.dir] and last > self.flush[e.dir][1]:
             return False
         if e.dir == EGRESS and e.container < 0:
             return False
@@ -560,8 +556,8 @@ class ReferenceCorrelator:
             e.hops[st.hop] = delta
         if e.parked:
             self.nq_open[e.dir] = False
-            self.flush[e.dir] = (ev.cpu, ev.tid, ev.flags & CTX_BITS, ev.ts, 0,
-                                 e.container if e.dir == INGRESS else -1)
+            self.flush[e.dir] = self._chain(ev, e.container if e.dir == INGRESS else -1)
+            self.flush[e.dir][0] = 0        # (a packet's step, not an answer's)
         e.step, e.tlast, e.cpu, e.tid, e.parked, e.queued = j, delta, ev.cpu, ev.tid, False, False
         e.ctx = ev.flags & CTX_BITS
         self._say(f"{ev.skb:#x} {'egress' if e.dir == EGRESS else 'ingress'} step {j}")
